@@ -1,0 +1,25 @@
+#include "engine/config.h"
+
+#include <c10/util/Exception.h>
+
+namespace torch_ar {
+
+InitMode parse_init(const std::string& name) {
+  if (name == "forward") return InitMode::Forward;
+  if (name == "zero") return InitMode::Zero;
+  TORCH_CHECK(false, "torch_ar: init must be 'forward' or 'zero', got '", name, "'");
+}
+
+Schedule parse_schedule(const std::string& name) {
+  if (name == "jacobi") return Schedule::Jacobi;
+  if (name == "sweep") return Schedule::Sweep;
+  TORCH_CHECK(false, "torch_ar: schedule must be 'jacobi' or 'sweep', got '", name, "'");
+}
+
+Granularity parse_granularity(const std::string& name) {
+  if (name == "layer") return Granularity::Layer;
+  if (name == "op") return Granularity::Op;
+  TORCH_CHECK(false, "torch_ar: granularity must be 'layer' or 'op', got '", name, "'");
+}
+
+} // namespace torch_ar

@@ -1,0 +1,32 @@
+#pragma once
+// Settings of one relaxation run. The Python front (torch_ar/config.py) owns
+// the defaults and validation; this struct only carries already-checked values.
+
+#include <cstdint>
+#include <string>
+
+namespace torch_ar {
+
+enum class InitMode { Forward, Zero };
+enum class Schedule { Jacobi, Sweep };
+enum class Granularity { Layer, Op };
+
+struct EngineConfig {
+  double eta = 1.0;
+  int64_t steps = -1;        // -1: not given
+  double tol = -1.0;         // -1: not given
+  int64_t max_steps = 10000; // cap when only tol is given
+  InitMode init = InitMode::Forward;
+  Schedule schedule = Schedule::Jacobi;
+  Granularity granularity = Granularity::Layer;
+  bool trace = false;        // record per-step residuals (forces literal steps)
+  bool trace_cosine = false; // record per-step cosine of leaf gradients to the exact ones
+  bool keep_graph = false;   // keep saved forward values for another backward
+  int64_t check_every = 1;   // read residuals back every k steps (tol, divergence)
+};
+
+InitMode parse_init(const std::string& name);
+Schedule parse_schedule(const std::string& name);
+Granularity parse_granularity(const std::string& name);
+
+} // namespace torch_ar

@@ -1,0 +1,125 @@
+#include "engine/engine.h"
+#include "engine/graph.h"
+#include "engine/plan.h"
+
+#include <ATen/ThreadLocalState.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/core/StreamGuard.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <exception>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+
+namespace torch_ar {
+
+bool can_take_exact_sweep(const EngineConfig& c, int64_t depth) {
+  if (c.eta != 1.0 || c.trace || c.trace_cosine || c.tol > 0) return false;
+  if (c.steps < 0) return true;
+  return c.schedule == Schedule::Sweep ? c.steps >= 1 : c.steps >= depth;
+}
+
+namespace {
+
+std::vector<at::Tensor> match_forward_values(
+    const Plan& plan,
+    const std::vector<at::Tensor>& recorded) {
+  std::vector<at::Tensor> result(plan.slots.size());
+  if (recorded.empty()) return result;
+  std::unordered_map<const torch::autograd::Node*, std::vector<at::Tensor>> by_node;
+  for (const auto& t : recorded) {
+    if (!t.defined() || !t.requires_grad()) continue;
+    const auto& fn = t.grad_fn();
+    if (!fn) continue;
+    auto& v = by_node[fn.get()];
+    uint32_t nr = t.output_nr();
+    if (v.size() <= nr) v.resize(nr + 1);
+    v[nr] = t;
+  }
+  for (size_t s = 0; s < plan.slots.size(); ++s) {
+    const auto& slot = plan.slots[s];
+    auto it = by_node.find(plan.graph->nodes[slot.node].get());
+    if (it != by_node.end() && slot.output_nr < it->second.size())
+      result[s] = it->second[slot.output_nr];
+  }
+  return result;
+}
+
+EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
+  at::NoGradGuard no_grad;
+  CapturedGraph graph =
+      capture_graph(in.outputs, in.leaves, in.leaf_is_input, in.leaf_needs_grad);
+  Plan plan = make_plan(graph, in.output_grads, config.granularity);
+
+  // Release the saved forward values on every exit path unless asked to keep them.
+  struct Release {
+    const CapturedGraph& graph;
+    bool keep;
+    ~Release() {
+      if (keep) return;
+      for (const auto& n : graph.nodes) n->release_variables();
+    }
+  } release{graph, config.keep_graph};
+
+  EngineResult result;
+  Executor executor(plan, config);
+  if (can_take_exact_sweep(config, plan.depth)) {
+    result.leaf_grads = executor.exact_sweep();
+    RelaxStats& st = result.stats;
+    st.depth = plan.depth;
+    st.steps = config.steps >= 0 ? config.steps
+                                 : (config.schedule == Schedule::Sweep ? 1 : plan.depth);
+    st.converged = true;
+    st.exact_shortcut = true;
+    st.residuals = at::zeros({static_cast<int64_t>(plan.slots.size())}, at::kDouble);
+  } else {
+    std::vector<at::Tensor> reference;
+    if (config.trace_cosine) {
+      Executor exact(plan, config);
+      reference = exact.exact_sweep();
+    }
+    executor.init_states(match_forward_values(plan, in.forward_values));
+    result.stats = executor.relax(reference);
+    result.leaf_grads = executor.leaf_gradients();
+  }
+  for (const auto& slot : plan.slots) result.stats.state_names.push_back(slot.name);
+  return result;
+}
+
+} // namespace
+
+EngineResult run_engine(const EngineInputs& in, const EngineConfig& config) {
+  const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+  if (!exec_info || exec_info->empty()) return run_here(in, config);
+
+  // Inside torch.autograd.grad(..., inputs=...) the outer task marks which
+  // nodes run; our inner nodes are not among them. Run where no task is current.
+  at::ThreadLocalState tls;
+  std::optional<c10::Stream> stream;
+  for (const auto& t : in.outputs) {
+    if (t.defined() && t.device().type() != c10::DeviceType::CPU) {
+      c10::impl::VirtualGuardImpl impl(t.device().type());
+      stream = impl.getStream(t.device());
+      break;
+    }
+  }
+  EngineResult result;
+  std::exception_ptr error;
+  std::thread worker([&] {
+    try {
+      at::ThreadLocalStateGuard guard(tls);
+      std::optional<c10::StreamGuard> stream_guard;
+      if (stream) stream_guard.emplace(*stream);
+      result = run_here(in, config);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  });
+  worker.join();
+  if (error) std::rethrow_exception(error);
+  return result;
+}
+
+} // namespace torch_ar

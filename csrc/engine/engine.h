@@ -1,0 +1,34 @@
+#pragma once
+// The engine's C++ entry point: capture -> plan -> relax -> gradients.
+
+#include "engine/config.h"
+#include "engine/executor.h"
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace torch_ar {
+
+struct EngineInputs {
+  std::vector<at::Tensor> outputs;        // module outputs (inner graph)
+  std::vector<at::Tensor> output_grads;   // dL/d output; undefined: not in the loss
+  std::vector<at::Tensor> leaves;         // parameters and inputs, in return order
+  std::vector<bool> leaf_is_input;
+  std::vector<bool> leaf_needs_grad;
+  std::vector<at::Tensor> forward_values; // recorded forward tensors (init="forward")
+};
+
+struct EngineResult {
+  std::vector<at::Tensor> leaf_grads;     // undefined where no gradient
+  RelaxStats stats;
+};
+
+// Runs on a private thread when an outer autograd graph task is current, so
+// that task's exec_info cannot hide inner nodes' gradients.
+EngineResult run_engine(const EngineInputs& inputs, const EngineConfig& config);
+
+// True when eta, steps, tol and tracing allow the single exact sweep.
+bool can_take_exact_sweep(const EngineConfig& config, int64_t depth);
+
+} // namespace torch_ar

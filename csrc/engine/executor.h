@@ -1,0 +1,76 @@
+#pragma once
+// The relaxation state of one backward call and the operations on it. The
+// loop (relax.cpp) moves the states; gradients.cpp turns the equilibrium into
+// parameter and input gradients.
+
+#include "engine/config.h"
+#include "engine/plan.h"
+
+#include <string>
+#include <vector>
+
+namespace torch_ar {
+
+using torch::autograd::variable_list;
+
+struct RelaxStats {
+  int64_t steps = 0;
+  int64_t depth = 0;
+  bool converged = false;
+  bool exact_shortcut = false;
+  double max_residual = 0.0;
+  at::Tensor residuals;       // [num_states] float64, final relative residual
+  at::Tensor residual_trace;  // [steps, num_states] float64 (trace)
+  at::Tensor cosine_trace;    // [steps, num_leaves] float64 (trace_cosine)
+  std::vector<std::string> state_names;
+};
+
+class Executor {
+ public:
+  Executor(const Plan& plan, const EngineConfig& config);
+
+  // Initial states: forward values (where recorded) or zeros; outputs clamped.
+  void init_states(const std::vector<at::Tensor>& forward_values);
+
+  // The paper's relaxation; returns per-state relative residuals per step.
+  RelaxStats relax(const std::vector<at::Tensor>& reference_grads);
+
+  // Each layer once, consumers first, as soon as its states are final: the
+  // fixed point of eta = 1 without simulating the D steps. Fills leaf grads.
+  std::vector<at::Tensor> exact_sweep();
+
+  // Parameter and input gradients from the current states.
+  std::vector<at::Tensor> leaf_gradients();
+
+ private:
+  // Runs layer L's VJP from the current states of its outputs; routes the
+  // results to input states, leaves and param-side nodes.
+  void run_layer(int L, Pass pass);
+  void contribute_state(int slot, const at::Tensor& grad);
+  void contribute_leaf(int leaf, const at::Tensor& grad);
+  void contribute_param_side(const EdgeTarget& t, const at::Tensor& grad);
+  void begin_step();
+  void fill_missing_targets();
+  void propagate_param_side();
+  void reset_gradients();
+  // Fused update of the given relaxing states; returns [n, 2] (|d|, |target|).
+  at::Tensor update(const std::vector<int>& slots);
+  void check_finite(const at::Tensor& norms, const std::vector<int>& slots, int64_t step);
+  double flush_below() const;
+
+  const Plan& plan_;
+  const CapturedGraph& graph_;
+  EngineConfig config_;
+  bool persistent_targets_ = false;  // literal steps: reuse buffers in place
+
+  std::vector<at::Tensor> x_;       // per slot
+  std::vector<at::Tensor> target_;  // per slot: ext + sum of consumer VJPs
+  std::vector<char> fresh_;         // target_ written this step
+  std::vector<int> relaxing_;       // needed, non-clamped slots
+  std::vector<at::Tensor> leaf_grad_;
+  std::vector<variable_list> param_side_buf_;
+  std::vector<std::vector<std::pair<int, at::Tensor>>> constant_contrib_;
+  std::vector<char> constant_ready_;
+};
+
+} // namespace torch_ar

@@ -1,0 +1,92 @@
+// Gradients from the equilibrium: each layer's full VJP (weights and inputs)
+// once, then the parameter-only part of the graph (e.g. W.t(), weight norm)
+// by ordinary reverse accumulation.
+#include "engine/executor.h"
+#include "engine/node_vjp.h"
+
+#include <ATen/ATen.h>
+
+namespace torch_ar {
+
+void Executor::contribute_leaf(int leaf, const at::Tensor& grad) {
+  at::Tensor& acc = leaf_grad_[leaf];
+  acc = acc.defined() ? acc + grad : grad;
+}
+
+void Executor::contribute_param_side(const EdgeTarget& t, const at::Tensor& grad) {
+  auto& buf = param_side_buf_[t.index];
+  if (buf.empty()) buf.resize(graph_.nodes[t.index]->num_inputs());
+  at::Tensor& acc = buf[t.input_nr];
+  acc = acc.defined() ? acc + grad : grad;
+}
+
+void Executor::reset_gradients() {
+  for (auto& g : leaf_grad_) g = at::Tensor();
+  for (auto& b : param_side_buf_) b.clear();
+  for (const auto& [t, grad] : plan_.param_side_ext) contribute_param_side(t, grad);
+}
+
+void Executor::propagate_param_side() {
+  for (int n : plan_.param_side_nodes) {
+    auto& buf = param_side_buf_[n];
+    if (buf.empty()) continue;
+    const auto& mask = plan_.param_side_masks[n];
+    bool want = false;
+    for (bool m : mask) want = want || m;
+    variable_list grads = std::move(buf);
+    buf.clear();
+    if (!want) continue;
+    auto& node = *graph_.nodes[n];
+    variable_list out = node_vjp(node, nullptr, std::move(grads), mask);
+    const auto& targets = plan_.param_side_targets[n];
+    for (size_t j = 0; j < out.size(); ++j) {
+      if (!mask[j] || !out[j].defined()) continue;
+      if (targets[j].kind == TargetKind::Leaf) contribute_leaf(targets[j].index, out[j]);
+      else if (targets[j].kind == TargetKind::ParamSide) contribute_param_side(targets[j], out[j]);
+    }
+  }
+}
+
+std::vector<at::Tensor> Executor::leaf_gradients() {
+  reset_gradients();
+  for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) run_layer(L, Pass::Gradient);
+  propagate_param_side();
+  std::vector<at::Tensor> result(leaf_grad_.size());
+  for (size_t l = 0; l < result.size(); ++l) {
+    const at::Tensor& direct = plan_.leaf_direct[l];
+    if (direct.defined()) contribute_leaf(static_cast<int>(l), direct);
+    if (graph_.leaf_needs_grad[l]) result[l] = leaf_grad_[l];
+  }
+  return result;
+}
+
+std::vector<at::Tensor> Executor::exact_sweep() {
+  persistent_targets_ = false;
+  reset_gradients();
+  begin_step();
+  for (size_t s = 0; s < plan_.slots.size(); ++s)
+    if (plan_.slots[s].clamped) x_[s] = plan_.slots[s].ext;
+  for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) {
+    const Layer& layer = plan_.layers[L];
+    // Consumers come first, so every state of this layer is final now.
+    for (int s : layer.out_slots) {
+      if (s < 0 || plan_.slots[s].clamped) continue;
+      x_[s] = fresh_[s] ? target_[s] : plan_.slots[s].ext;
+      target_[s] = at::Tensor();
+    }
+    run_layer(L, Pass::Full);
+    // Free states as soon as they are used, as autograd frees its buffers.
+    for (int s : layer.out_slots)
+      if (s >= 0) x_[s] = at::Tensor();
+  }
+  propagate_param_side();
+  std::vector<at::Tensor> result(leaf_grad_.size());
+  for (size_t l = 0; l < result.size(); ++l) {
+    const at::Tensor& direct = plan_.leaf_direct[l];
+    if (direct.defined()) contribute_leaf(static_cast<int>(l), direct);
+    if (graph_.leaf_needs_grad[l]) result[l] = leaf_grad_[l];
+  }
+  return result;
+}
+
+} // namespace torch_ar

@@ -1,0 +1,112 @@
+#include "engine/graph.h"
+
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <string>
+#include <unordered_set>
+
+namespace torch_ar {
+
+namespace {
+
+bool is_accumulate_grad(const Node* n) {
+  return dynamic_cast<const torch::autograd::AccumulateGrad*>(n) != nullptr;
+}
+
+} // namespace
+
+CapturedGraph capture_graph(
+    const std::vector<at::Tensor>& outputs,
+    const std::vector<at::Tensor>& leaves,
+    const std::vector<bool>& leaf_is_input,
+    const std::vector<bool>& leaf_needs_grad) {
+  TORCH_INTERNAL_ASSERT(leaves.size() == leaf_is_input.size());
+  TORCH_INTERNAL_ASSERT(leaves.size() == leaf_needs_grad.size());
+  CapturedGraph g;
+  g.leaf_kind.resize(leaves.size());
+  g.leaf_needs_grad = leaf_needs_grad;
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    g.leaf_kind[i] = leaf_is_input[i] ? LeafKind::Input : LeafKind::Parameter;
+    if (!leaves[i].defined() || !leaves[i].requires_grad()) continue;
+    auto acc = torch::autograd::impl::try_get_grad_accumulator(leaves[i]);
+    if (acc) g.leaf_of[acc.get()] = static_cast<int>(i);
+  }
+
+  for (const auto& out : outputs) {
+    if (out.defined() && out.requires_grad()) {
+      g.roots.push_back(torch::autograd::impl::gradient_edge(out));
+    } else {
+      g.roots.emplace_back();
+    }
+  }
+
+  // Iterative post-order DFS: producers are emitted before their consumers.
+  std::vector<std::shared_ptr<Node>> post_order;
+  std::unordered_set<const Node*> visited;
+  std::vector<std::pair<std::shared_ptr<Node>, size_t>> stack;
+  auto push = [&](const std::shared_ptr<Node>& n) {
+    if (!n || visited.count(n.get())) return;
+    visited.insert(n.get());
+    stack.emplace_back(n, 0);
+  };
+  for (const auto& root : g.roots) {
+    if (!root.is_valid()) continue;
+    push(root.function);
+    while (!stack.empty()) {
+      auto& [node, next] = stack.back();
+      if (next < node->num_outputs()) {
+        const Edge& e = node->next_edge(next++);
+        if (e.is_valid()) push(e.function);
+        continue;
+      }
+      post_order.push_back(node);
+      stack.pop_back();
+    }
+  }
+
+  // Leaves (AccumulateGrad) are not engine nodes; everything else is.
+  for (auto it = post_order.rbegin(); it != post_order.rend(); ++it) {
+    const auto& n = *it;
+    if (is_accumulate_grad(n.get())) {
+      TORCH_CHECK(
+          g.leaf_of.count(n.get()),
+          "torch_ar: the wrapped module's forward used a tensor that requires "
+          "grad but is neither one of its parameters nor one of its inputs "
+          "(for example a parameter of another module, or a tensor captured "
+          "from outside). Register it as a parameter or pass it as an input.");
+      continue;
+    }
+    const std::string name = n->name();
+    TORCH_CHECK(
+        name.find("CompiledFunction") == std::string::npos,
+        "torch_ar: the forward graph contains '", name,
+        "', an opaque region produced by torch.compile. Activation relaxation "
+        "needs the individual ops; wrap the uncompiled module instead.");
+    g.node_index[n.get()] = static_cast<int>(g.nodes.size());
+    g.nodes.push_back(n);
+  }
+
+  // Classify in producer-first order (reverse of g.nodes).
+  const int N = static_cast<int>(g.nodes.size());
+  g.activation.assign(N, false);
+  g.needed.assign(N, false);
+  for (int i = N - 1; i >= 0; --i) {
+    for (const Edge& e : g.nodes[i]->next_edges()) {
+      if (!e.is_valid()) continue;
+      int leaf = g.leaf_index(e.function.get());
+      if (leaf >= 0) {
+        if (g.leaf_kind[leaf] == LeafKind::Input) g.activation[i] = true;
+        if (g.leaf_needs_grad[leaf]) g.needed[i] = true;
+        continue;
+      }
+      int j = g.index_of(e.function.get());
+      TORCH_INTERNAL_ASSERT(j > i, "capture order broken");
+      if (g.activation[j]) g.activation[i] = true;
+      if (g.needed[j]) g.needed[i] = true;
+    }
+  }
+  return g;
+}
+
+} // namespace torch_ar

@@ -1,0 +1,79 @@
+#include "engine/op_table.h"
+
+#include <unordered_map>
+
+namespace torch_ar {
+
+namespace {
+
+using R = OpRole;
+
+std::vector<OpInfo> build_table() {
+  return {
+      // Specialised structural ops.
+      {"AddmmBackward0", "linear (addmm)", R::Structural, vjp::addmm, false},
+      {"MmBackward0", "linear without bias (mm)", R::Structural, vjp::mm, false},
+      {"ConvolutionBackward0", "conv1d/conv2d/conv3d", R::Structural, vjp::convolution, false},
+      {"MaxPool2DWithIndicesBackward0", "max_pool2d (and max_pool1d)", R::Structural, vjp::max_pool2d, false},
+      {"AvgPool2DBackward0", "avg_pool2d", R::Structural, vjp::avg_pool2d, false},
+      {"AdaptiveAvgPool2DBackward0", "adaptive_avg_pool2d", R::Structural, vjp::adaptive_avg_pool2d, false},
+      {"NativeBatchNormBackward0", "batch_norm (train and eval)", R::Structural, vjp::batch_norm, false},
+      {"AddBackward0", "add", R::Structural, vjp::add, false},
+      {"SubBackward0", "sub", R::Structural, vjp::sub, false},
+      {"CatBackward0", "cat", R::Structural, vjp::cat, false},
+      // Specialised elementwise activations.
+      {"ReluBackward0", "relu", R::Elementwise, vjp::relu, true},
+      {"LeakyReluBackward0", "leaky_relu", R::Elementwise, vjp::leaky_relu, true},
+      {"TanhBackward0", "tanh", R::Elementwise, vjp::tanh, true},
+      {"SigmoidBackward0", "sigmoid", R::Elementwise, vjp::sigmoid, true},
+      {"GeluBackward0", "gelu", R::Elementwise, vjp::gelu, true},
+      {"SiluBackward0", "silu", R::Elementwise, vjp::silu, true},
+      {"HardtanhBackward0", "hardtanh / relu6", R::Elementwise, vjp::hardtanh, true},
+      {"EluBackward0", "elu", R::Elementwise, vjp::elu, true},
+      // Specialised views.
+      {"ViewBackward0", "view / flatten", R::View, vjp::view, false},
+      {"UnsafeViewBackward0", "reshape (copying)", R::View, vjp::view, false},
+      {"ReshapeAliasBackward0", "reshape", R::View, vjp::view, false},
+      // Elementwise and view ops that join a layer but use the generic node.
+      {"SoftplusBackward0", "softplus", R::Elementwise, nullptr, true},
+      {"MishBackward0", "mish", R::Elementwise, nullptr, true},
+      {"HardswishBackward0", "hardswish", R::Elementwise, nullptr, true},
+      {"HardsigmoidBackward0", "hardsigmoid", R::Elementwise, nullptr, true},
+      {"LogSigmoidForwardBackward0", "logsigmoid", R::Elementwise, nullptr, true},
+      {"NativeDropoutBackward0", "dropout", R::Elementwise, nullptr, false},
+      {"MulBackward0", "mul (by a mask or constant tensor)", R::Elementwise, nullptr, false},
+      {"MulBackward1", "mul (by a scalar)", R::Elementwise, nullptr, false},
+      {"DivBackward0", "div (by a constant tensor)", R::Elementwise, nullptr, false},
+      {"DivBackward1", "div (by a scalar)", R::Elementwise, nullptr, false},
+      {"NegBackward0", "neg", R::Elementwise, nullptr, false},
+      {"CloneBackward0", "clone", R::Elementwise, nullptr, false},
+      {"ToCopyBackward0", "to (dtype cast)", R::Elementwise, nullptr, false},
+      {"AliasBackward0", "alias", R::View, nullptr, false},
+      {"SqueezeBackward0", "squeeze", R::View, nullptr, false},
+      {"SqueezeBackward1", "squeeze(dim)", R::View, nullptr, false},
+      {"SqueezeBackward2", "squeeze(dims)", R::View, nullptr, false},
+      {"UnsqueezeBackward0", "unsqueeze", R::View, nullptr, false},
+      {"PermuteBackward0", "permute", R::View, nullptr, false},
+      {"TransposeBackward0", "transpose", R::View, nullptr, false},
+      {"TBackward0", "t", R::View, nullptr, false},
+  };
+}
+
+} // namespace
+
+const std::vector<OpInfo>& op_table() {
+  static const std::vector<OpInfo> table = build_table();
+  return table;
+}
+
+const OpInfo* find_op(const std::string& node_name) {
+  static const std::unordered_map<std::string, const OpInfo*> index = [] {
+    std::unordered_map<std::string, const OpInfo*> m;
+    for (const auto& info : op_table()) m.emplace(info.node_name, &info);
+    return m;
+  }();
+  auto it = index.find(node_name);
+  return it == index.end() ? nullptr : it->second;
+}
+
+} // namespace torch_ar

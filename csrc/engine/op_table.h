@@ -1,0 +1,34 @@
+#pragma once
+// The supported-op table: the one place that says, for each autograd node
+// type, whether it starts a layer or joins the layer below it, and whether the
+// engine has a specialised input-only VJP for it. Anything not listed is a
+// structural op handled by the generic node (the op's own backward).
+
+#include "engine/vjp/specialised.h"
+
+#include <string>
+#include <vector>
+
+namespace torch_ar {
+
+enum class OpRole {
+  Structural,  // parametrised or structural: starts a layer (linear, conv, add, ...)
+  Elementwise, // joins the layer it follows (activations, dropout, scaling)
+  View,        // joins the layer it follows (view, reshape, flatten, permute)
+};
+
+struct OpInfo {
+  const char* node_name;      // autograd node name, e.g. "ReluBackward0"
+  const char* op;             // what users call it
+  OpRole role;
+  vjp::SpecialisedVjp vjp;    // nullptr: generic node
+  bool is_activation;         // an elementwise nonlinearity f (for the variants)
+};
+
+// nullptr when the node is not in the table.
+const OpInfo* find_op(const std::string& node_name);
+
+// The whole table, for documentation and tests.
+const std::vector<OpInfo>& op_table();
+
+} // namespace torch_ar

@@ -1,0 +1,265 @@
+#include "engine/plan.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace torch_ar {
+
+namespace {
+
+struct Use {
+  int node;   // consumer node
+  size_t edge;
+};
+
+at::Tensor accumulate(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a + b;
+}
+
+} // namespace
+
+Plan make_plan(
+    const CapturedGraph& g,
+    const std::vector<at::Tensor>& output_grads,
+    Granularity granularity) {
+  TORCH_INTERNAL_ASSERT(output_grads.size() == g.roots.size());
+  Plan plan;
+  plan.graph = &g;
+  const int N = static_cast<int>(g.nodes.size());
+  plan.leaf_direct.resize(g.leaf_kind.size());
+
+  std::vector<const OpInfo*> op(N, nullptr);
+  for (int i = 0; i < N; ++i) op[i] = find_op(g.nodes[i]->name());
+
+  // Uses of every activation tensor (node output) by activation nodes.
+  std::vector<std::vector<std::vector<Use>>> uses(N);
+  std::vector<std::vector<at::Tensor>> ext(N);
+  for (int i = 0; i < N; ++i) {
+    uses[i].resize(g.nodes[i]->num_inputs());
+    ext[i].resize(g.nodes[i]->num_inputs());
+  }
+  std::vector<int> activation_edges(N, 0);
+  for (int m = 0; m < N; ++m) {
+    if (!g.activation[m]) continue;
+    const auto& edges = g.nodes[m]->next_edges();
+    for (size_t j = 0; j < edges.size(); ++j) {
+      if (!edges[j].is_valid()) continue;
+      int leaf = g.leaf_index(edges[j].function.get());
+      if (leaf >= 0) {
+        if (g.leaf_kind[leaf] == LeafKind::Input) ++activation_edges[m];
+        continue;
+      }
+      int n = g.index_of(edges[j].function.get());
+      if (!g.activation[n]) continue;
+      ++activation_edges[m];
+      uses[n][edges[j].input_nr].push_back({m, j});
+    }
+  }
+
+  // Loss gradients enter at the module outputs.
+  for (size_t r = 0; r < g.roots.size(); ++r) {
+    const Edge& root = g.roots[r];
+    const at::Tensor& grad = output_grads[r];
+    if (!root.is_valid() || !grad.defined()) continue;
+    int leaf = g.leaf_index(root.function.get());
+    if (leaf >= 0) {
+      plan.leaf_direct[leaf] = accumulate(plan.leaf_direct[leaf], grad);
+      continue;
+    }
+    int n = g.index_of(root.function.get());
+    TORCH_INTERNAL_ASSERT(n >= 0);
+    if (g.activation[n]) {
+      ext[n][root.input_nr] = accumulate(ext[n][root.input_nr], grad);
+    } else {
+      plan.param_side_ext.push_back(
+          {EdgeTarget{TargetKind::ParamSide, n, root.input_nr}, grad});
+    }
+  }
+
+  // A tensor is internal to a layer when it is used once, by an elementwise or
+  // view op with no other activation input, and is not a module output.
+  auto internal = [&](int n, uint32_t k) {
+    if (granularity != Granularity::Layer) return false;
+    if (g.nodes[n]->num_inputs() != 1 || ext[n][k].defined()) return false;
+    if (uses[n][k].size() != 1) return false;
+    int m = uses[n][k][0].node;
+    return op[m] && op[m]->role != OpRole::Structural && activation_edges[m] == 1;
+  };
+
+  // Layers, in node order (consumers first), and their output states.
+  std::vector<int> layer_of(N, -1);
+  for (int top = 0; top < N; ++top) {
+    if (!g.activation[top]) continue;
+    if (g.nodes[top]->num_inputs() == 1 && internal(top, 0)) continue;
+    Layer layer;
+    int cur = top;
+    while (true) {
+      layer.chain.push_back(cur);
+      layer_of[cur] = static_cast<int>(plan.layers.size());
+      // Continue down through this node's single activation input if internal.
+      int next = -1;
+      const auto& edges = g.nodes[cur]->next_edges();
+      if (activation_edges[cur] == 1) {
+        for (const Edge& e : edges) {
+          if (!e.is_valid()) continue;
+          int n = g.index_of(e.function.get());
+          if (n >= 0 && g.activation[n] && internal(n, e.input_nr)) next = n;
+        }
+      }
+      if (next < 0) break;
+      cur = next;
+    }
+    // Output states of the top node.
+    const uint32_t outs = g.nodes[top]->num_inputs();
+    layer.out_slots.assign(outs, -1);
+    for (uint32_t k = 0; k < outs; ++k) {
+      if (uses[top][k].empty() && !ext[top][k].defined()) continue;
+      StateSlot s;
+      s.node = top;
+      s.output_nr = k;
+      s.layer = static_cast<int>(plan.layers.size());
+      s.ext = ext[top][k];
+      s.clamped = uses[top][k].empty();
+      layer.out_slots[k] = static_cast<int>(plan.slots.size());
+      plan.slots.push_back(std::move(s));
+    }
+    plan.layers.push_back(std::move(layer));
+  }
+  auto slot_of = [&](int n, uint32_t k) -> int {
+    int L = layer_of[n];
+    TORCH_INTERNAL_ASSERT(L >= 0 && plan.layers[L].chain.front() == n, "state on a non-top node");
+    return plan.layers[L].out_slots[k];
+  };
+
+  // Edge targets of every chain node, and of param-side nodes.
+  plan.param_side_targets.resize(N);
+  plan.param_side_masks.resize(N);
+  auto classify = [&](const Edge& e, int chain_next) -> EdgeTarget {
+    if (!e.is_valid()) return {};
+    int leaf = g.leaf_index(e.function.get());
+    if (leaf >= 0) return {TargetKind::Leaf, leaf, 0};
+    int n = g.index_of(e.function.get());
+    if (!g.activation[n]) return {TargetKind::ParamSide, n, e.input_nr};
+    if (n == chain_next) return {TargetKind::Chain, n, 0};
+    int s = slot_of(n, e.input_nr);
+    TORCH_INTERNAL_ASSERT(s >= 0, "activation input without a state");
+    return {TargetKind::State, s, 0};
+  };
+  for (int L = 0; L < static_cast<int>(plan.layers.size()); ++L) {
+    Layer& layer = plan.layers[L];
+    for (size_t p = 0; p < layer.chain.size(); ++p) {
+      int n = layer.chain[p];
+      int chain_next = p + 1 < layer.chain.size() ? layer.chain[p + 1] : -1;
+      std::vector<EdgeTarget> t;
+      for (const Edge& e : g.nodes[n]->next_edges()) t.push_back(classify(e, chain_next));
+      for (const auto& et : t)
+        if (et.kind == TargetKind::State) plan.slots[et.index].consumer_layers.push_back(L);
+      layer.targets.push_back(std::move(t));
+      layer.ops.push_back(op[n]);
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    if (g.activation[n]) continue;
+    plan.param_side_nodes.push_back(n);
+    std::vector<bool> mask;
+    for (const Edge& e : g.nodes[n]->next_edges()) {
+      EdgeTarget t = classify(e, -1);
+      bool want = (t.kind == TargetKind::Leaf && g.leaf_needs_grad[t.index]) ||
+          (t.kind == TargetKind::ParamSide && g.needed[t.index]);
+      plan.param_side_targets[n].push_back(t);
+      mask.push_back(want);
+    }
+    plan.param_side_masks[n] = std::move(mask);
+  }
+
+  // Which layers matter: producer-first, a layer is needed when one of its
+  // nodes reaches a wanted leaf; then its output states are needed.
+  for (auto& layer : plan.layers) {
+    for (int n : layer.chain) layer.needed = layer.needed || g.needed[n];
+    for (int s : layer.out_slots)
+      if (s >= 0) plan.slots[s].needed = layer.needed;
+  }
+
+  // Masks per pass, built bottom-up so a chain edge is kept only when some
+  // node below it has work to do.
+  for (auto& layer : plan.layers) {
+    const size_t P = layer.chain.size();
+    for (int pass = 0; pass < kNumPasses; ++pass) {
+      layer.masks[pass].assign(P, {});
+      bool work_below = false;
+      for (size_t q = P; q-- > 0;) {
+        const auto& t = layer.targets[q];
+        std::vector<bool> m(t.size(), false);
+        bool any = false;
+        for (size_t j = 0; j < t.size(); ++j) {
+          bool want = false;
+          switch (t[j].kind) {
+            case TargetKind::State:
+              want = pass != static_cast<int>(Pass::Gradient) && plan.slots[t[j].index].needed;
+              break;
+            case TargetKind::Leaf:
+              want = pass != static_cast<int>(Pass::Relax) && g.leaf_needs_grad[t[j].index];
+              break;
+            case TargetKind::ParamSide:
+              want = pass != static_cast<int>(Pass::Relax) && g.needed[t[j].index];
+              break;
+            case TargetKind::Chain:
+              want = work_below;
+              break;
+            case TargetKind::None:
+              break;
+          }
+          m[j] = want;
+          any = any || want;
+        }
+        work_below = any;
+        layer.masks[pass][q] = std::move(m);
+      }
+      layer.has_work[pass] = work_below && layer.needed;
+    }
+  }
+
+  // Levels (consumers first): a relaxing state sits one layer below the
+  // highest of its consumers; the depth D is the largest level.
+  for (auto& layer : plan.layers) {
+    for (int s : layer.out_slots) {
+      if (s < 0) continue;
+      StateSlot& slot = plan.slots[s];
+      if (!slot.clamped) {
+        int lvl = 0;
+        for (int c : slot.consumer_layers) lvl = std::max(lvl, plan.layers[c].level);
+        slot.level = lvl + 1;
+      }
+      layer.level = std::max(layer.level, slot.level);
+    }
+    bool all_clamped = true;
+    for (int s : layer.out_slots)
+      if (s >= 0 && !plan.slots[s].clamped) all_clamped = false;
+    layer.constant = all_clamped;
+  }
+  for (auto& slot : plan.slots) {
+    if (!slot.clamped && slot.needed) {
+      plan.depth = std::max(plan.depth, slot.level);
+      ++plan.num_relaxing;
+    }
+  }
+
+  // Names for stats and traces: "<index>:<top>+<chain...>[:output]".
+  for (size_t s = 0; s < plan.slots.size(); ++s) {
+    StateSlot& slot = plan.slots[s];
+    const Layer& layer = plan.layers[slot.layer];
+    std::string name = std::to_string(s) + ":";
+    for (size_t p = layer.chain.size(); p-- > 0;) {
+      name += g.nodes[layer.chain[p]]->name();
+      if (p) name += "+";
+    }
+    if (layer.out_slots.size() > 1) name += "[" + std::to_string(slot.output_nr) + "]";
+    slot.name = std::move(name);
+  }
+  return plan;
+}
+
+} // namespace torch_ar

@@ -1,0 +1,76 @@
+#pragma once
+// Plan: turn the captured graph into relaxation states and layers.
+//
+// A state lives on a layer's output. A layer is a top node (whose outputs are
+// states) plus the chain of nodes below it whose outputs are internal: used
+// once, by an elementwise or view op (layer granularity, the paper's neurons).
+// With op granularity every activation-side node is its own layer.
+
+#include "engine/config.h"
+#include "engine/graph.h"
+#include "engine/op_table.h"
+
+#include <string>
+#include <vector>
+
+namespace torch_ar {
+
+enum class TargetKind { None, Chain, State, Leaf, ParamSide };
+
+struct EdgeTarget {
+  TargetKind kind = TargetKind::None;
+  int index = -1;         // state, leaf or param-side node index
+  uint32_t input_nr = 0;  // for ParamSide: which output of that node
+};
+
+// Which gradients a layer's VJP must produce.
+enum class Pass {
+  Relax = 0,     // input states only (every relaxation step)
+  Gradient = 1,  // parameters and inputs only (once, at the equilibrium)
+  Full = 2,      // both (the exact single sweep)
+};
+constexpr int kNumPasses = 3;
+
+struct StateSlot {
+  int node = -1;           // producing node (graph index)
+  uint32_t output_nr = 0;  // which of its outputs
+  int layer = -1;          // producing layer
+  std::vector<int> consumer_layers;
+  at::Tensor ext;          // loss gradient when this is a module output
+  bool clamped = false;    // no consumers: held at ext, never relaxes
+  bool needed = false;     // some wanted gradient depends on it
+  int level = 0;           // longest path (in layers) down from an output
+  std::string name;
+};
+
+struct Layer {
+  std::vector<int> chain;                              // top first
+  std::vector<const OpInfo*> ops;                      // per chain node
+  std::vector<std::vector<EdgeTarget>> targets;        // per chain node, per edge
+  std::vector<std::vector<bool>> masks[kNumPasses];    // per chain node, per edge
+  bool has_work[kNumPasses] = {false, false, false};
+  std::vector<int> out_slots;                          // per top output, -1: none
+  bool needed = false;
+  bool constant = false;  // all outputs clamped: its relax VJP never changes
+  int level = 0;
+};
+
+struct Plan {
+  const CapturedGraph* graph = nullptr;
+  std::vector<StateSlot> slots;
+  std::vector<Layer> layers;             // consumers before producers
+  std::vector<int> param_side_nodes;     // consumers before producers
+  std::vector<std::vector<EdgeTarget>> param_side_targets;  // per graph node
+  std::vector<std::vector<bool>> param_side_masks;          // per graph node
+  std::vector<at::Tensor> leaf_direct;   // outputs that are leaves themselves
+  std::vector<std::pair<EdgeTarget, at::Tensor>> param_side_ext;
+  int depth = 0;
+  int num_relaxing = 0;
+};
+
+Plan make_plan(
+    const CapturedGraph& graph,
+    const std::vector<at::Tensor>& output_grads,
+    Granularity granularity);
+
+} // namespace torch_ar

@@ -1,0 +1,61 @@
+#pragma once
+// Specialised input-only VJPs. Each reads the forward values the autograd node
+// saved and computes only the gradients that `mask` asks for. It returns false
+// when the mask asks for an edge it does not handle (a weight, say); the caller
+// then falls back to the node's own backward.
+
+#include <torch/csrc/autograd/function.h>
+
+#include <vector>
+
+namespace torch_ar::vjp {
+
+using torch::autograd::Node;
+using torch::autograd::variable_list;
+using EdgeMask = std::vector<bool>;
+
+using SpecialisedVjp = bool (*)(
+    Node& node,
+    const variable_list& grads,
+    const EdgeMask& mask,
+    variable_list& out);
+
+// activations.cpp
+bool relu(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool leaky_relu(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool tanh(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool sigmoid(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool gelu(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool silu(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool hardtanh(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool elu(Node&, const variable_list&, const EdgeMask&, variable_list&);
+
+// linear_conv.cpp
+bool addmm(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool mm(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool convolution(Node&, const variable_list&, const EdgeMask&, variable_list&);
+
+// pooling_norm.cpp
+bool max_pool2d(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool avg_pool2d(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool adaptive_avg_pool2d(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool batch_norm(Node&, const variable_list&, const EdgeMask&, variable_list&);
+
+// structural.cpp
+bool add(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool sub(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool cat(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool view(Node&, const variable_list&, const EdgeMask&, variable_list&);
+
+// True when every edge the mask asks for is one of `allowed`.
+inline bool mask_within(const EdgeMask& mask, std::initializer_list<size_t> allowed) {
+  for (size_t j = 0; j < mask.size(); ++j) {
+    if (!mask[j]) continue;
+    bool ok = false;
+    for (size_t a : allowed) ok = ok || a == j;
+    if (!ok) return false;
+  }
+  return true;
+}
+
+} // namespace torch_ar::vjp

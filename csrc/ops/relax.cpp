@@ -1,0 +1,99 @@
+// `torch.ops.torch_ar.relax`: the engine behind ARBackward's backward. It is
+// device-generic (it only calls ATen ops and autograd nodes), so one
+// CompositeExplicitAutograd kernel serves CPU and CUDA.
+#include "engine/engine.h"
+
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/library.h>
+
+namespace torch_ar {
+
+namespace {
+
+using RelaxResult = std::tuple<
+    std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+    at::Tensor, std::vector<std::string>>;
+
+RelaxResult relax_op(
+    at::TensorList outputs,
+    const c10::List<std::optional<at::Tensor>>& output_grads,
+    at::TensorList leaves,
+    const c10::List<bool>& leaf_is_input,
+    const c10::List<bool>& leaf_needs_grad,
+    at::TensorList forward_values,
+    double eta,
+    int64_t steps,
+    double tol,
+    int64_t max_steps,
+    c10::string_view init,
+    c10::string_view schedule,
+    c10::string_view granularity,
+    bool trace,
+    bool trace_cosine,
+    int64_t keep_graph,
+    int64_t check_every) {
+  TORCH_CHECK(outputs.size() == output_grads.size(),
+              "torch_ar.relax: ", outputs.size(), " outputs but ", output_grads.size(), " output grads");
+  TORCH_CHECK(leaves.size() == leaf_is_input.size() && leaves.size() == leaf_needs_grad.size(),
+              "torch_ar.relax: leaves and their flags differ in length");
+  TORCH_CHECK(eta > 0.0 && eta <= 1.0, "torch_ar: eta must be in (0, 1], got ", eta);
+
+  EngineConfig config;
+  config.eta = eta;
+  config.steps = steps;
+  config.tol = tol;
+  config.max_steps = max_steps;
+  config.init = parse_init(std::string(init));
+  config.schedule = parse_schedule(std::string(schedule));
+  config.granularity = parse_granularity(std::string(granularity));
+  config.trace = trace;
+  config.trace_cosine = trace_cosine;
+  // -1: do what the running backward asked for (retain_graph).
+  config.keep_graph = keep_graph < 0 ? torch::autograd::get_current_graph_task_keep_graph()
+                                     : keep_graph != 0;
+  config.check_every = check_every;
+
+  EngineInputs in;
+  in.outputs = outputs.vec();
+  for (const auto& g : output_grads) {
+    std::optional<at::Tensor> opt = g;
+    in.output_grads.push_back(opt.has_value() ? *opt : at::Tensor());
+  }
+  in.leaves = leaves.vec();
+  for (bool b : leaf_is_input) in.leaf_is_input.push_back(b);
+  for (bool b : leaf_needs_grad) in.leaf_needs_grad.push_back(b);
+  in.forward_values = forward_values.vec();
+
+  EngineResult r = run_engine(in, config);
+
+  std::vector<at::Tensor> grads;
+  auto defined = at::zeros({static_cast<int64_t>(r.leaf_grads.size())}, at::kBool);
+  for (size_t i = 0; i < r.leaf_grads.size(); ++i) {
+    if (r.leaf_grads[i].defined()) {
+      grads.push_back(r.leaf_grads[i]);
+      defined[i] = true;
+    } else {
+      grads.push_back(at::empty({0}, leaves[i].options()));
+    }
+  }
+  const RelaxStats& st = r.stats;
+  auto summary = at::tensor(
+      {static_cast<double>(st.steps), static_cast<double>(st.depth),
+       st.converged ? 1.0 : 0.0, st.exact_shortcut ? 1.0 : 0.0, st.max_residual,
+       config.keep_graph ? 1.0 : 0.0},
+      at::kDouble);
+  auto empty = at::empty({0}, at::kDouble);
+  return {grads, defined, summary,
+          st.residuals.defined() ? st.residuals : empty,
+          st.residual_trace.defined() ? st.residual_trace : empty,
+          st.cosine_trace.defined() ? st.cosine_trace : empty,
+          st.state_names};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torch_ar, CompositeExplicitAutograd, m) {
+  m.impl("relax", TORCH_FN(relax_op));
+}
+
+} // namespace torch_ar

@@ -1,0 +1,20 @@
+"""torch_ar: gradients by Activation Relaxation for any nn.Module.
+
+    ar = torch_ar.ARBackward(net)
+    loss = criterion(ar(x), y)
+    loss.backward()   # net's .grad filled by activation relaxation
+"""
+
+from torch_ar import _C  # noqa: F401  (registers torch.ops.torch_ar.*)
+from torch_ar import metrics
+from torch_ar.ar_backward import ARBackward, RelaxationDivergedError, RelaxationStats
+from torch_ar.config import RelaxConfig
+
+__all__ = [
+    "ARBackward",
+    "RelaxConfig",
+    "RelaxationDivergedError",
+    "RelaxationStats",
+    "metrics",
+]
+__version__ = "0.1.0"

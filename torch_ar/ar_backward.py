@@ -1,0 +1,295 @@
+"""ARBackward: the wrapper that makes loss.backward() compute AR gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from torch_ar.capture import ForwardValueRecorder, make_input_leaf
+from torch_ar.config import RelaxConfig
+
+
+class RelaxationDivergedError(RuntimeError):
+    """A state became NaN or infinite during relaxation (the message names node and step)."""
+
+
+@dataclass
+class RelaxationStats:
+    """What the last backward's relaxation did.
+
+    steps: relaxation steps taken (D for the exact single sweep, which is
+        identical to D literal Jacobi steps at eta 1).
+    depth: D, the longest path in layers from a relaxing state to an output.
+    converged: tol met, or exact by construction (eta 1 and enough steps), or
+        the last update below 1e-6 relative.
+    exact_shortcut: the states were computed by one reverse sweep instead of
+        simulated steps (eta 1, no trace); the result is the same fixed point.
+    max_residual / residuals: final relative residual |x_new - x| / |target|,
+        overall and per state.
+    residual_trace: [steps, num_states] residuals per step (trace=True).
+    cosine_trace: parameter name -> [steps] cosine of its gradient to the
+        exact gradient after each step (trace_cosine=True).
+    """
+
+    steps: int
+    depth: int
+    converged: bool
+    exact_shortcut: bool
+    max_residual: float
+    state_names: list[str]
+    residuals: dict[str, float]
+    residual_trace: torch.Tensor | None = None
+    cosine_trace: dict[str, torch.Tensor] | None = None
+    num_states: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_states = len(self.state_names)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    for m in module.modules():
+        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
+            return True
+    return False
+
+
+class _ForwardRun:
+    """Everything one forward leaves for its backward (the private inner graph)."""
+
+    def __init__(self, owner: ARBackward, args: tuple, kwargs: dict) -> None:
+        self.owner = owner
+        self.config = owner.config
+        self.flat, self.spec = tree_flatten((args, kwargs))
+        self.input_positions = [
+            i for i, v in enumerate(self.flat)
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        ]
+        for i, v in enumerate(self.flat):
+            if isinstance(v, torch.Tensor):
+                _check_supported_tensor(v, f"input {i}")
+        named = [(n, p) for n, p in owner.module.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.input_leaves: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []       # differentiable inner outputs
+        self.output_slots: list[int] = []           # their index among returned tensors
+        self.out_flat: list[Any] = []
+        self.out_spec = None
+        self.tensor_positions: list[int] = []
+        self.forward_values: list[torch.Tensor] = []
+        self.released = False
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [self.flat[i] for i in self.input_positions]
+
+    def run_module(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        flat = list(self.flat)
+        self.input_leaves = [make_input_leaf(t) for t in inputs]
+        for pos, leaf in zip(self.input_positions, self.input_leaves):
+            flat[pos] = leaf
+        args, kwargs = tree_unflatten(flat, self.spec)
+        with torch.enable_grad():
+            if self.config.needs_forward_values:
+                recorder = ForwardValueRecorder()
+                with recorder:
+                    out = self.owner.module(*args, **kwargs)
+                self.forward_values = recorder.values
+            else:
+                out = self.owner.module(*args, **kwargs)
+        self.out_flat, self.out_spec = tree_flatten(out)
+        self.tensor_positions = [
+            i for i, v in enumerate(self.out_flat) if isinstance(v, torch.Tensor)
+        ]
+        returned = []
+        for k, pos in enumerate(self.tensor_positions):
+            t = self.out_flat[pos]
+            _check_supported_tensor(t, f"output {k}")
+            if t.requires_grad:
+                self.outputs.append(t)
+                self.output_slots.append(k)
+            returned.append(t.detach())
+        return returned
+
+    def rebuild(self, tensors: tuple[torch.Tensor, ...]) -> Any:
+        flat = list(self.out_flat)
+        for pos, t in zip(self.tensor_positions, tensors):
+            flat[pos] = t
+        return tree_unflatten(flat, self.out_spec)
+
+    def release(self) -> None:
+        self.released = True
+        self.outputs = []
+        self.input_leaves = []
+        self.forward_values = []
+
+
+def _check_supported_tensor(t: torch.Tensor, what: str) -> None:
+    if t.is_complex():
+        raise TypeError(f"ARBackward: {what} is complex ({t.dtype}); only real tensors are supported")
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"ARBackward: {what} has layout {t.layout}; only dense (strided) tensors are supported"
+        )
+
+
+class _ARFunction(torch.autograd.Function):
+    """One node in the outer graph; its backward is the relaxation."""
+
+    @staticmethod
+    def forward(ctx, run: _ForwardRun, *tensors: torch.Tensor):  # noqa: ANN205
+        ctx.set_materialize_grads(False)
+        ctx.run = run
+        returned = run.run_module(tensors[len(run.params):])
+        differentiable = set(run.output_slots)
+        ctx.mark_non_differentiable(
+            *[t for k, t in enumerate(returned) if k not in differentiable]
+        )
+        return tuple(returned)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None):  # noqa: ANN205
+        run: _ForwardRun = ctx.run
+        if run.released:
+            raise RuntimeError(
+                "ARBackward: trying to backward through the graph a second time; its "
+                "saved forward values were freed after the first backward. Specify "
+                "retain_graph=True on the first backward to backward twice."
+            )
+        n_params = len(run.params)
+        needs = list(ctx.needs_input_grad[1:])
+        if not any(needs):
+            return (None, *([None] * len(needs)))
+        cfg = run.config
+        leaves = run.params + run.input_leaves
+        try:
+            result = torch.ops.torch_ar.relax(
+                run.outputs,
+                [grads[k] for k in run.output_slots],
+                leaves,
+                [False] * n_params + [True] * len(run.input_leaves),
+                needs,
+                run.forward_values,
+                float(cfg.eta),
+                -1 if cfg.steps is None else int(cfg.steps),
+                -1.0 if cfg.tol is None else float(cfg.tol),
+                int(cfg.max_steps),
+                cfg.init,
+                cfg.schedule,
+                cfg.granularity,
+                bool(cfg.trace),
+                bool(cfg.trace_cosine),
+                -1,
+                int(cfg.check_every),
+            )
+        except RuntimeError as err:
+            if "relaxation diverged" in str(err):
+                raise RelaxationDivergedError(str(err).split("\n")[0]) from None
+            raise
+        leaf_grads, defined, summary, residuals, residual_trace, cosine_trace, names = result
+        run.owner._record_stats(run, summary, residuals, residual_trace, cosine_trace, names)
+        if summary[5].item() == 0.0:
+            run.release()
+        out = [g if bool(d) else None for g, d in zip(leaf_grads, defined.tolist())]
+        return (None, *out)
+
+
+class ARBackward(nn.Module):
+    """Wraps a module so that backward computes its gradients by Activation Relaxation.
+
+    After the forward pass every layer output holds a state that relaxes, in
+    parallel, towards the backprop adjoint; the parameter gradients are read
+    off the equilibrium and reach ``.grad`` through autograd as usual.
+
+    Example::
+
+        ar = torch_ar.ARBackward(net, eta=0.1, steps=100)
+        loss = F.mse_loss(ar(x), y)
+        loss.backward()            # net's .grad now holds AR gradients
+        ar.last_stats.depth        # layers between the deepest state and the output
+
+    With the defaults (eta=1, steps=None) the gradients equal autograd's.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        eta: float = 1.0,
+        steps: int | None = None,
+        tol: float | None = None,
+        init: str = "forward",
+        schedule: str = "jacobi",
+        granularity: str = "layer",
+        trace: bool = False,
+        trace_cosine: bool = False,
+        max_steps: int = 10_000,
+        check_every: int = 10,
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"ARBackward wraps an nn.Module, got {type(module).__name__}")
+        if _is_compiled(module):
+            raise TypeError(
+                "ARBackward: the module (or a submodule) is compiled with torch.compile; "
+                "compiled regions are one opaque backward node, so activation relaxation "
+                "over them is meaningless. Wrap the uncompiled module instead."
+            )
+        self.module = module
+        self.config = RelaxConfig(
+            eta=eta, steps=steps, tol=tol, init=init, schedule=schedule,
+            granularity=granularity, trace=trace, trace_cosine=trace_cosine,
+            max_steps=max_steps, check_every=check_every,
+        )
+        self.last_stats: RelaxationStats | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        run = _ForwardRun(self, args, kwargs)
+        wants_grad = torch.is_grad_enabled() and (
+            bool(run.params) or any(t.requires_grad for t in run.inputs)
+        )
+        if not wants_grad:
+            return self.module(*args, **kwargs)
+        returned = _ARFunction.apply(run, *run.params, *run.inputs)
+        return run.rebuild(returned)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"eta={c.eta}, steps={c.steps}, tol={c.tol}, init={c.init!r}, "
+            f"schedule={c.schedule!r}, granularity={c.granularity!r}"
+        )
+
+    def _record_stats(
+        self,
+        run: _ForwardRun,
+        summary: torch.Tensor,
+        residuals: torch.Tensor,
+        residual_trace: torch.Tensor,
+        cosine_trace: torch.Tensor,
+        names: list[str],
+    ) -> None:
+        s = summary.tolist()
+        cosines = None
+        if self.config.trace_cosine and cosine_trace.numel():
+            leaf_names = run.param_names + [f"input{i}" for i in range(len(run.input_leaves))]
+            cosines = {
+                name: cosine_trace[:, i].clone()
+                for i, name in enumerate(leaf_names)
+                if not torch.isnan(cosine_trace[:, i]).all()
+            }
+        self.last_stats = RelaxationStats(
+            steps=int(s[0]),
+            depth=int(s[1]),
+            converged=bool(s[2]),
+            exact_shortcut=bool(s[3]),
+            max_residual=float(s[4]),
+            state_names=list(names),
+            residuals={n: float(r) for n, r in zip(names, residuals.tolist())},
+            residual_trace=residual_trace if self.config.trace else None,
+            cosine_trace=cosines,
+        )

@@ -1,0 +1,83 @@
+"""Relaxation settings: the one place that holds their defaults and checks them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+INIT_MODES = ("forward", "zero")
+SCHEDULES = ("jacobi", "sweep")
+GRANULARITIES = ("layer", "op")
+
+
+@dataclass(frozen=True)
+class RelaxConfig:
+    """How the states relax after the forward pass.
+
+    eta: Euler step size in (0, 1]; 1 makes Jacobi exact after D steps.
+    steps: number of relaxation steps; None means D (eta 1, Jacobi), one sweep
+        (eta 1, sweep), or "until tol" when tol is given.
+    tol: stop when every state's relative residual is at most tol.
+    init: initial states, "forward" (the forward values, as the paper) or "zero".
+    schedule: "jacobi" (all states from the previous step, the paper's parallel
+        phase) or "sweep" (reverse topological Gauss-Seidel).
+    granularity: "layer" (one state per layer output, the paper's neurons) or
+        "op" (one state per op output).
+    trace: record every state's residual at every step.
+    trace_cosine: record, per step, the cosine of each parameter's current
+        gradient to the exact (autograd) gradient.
+    max_steps: cap on the steps when only tol is given.
+    check_every: on accelerators, read residuals back every this many steps.
+    """
+
+    eta: float = 1.0
+    steps: int | None = None
+    tol: float | None = None
+    init: str = "forward"
+    schedule: str = "jacobi"
+    granularity: str = "layer"
+    trace: bool = False
+    trace_cosine: bool = False
+    max_steps: int = 10_000
+    check_every: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)):
+            raise ValueError(f"eta must be a number in (0, 1], got {self.eta!r}")
+        if not (math.isfinite(self.eta) and 0.0 < self.eta <= 1.0):
+            raise ValueError(f"eta must be in (0, 1], got {self.eta!r}")
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
+            raise ValueError(f"steps must be a positive integer or None, got {self.steps!r}")
+        if self.tol is not None and (
+            isinstance(self.tol, bool)
+            or not isinstance(self.tol, (int, float))
+            or not math.isfinite(self.tol)
+            or self.tol <= 0
+        ):
+            raise ValueError(f"tol must be a positive number or None, got {self.tol!r}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        if self.eta < 1.0 and self.steps is None and self.tol is None:
+            raise ValueError(
+                f"eta={self.eta} < 1 never reaches the fixed point exactly: give steps "
+                "(the paper used 100 at eta 0.1) or tol"
+            )
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if not isinstance(self.check_every, int) or self.check_every < 1:
+            raise ValueError(f"check_every must be a positive integer, got {self.check_every!r}")
+
+    @property
+    def needs_forward_values(self) -> bool:
+        """Whether the initial states matter: only for literal steps from forward values."""
+        literal = self.eta != 1.0 or self.trace or self.trace_cosine or self.tol is not None
+        literal = literal or self.steps is not None
+        return self.init == "forward" and literal
