@@ -224,7 +224,9 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
     }
 
     const bool last = step + 1 == limit;
-    const bool check = config_.trace || config_.tol > 0 || last ||
+    // Reading residuals back costs a device sync; on CPU it is free.
+    const bool on_cpu = R == 0 || x_[relaxing_[0]].is_cpu();
+    const bool check = on_cpu || config_.trace || config_.tol > 0 || last ||
         (step + 1) % std::max<int64_t>(config_.check_every, 1) == 0;
     if (!check) continue;
     at::Tensor host = norms.to(at::kCPU, at::kDouble).contiguous();

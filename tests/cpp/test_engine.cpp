@@ -1,0 +1,206 @@
+// The engine on hand-built graphs, against gradients written out by hand.
+#include "engine/engine.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <vector>
+
+namespace {
+
+using torch_ar::EngineConfig;
+using torch_ar::EngineInputs;
+using torch_ar::Schedule;
+
+at::Tensor param(std::vector<int64_t> shape, int seed) {
+  at::manual_seed(seed);
+  return at::randn(shape, at::kDouble).set_requires_grad(true);
+}
+
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).norm().item<double>() / std::max(b.norm().item<double>(), 1e-300);
+}
+
+struct Case {
+  EngineInputs in;
+  std::vector<at::Tensor> expected;  // per leaf
+  int64_t depth = 0;
+};
+
+// x -> tanh(x W1^T) -> tanh(. W2^T) -> . W3^T = y, L = sum(y * c).
+Case chain() {
+  Case k;
+  at::Tensor x = param({5, 4}, 1), w1 = param({6, 4}, 2), w2 = param({6, 6}, 3),
+             w3 = param({3, 6}, 4), c = param({5, 3}, 5).detach();
+  at::Tensor h1 = at::tanh(at::mm(x, w1.t()));
+  at::Tensor h2 = at::tanh(at::mm(h1, w2.t()));
+  at::Tensor y = at::mm(h2, w3.t());
+  k.in.outputs = {y};
+  k.in.output_grads = {c};
+  k.in.leaves = {w1, w2, w3, x};
+  k.in.leaf_is_input = {false, false, false, true};
+  k.in.leaf_needs_grad = {true, true, true, true};
+  at::NoGradGuard ng;
+  at::Tensor H1 = h1.detach(), H2 = h2.detach();
+  at::Tensor dh2 = c.mm(w3.detach());
+  at::Tensor da2 = dh2 * (1 - H2 * H2);
+  at::Tensor dh1 = da2.mm(w2.detach());
+  at::Tensor da1 = dh1 * (1 - H1 * H1);
+  k.expected = {da1.t().mm(x.detach()), da2.t().mm(H1), c.t().mm(H2), da1.mm(w1.detach())};
+  k.depth = 2;  // states on h1 and h2 under the clamped output
+  return k;
+}
+
+// h = tanh(x W^T) feeds two branches that are added: y = h Wa^T + h Wb^T.
+Case diamond() {
+  Case k;
+  at::Tensor x = param({4, 3}, 11), w = param({5, 3}, 12), wa = param({2, 5}, 13),
+             wb = param({2, 5}, 14), c = param({4, 2}, 15).detach();
+  at::Tensor h = at::tanh(at::mm(x, w.t()));
+  at::Tensor y = at::mm(h, wa.t()) + at::mm(h, wb.t());
+  k.in.outputs = {y};
+  k.in.output_grads = {c};
+  k.in.leaves = {w, wa, wb, x};
+  k.in.leaf_is_input = {false, false, false, true};
+  k.in.leaf_needs_grad = {true, true, true, false};
+  at::NoGradGuard ng;
+  at::Tensor H = h.detach();
+  at::Tensor dh = c.mm(wa.detach()) + c.mm(wb.detach());
+  at::Tensor da = dh * (1 - H * H);
+  k.expected = {da.t().mm(x.detach()), c.t().mm(H), c.t().mm(H), at::Tensor()};
+  k.depth = 2;  // h below the two branch states below the clamped sum
+  return k;
+}
+
+// One square weight used twice: y = tanh(x W^T) W^T.
+Case shared_weight() {
+  Case k;
+  at::Tensor x = param({3, 4}, 21), w = param({4, 4}, 22), c = param({3, 4}, 23).detach();
+  at::Tensor h = at::tanh(at::mm(x, w.t()));
+  at::Tensor y = at::mm(h, w.t());
+  k.in.outputs = {y};
+  k.in.output_grads = {c};
+  k.in.leaves = {w, x};
+  k.in.leaf_is_input = {false, true};
+  k.in.leaf_needs_grad = {true, false};
+  at::NoGradGuard ng;
+  at::Tensor H = h.detach();
+  at::Tensor da = c.mm(w.detach()) * (1 - H * H);
+  k.expected = {c.t().mm(H) + da.t().mm(x.detach()), at::Tensor()};
+  k.depth = 1;
+  return k;
+}
+
+void expect_matches(const Case& k, const torch_ar::EngineResult& r, double tol) {
+  ASSERT_EQ(r.leaf_grads.size(), k.expected.size());
+  for (size_t i = 0; i < k.expected.size(); ++i) {
+    if (!k.expected[i].defined()) {
+      EXPECT_FALSE(r.leaf_grads[i].defined()) << "leaf " << i << " should get no gradient";
+      continue;
+    }
+    ASSERT_TRUE(r.leaf_grads[i].defined()) << "leaf " << i;
+    EXPECT_LT(rel_err(r.leaf_grads[i], k.expected[i]), tol) << "leaf " << i;
+  }
+}
+
+EngineConfig keep(EngineConfig c) {
+  c.keep_graph = true;  // each test runs several configurations on one graph
+  return c;
+}
+
+class EngineOnGraph : public ::testing::TestWithParam<Case (*)()> {};
+
+TEST_P(EngineOnGraph, ExactSweepEqualsClosedForm) {
+  Case k = GetParam()();
+  auto r = torch_ar::run_engine(k.in, keep({}));
+  EXPECT_TRUE(r.stats.exact_shortcut);
+  EXPECT_EQ(r.stats.depth, k.depth);
+  expect_matches(k, r, 1e-12);
+}
+
+TEST_P(EngineOnGraph, LiteralJacobiIsExactAfterDepthSteps) {
+  Case k = GetParam()();
+  EngineConfig c;
+  c.trace = true;  // forces the literal steps
+  auto r = torch_ar::run_engine(k.in, keep(c));
+  EXPECT_FALSE(r.stats.exact_shortcut);
+  EXPECT_EQ(r.stats.steps, k.depth);
+  expect_matches(k, r, 1e-12);
+  EXPECT_EQ(r.stats.residual_trace.size(0), k.depth);
+}
+
+TEST(Engine, FewerStepsThanDepthAreNotExact) {
+  for (Case (*make)() : {&chain, &diamond}) {
+    Case k = make();
+    ASSERT_GE(k.depth, 2);
+    EngineConfig c;
+    c.steps = k.depth - 1;
+    c.init = torch_ar::InitMode::Zero;
+    auto r = torch_ar::run_engine(k.in, keep(c));
+    double worst = 0.0;
+    for (size_t i = 0; i < k.expected.size(); ++i)
+      if (k.expected[i].defined()) worst = std::max(worst, rel_err(r.leaf_grads[i], k.expected[i]));
+    EXPECT_GT(worst, 1e-3) << "D-1 literal steps cannot reach the deepest state";
+  }
+}
+
+TEST_P(EngineOnGraph, SmallEtaConvergesJacobiAndSweep) {
+  Case k = GetParam()();
+  for (Schedule s : {Schedule::Jacobi, Schedule::Sweep}) {
+    EngineConfig c;
+    c.eta = 0.3;
+    c.steps = 300;
+    c.schedule = s;
+    c.init = torch_ar::InitMode::Zero;
+    auto r = torch_ar::run_engine(k.in, keep(c));
+    expect_matches(k, r, 1e-9);
+    EXPECT_LT(r.stats.max_residual, 1e-9);
+  }
+}
+
+TEST_P(EngineOnGraph, ToleranceStopsEarly) {
+  Case k = GetParam()();
+  EngineConfig c;
+  c.eta = 0.5;
+  c.tol = 1e-10;
+  auto r = torch_ar::run_engine(k.in, keep(c));
+  EXPECT_TRUE(r.stats.converged);
+  EXPECT_LT(r.stats.steps, 200);
+  EXPECT_LE(r.stats.max_residual, 1e-10);
+  expect_matches(k, r, 1e-8);
+}
+
+std::string graph_name(const ::testing::TestParamInfo<Case (*)()>& info) {
+  static const char* const names[] = {"Chain", "Diamond", "SharedWeight"};
+  return names[info.index];
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    HandBuilt, EngineOnGraph,
+    ::testing::Values(&chain, &diamond, &shared_weight),
+    graph_name);
+
+TEST(Engine, ReleasesSavedValuesWithoutKeepGraph) {
+  Case k = chain();
+  EngineConfig c;  // keep_graph = false
+  torch_ar::run_engine(k.in, c);
+  EXPECT_THROW(torch_ar::run_engine(k.in, c), c10::Error);
+}
+
+TEST(Engine, NanStateIsReportedWithNodeAndStep) {
+  Case k = chain();
+  k.in.output_grads[0] = at::full_like(k.in.output_grads[0], NAN);
+  EngineConfig c;
+  c.eta = 0.5;
+  c.steps = 5;
+  try {
+    torch_ar::run_engine(k.in, keep(c));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("diverged at step 1"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("TanhBackward0"), std::string::npos) << msg;
+  }
+}
+
+} // namespace
