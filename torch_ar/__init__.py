@@ -5,6 +5,8 @@
     loss.backward()   # net's .grad filled by activation relaxation
 """
 
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 from torch_ar import _C  # noqa: F401  (registers torch.ops.torch_ar.*)
 from torch_ar import metrics
 from torch_ar.ar_backward import ARBackward, RelaxationDivergedError, RelaxationStats

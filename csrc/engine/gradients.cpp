@@ -66,6 +66,10 @@ std::vector<at::Tensor> Executor::exact_sweep() {
   begin_step();
   for (size_t s = 0; s < plan_.slots.size(); ++s)
     if (plan_.slots[s].clamped) x_[s] = plan_.slots[s].ext;
+  // One finiteness flag per state, read back once at the end: a NaN is
+  // reported as the literal steps would report it (node and step).
+  std::vector<at::Tensor> finite;
+  std::vector<int> finite_slot;
   for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) {
     const Layer& layer = plan_.layers[L];
     // Consumers come first, so every state of this layer is final now.
@@ -73,11 +77,33 @@ std::vector<at::Tensor> Executor::exact_sweep() {
       if (s < 0 || plan_.slots[s].clamped) continue;
       x_[s] = fresh_[s] ? target_[s] : plan_.slots[s].ext;
       target_[s] = at::Tensor();
+      if (x_[s].defined() && plan_.slots[s].needed) {
+        finite.push_back(at::isfinite(x_[s]).all());
+        finite_slot.push_back(s);
+      }
     }
     run_layer(L, Pass::Full);
     // Free states as soon as they are used, as autograd frees its buffers.
     for (int s : layer.out_slots)
       if (s >= 0) x_[s] = at::Tensor();
+  }
+  if (!finite.empty()) {
+    at::Tensor flags = at::stack(finite).to(at::kCPU);
+    auto acc = flags.accessor<bool, 1>();
+    int worst = -1;
+    for (int64_t i = 0; i < flags.size(0); ++i) {
+      if (acc[i]) continue;
+      int s = finite_slot[i];
+      if (worst < 0 || plan_.slots[s].level < plan_.slots[worst].level) worst = s;
+    }
+    if (worst >= 0) {
+      const StateSlot& slot = plan_.slots[worst];
+      TORCH_CHECK(
+          false, "torch_ar: relaxation diverged at step ", slot.level,
+          ": the state of node '", slot.name,
+          "' became NaN or infinite (eta=1, exact sweep). Check the inputs, the "
+          "loss and custom backward functions for NaN/Inf.");
+    }
   }
   propagate_param_side();
   std::vector<at::Tensor> result(leaf_grad_.size());
