@@ -11,6 +11,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torch_ar.capture import ForwardValueRecorder, make_input_leaf
 from torch_ar.config import RelaxConfig
+from torch_ar.variants import get_variant
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class RelaxationDivergedError(RuntimeError):
@@ -74,6 +77,9 @@ class _ForwardRun:
         named = [(n, p) for n, p in owner.module.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        # Backward weights, one per parameter that has one (else None).
+        self.psis: list[torch.Tensor | None] = [owner._backward_weight_of(n) for n in self.param_names]
+        self.psi_tensors = [p for p in self.psis if p is not None]
         self.input_leaves: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []       # differentiable inner outputs
         self.output_slots: list[int] = []           # their index among returned tensors
@@ -144,7 +150,7 @@ class _ARFunction(torch.autograd.Function):
     def forward(ctx, run: _ForwardRun, *tensors: torch.Tensor):  # noqa: ANN205
         ctx.set_materialize_grads(False)
         ctx.run = run
-        returned = run.run_module(tensors[len(run.params):])
+        returned = run.run_module(tensors[len(run.params) + len(run.psi_tensors):])
         differentiable = set(run.output_slots)
         ctx.mark_non_differentiable(
             *[t for k, t in enumerate(returned) if k not in differentiable]
@@ -161,12 +167,26 @@ class _ARFunction(torch.autograd.Function):
                 "saved forward values were freed after the first backward. Specify "
                 "retain_graph=True on the first backward to backward twice."
             )
-        n_params = len(run.params)
-        needs = list(ctx.needs_input_grad[1:])
+        n_params, n_psi = len(run.params), len(run.psi_tensors)
+        needs_all = list(ctx.needs_input_grad[1:])
+        needs_psi = needs_all[n_params:n_params + n_psi]
+        needs = needs_all[:n_params] + needs_all[n_params + n_psi:]
+        # psi's increment is W's (transposed), so W's gradient is needed for it.
+        k = 0
+        for i, psi in enumerate(run.psis):
+            if psi is not None:
+                needs[i] = needs[i] or needs_psi[k]
+                k += 1
         if not any(needs):
-            return (None, *([None] * len(needs)))
+            return (None, *([None] * len(needs_all)))
         cfg = run.config
+        variant = get_variant(cfg.variant)
         leaves = run.params + run.input_leaves
+        backward_weights = (
+            [p.detach() if p is not None else None for p in run.psis]
+            + [None] * len(run.input_leaves)
+            if variant.uses_backward_weights else []
+        )
         try:
             result = torch.ops.torch_ar.relax(
                 run.outputs,
@@ -186,6 +206,10 @@ class _ARFunction(torch.autograd.Function):
                 bool(cfg.trace_cosine),
                 -1,
                 int(cfg.check_every),
+                backward_weights,
+                variant.uses_backward_weights,
+                variant.drop_activation_derivative,
+                bool(cfg.weight_update_derivative),
             )
         except RuntimeError as err:
             if "relaxation diverged" in str(err):
@@ -196,7 +220,27 @@ class _ARFunction(torch.autograd.Function):
         if summary[5].item() == 0.0:
             run.release()
         out = [g if bool(d) else None for g, d in zip(leaf_grads, defined.tolist())]
-        return (None, *out)
+        param_grads, input_grads = out[:n_params], out[n_params:]
+        psi_grads = []
+        decay = float(cfg.backward_weight_decay)
+        for i, psi in enumerate(run.psis):
+            if psi is None:
+                continue
+            w_grad = param_grads[i]
+            grad = None
+            if w_grad is not None and needs_psi[len(psi_grads)]:
+                # The paper's rule: psi moves by W's increment, transposed for linear.
+                transposed = run.owner._psi_layout[run.param_names[i]] == "transposed"
+                grad = w_grad.t() if transposed else w_grad
+                grad = grad.contiguous()
+                if decay:
+                    grad = grad + decay * psi.detach()
+            if w_grad is not None and decay:
+                param_grads[i] = w_grad + decay * run.params[i].detach()
+            if not needs_all[i]:
+                param_grads[i] = None
+            psi_grads.append(grad)
+        return (None, *param_grads, *psi_grads, *input_grads)
 
 
 class ARBackward(nn.Module):
@@ -229,6 +273,11 @@ class ARBackward(nn.Module):
         trace_cosine: bool = False,
         max_steps: int = 10_000,
         check_every: int = 10,
+        variant: str = "exact",
+        weight_update_derivative: bool = True,
+        backward_weight_init: str = "normal",
+        backward_weight_std: float = 0.05,
+        backward_weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -243,9 +292,68 @@ class ARBackward(nn.Module):
         self.config = RelaxConfig(
             eta=eta, steps=steps, tol=tol, init=init, schedule=schedule,
             granularity=granularity, trace=trace, trace_cosine=trace_cosine,
-            max_steps=max_steps, check_every=check_every,
+            max_steps=max_steps, check_every=check_every, variant=variant,
+            weight_update_derivative=weight_update_derivative,
+            backward_weight_init=backward_weight_init,
+            backward_weight_std=backward_weight_std,
+            backward_weight_decay=backward_weight_decay,
         )
         self.last_stats: RelaxationStats | None = None
+        # psi per linear/conv weight, registered so that state_dict(),
+        # parameters() and optimizers see it; keys are the weight's name with
+        # "." replaced by "__".
+        self.backward_weight_store = nn.ParameterDict()
+        self._psi_layout: dict[str, str] = {}
+        if get_variant(variant).uses_backward_weights:
+            self._create_backward_weights()
+
+    def _create_backward_weights(self) -> None:
+        cfg = self.config
+        learned = get_variant(cfg.variant).backward_weights == "learned"
+        seen: set[int] = set()
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        for layer in self.module.modules():
+            if not isinstance(layer, _WEIGHT_LAYERS) or id(layer.weight) in seen:
+                continue
+            seen.add(id(layer.weight))
+            w = layer.weight
+            transposed = isinstance(layer, nn.Linear)
+            shape = w.t().shape if transposed else w.shape
+            if cfg.backward_weight_init == "transpose":
+                init = (w.detach().t() if transposed else w.detach()).clone().contiguous()
+            else:
+                init = torch.randn(shape, dtype=w.dtype, device=w.device) * cfg.backward_weight_std
+            name = names[id(w)]
+            self.backward_weight_store[name.replace(".", "__")] = nn.Parameter(
+                init, requires_grad=learned
+            )
+            self._psi_layout[name] = "transposed" if transposed else "same"
+
+    def _backward_weight_of(self, param_name: str) -> torch.Tensor | None:
+        key = param_name.replace(".", "__")
+        if key not in self.backward_weight_store:
+            return None
+        psi = self.backward_weight_store[key]
+        w = self.module.get_parameter(param_name)
+        expected = w.t().shape if self._psi_layout[param_name] == "transposed" else w.shape
+        if psi.shape != expected or psi.device != w.device or psi.dtype != w.dtype:
+            raise ValueError(
+                f"ARBackward: backward weight for '{param_name}' has shape {tuple(psi.shape)}, "
+                f"{psi.dtype} on {psi.device}; it must match its weight: shape "
+                f"{tuple(expected)}, {w.dtype} on {w.device}"
+            )
+        return psi
+
+    def backward_weights(self) -> dict[str, nn.Parameter]:
+        """{forward weight name: psi}; empty for the exact variant.
+
+        Linear weights W [out, in] get psi [in, out] (psi = W^T is exact); conv
+        weights get psi of W's own shape, applied by the transposed convolution.
+        """
+        return {
+            name: self.backward_weight_store[name.replace(".", "__")]
+            for name in self._psi_layout
+        }
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         run = _ForwardRun(self, args, kwargs)
@@ -254,14 +362,14 @@ class ARBackward(nn.Module):
         )
         if not wants_grad:
             return self.module(*args, **kwargs)
-        returned = _ARFunction.apply(run, *run.params, *run.inputs)
+        returned = _ARFunction.apply(run, *run.params, *run.psi_tensors, *run.inputs)
         return run.rebuild(returned)
 
     def extra_repr(self) -> str:
         c = self.config
         return (
             f"eta={c.eta}, steps={c.steps}, tol={c.tol}, init={c.init!r}, "
-            f"schedule={c.schedule!r}, granularity={c.granularity!r}"
+            f"schedule={c.schedule!r}, granularity={c.granularity!r}, variant={c.variant!r}"
         )
 
     def _record_stats(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from torch_ar.variants import get_variant
+
 INIT_MODES = ("forward", "zero")
 SCHEDULES = ("jacobi", "sweep")
 GRANULARITIES = ("layer", "op")
@@ -28,6 +30,14 @@ class RelaxConfig:
         gradient to the exact (autograd) gradient.
     max_steps: cap on the steps when only tol is given.
     check_every: on accelerators, read residuals back every this many steps.
+    variant: one of torch_ar.variants.VARIANTS (default "exact").
+    weight_update_derivative: with a variant that drops f' during relaxation,
+        still use f' in the weight gradient (the original code does).
+    backward_weight_init: "normal" (N(0, backward_weight_std), the paper) or
+        "transpose" (psi starts as W^T).
+    backward_weight_std: standard deviation of the "normal" initialisation.
+    backward_weight_decay: Kolen-Pollack decay: adds decay * psi to psi's
+        gradient and decay * W to W's, so psi - W^T shrinks; 0 (off) by default.
     """
 
     eta: float = 1.0
@@ -40,8 +50,27 @@ class RelaxConfig:
     trace_cosine: bool = False
     max_steps: int = 10_000
     check_every: int = 10
+    variant: str = "exact"
+    weight_update_derivative: bool = True
+    backward_weight_init: str = "normal"
+    backward_weight_std: float = 0.05
+    backward_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        get_variant(self.variant)
+        if self.backward_weight_init not in ("normal", "transpose"):
+            raise ValueError(
+                "backward_weight_init must be 'normal' or 'transpose', "
+                f"got {self.backward_weight_init!r}"
+            )
+        if not (isinstance(self.backward_weight_std, (int, float)) and self.backward_weight_std > 0):
+            raise ValueError(f"backward_weight_std must be positive, got {self.backward_weight_std!r}")
+        if not (
+            isinstance(self.backward_weight_decay, (int, float)) and self.backward_weight_decay >= 0
+        ):
+            raise ValueError(
+                f"backward_weight_decay must be >= 0, got {self.backward_weight_decay!r}"
+            )
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)):
             raise ValueError(f"eta must be a number in (0, 1], got {self.eta!r}")
         if not (math.isfinite(self.eta) and 0.0 < self.eta <= 1.0):

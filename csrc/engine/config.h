@@ -23,6 +23,12 @@ struct EngineConfig {
   bool trace_cosine = false; // record per-step cosine of leaf gradients to the exact ones
   bool keep_graph = false;   // keep saved forward values for another backward
   int64_t check_every = 1;   // read residuals back every k steps (tol, divergence)
+  // Variant mechanics (which variant means what lives in torch_ar/variants.py).
+  bool use_backward_weights = false;        // linear/conv input-VJPs use psi, not W
+  bool drop_activation_derivative = false;  // activations pass states through
+  bool weight_update_derivative = true;     // keep f' in the weight gradient anyway
+
+  bool exact_rule() const { return !use_backward_weights && !drop_activation_derivative; }
 };
 
 InitMode parse_init(const std::string& name);

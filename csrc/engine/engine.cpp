@@ -64,7 +64,7 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
   } release{graph, config.keep_graph};
 
   EngineResult result;
-  Executor executor(plan, config);
+  Executor executor(plan, config, in.backward_weights);
   if (can_take_exact_sweep(config, plan.depth)) {
     result.leaf_grads = executor.exact_sweep();
     RelaxStats& st = result.stats;
@@ -77,7 +77,11 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
   } else {
     std::vector<at::Tensor> reference;
     if (config.trace_cosine) {
-      Executor exact(plan, config);
+      // The reference is autograd's gradient, whatever the variant.
+      EngineConfig exact_config = config;
+      exact_config.use_backward_weights = false;
+      exact_config.drop_activation_derivative = false;
+      Executor exact(plan, exact_config);
       reference = exact.exact_sweep();
     }
     executor.init_states(match_forward_values(plan, in.forward_values));

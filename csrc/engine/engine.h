@@ -17,6 +17,7 @@ struct EngineInputs {
   std::vector<bool> leaf_is_input;
   std::vector<bool> leaf_needs_grad;
   std::vector<at::Tensor> forward_values; // recorded forward tensors (init="forward")
+  std::vector<at::Tensor> backward_weights; // per leaf: psi of a linear/conv weight
 };
 
 struct EngineResult {

@@ -4,6 +4,7 @@
 // parameter and input gradients.
 
 #include "engine/config.h"
+#include "engine/node_vjp.h"
 #include "engine/plan.h"
 
 #include <string>
@@ -27,7 +28,9 @@ struct RelaxStats {
 
 class Executor {
  public:
-  Executor(const Plan& plan, const EngineConfig& config);
+  // backward_weights: per leaf, the psi of a linear/conv weight (or undefined).
+  Executor(const Plan& plan, const EngineConfig& config,
+           const std::vector<at::Tensor>& backward_weights = {});
 
   // Initial states: forward values (where recorded) or zeros; outputs clamped.
   void init_states(const std::vector<at::Tensor>& forward_values);
@@ -46,6 +49,7 @@ class Executor {
   // Runs layer L's VJP from the current states of its outputs; routes the
   // results to input states, leaves and param-side nodes.
   void run_layer(int L, Pass pass);
+  VjpRule rule_for(const Layer& layer, size_t q, Pass pass) const;
   void contribute_state(int slot, const at::Tensor& grad);
   void contribute_leaf(int leaf, const at::Tensor& grad);
   void contribute_param_side(const EdgeTarget& t, const at::Tensor& grad);
@@ -59,6 +63,7 @@ class Executor {
   double flush_below() const;
 
   const Plan& plan_;
+  std::vector<at::Tensor> backward_weights_;
   const CapturedGraph& graph_;
   EngineConfig config_;
   bool persistent_targets_ = false;  // literal steps: reuse buffers in place

@@ -49,7 +49,16 @@ void Executor::propagate_param_side() {
 
 std::vector<at::Tensor> Executor::leaf_gradients() {
   reset_gradients();
-  for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) run_layer(L, Pass::Gradient);
+  for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) {
+    if (config_.exact_rule()) {
+      run_layer(L, Pass::Gradient);
+    } else {
+      // A variant propagates with its own VJPs but updates weights from the
+      // states (and, by default, f').
+      run_layer(L, Pass::InputGrad);
+      run_layer(L, Pass::WeightGrad);
+    }
+  }
   propagate_param_side();
   std::vector<at::Tensor> result(leaf_grad_.size());
   for (size_t l = 0; l < result.size(); ++l) {
@@ -82,7 +91,12 @@ std::vector<at::Tensor> Executor::exact_sweep() {
         finite_slot.push_back(s);
       }
     }
-    run_layer(L, Pass::Full);
+    if (config_.exact_rule()) {
+      run_layer(L, Pass::Full);
+    } else {
+      run_layer(L, Pass::Propagate);
+      run_layer(L, Pass::WeightGrad);
+    }
     // Free states as soon as they are used, as autograd frees its buffers.
     for (int s : layer.out_slots)
       if (s >= 0) x_[s] = at::Tensor();

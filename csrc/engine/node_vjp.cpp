@@ -55,11 +55,24 @@ variable_list node_vjp(
     Node& node,
     const OpInfo* op,
     variable_list grads,
-    const std::vector<bool>& mask) {
+    const std::vector<bool>& mask,
+    const VjpRule& rule) {
   TORCH_INTERNAL_ASSERT(mask.size() == node.num_outputs());
   variable_list out;
   bool done = false;
-  if (op && op->vjp) done = op->vjp(node, grads, mask, out);
+  if (rule.drop_activation_derivative && op && op->is_activation) {
+    // f' dropped: the state passes through the nonlinearity unchanged.
+    out.assign(node.num_outputs(), at::Tensor());
+    if (!out.empty() && mask[0]) out[0] = grads[0];
+    done = true;
+  } else if (rule.backward_weight) {
+    TORCH_CHECK(
+        op && op->psi_vjp && op->psi_vjp(node, grads, mask, *rule.backward_weight, out),
+        "torch_ar: cannot apply a backward weight to node '", node.name(), "'");
+    done = true;
+  } else if (op && op->vjp) {
+    done = op->vjp(node, grads, mask, out);
+  }
   if (!done) out = call_generic(node, std::move(grads), mask);
   TORCH_CHECK(
       out.size() == node.num_outputs(),

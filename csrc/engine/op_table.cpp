@@ -11,9 +11,9 @@ using R = OpRole;
 std::vector<OpInfo> build_table() {
   return {
       // Specialised structural ops.
-      {"AddmmBackward0", "linear (addmm)", R::Structural, vjp::addmm, false},
-      {"MmBackward0", "linear without bias (mm)", R::Structural, vjp::mm, false},
-      {"ConvolutionBackward0", "conv1d/conv2d/conv3d", R::Structural, vjp::convolution, false},
+      {"AddmmBackward0", "linear (addmm)", R::Structural, vjp::addmm, false, 2, vjp::addmm_psi},
+      {"MmBackward0", "linear without bias (mm)", R::Structural, vjp::mm, false, 1, vjp::mm_psi},
+      {"ConvolutionBackward0", "conv1d/conv2d/conv3d", R::Structural, vjp::convolution, false, 1, vjp::convolution_psi},
       {"MaxPool2DWithIndicesBackward0", "max_pool2d (and max_pool1d)", R::Structural, vjp::max_pool2d, false},
       {"AvgPool2DBackward0", "avg_pool2d", R::Structural, vjp::avg_pool2d, false},
       {"AdaptiveAvgPool2DBackward0", "adaptive_avg_pool2d", R::Structural, vjp::adaptive_avg_pool2d, false},

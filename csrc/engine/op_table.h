@@ -23,6 +23,8 @@ struct OpInfo {
   OpRole role;
   vjp::SpecialisedVjp vjp;    // nullptr: generic node
   bool is_activation;         // an elementwise nonlinearity f (for the variants)
+  int weight_edge = -1;       // input edge of the weight (linear/conv), -1: none
+  vjp::BackwardWeightVjp psi_vjp = nullptr;  // input-VJP with a backward weight
 };
 
 // nullptr when the node is not in the table.

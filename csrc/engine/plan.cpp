@@ -19,6 +19,23 @@ at::Tensor accumulate(const at::Tensor& a, const at::Tensor& b) {
   return a + b;
 }
 
+// The parameter leaf behind a linear/conv node's weight input, looking
+// through the transpose that F.linear inserts; -1 when there is none.
+int weight_leaf_of(const CapturedGraph& g, int n, const OpInfo* op) {
+  if (!op || op->weight_edge < 0) return -1;
+  const auto& node = *g.nodes[n];
+  if (op->weight_edge >= static_cast<int>(node.num_outputs())) return -1;
+  const Edge* e = &node.next_edge(op->weight_edge);
+  for (int hops = 0; hops < 2 && e->is_valid(); ++hops) {
+    int leaf = g.leaf_index(e->function.get());
+    if (leaf >= 0) return g.leaf_kind[leaf] == LeafKind::Parameter ? leaf : -1;
+    int m = g.index_of(e->function.get());
+    if (m < 0 || g.activation[m] || g.nodes[m]->name() != "TBackward0") return -1;
+    e = &g.nodes[m]->next_edge(0);
+  }
+  return -1;
+}
+
 } // namespace
 
 Plan make_plan(
@@ -159,6 +176,7 @@ Plan make_plan(
         if (et.kind == TargetKind::State) plan.slots[et.index].consumer_layers.push_back(L);
       layer.targets.push_back(std::move(t));
       layer.ops.push_back(op[n]);
+      layer.weight_leaf.push_back(weight_leaf_of(g, n, op[n]));
     }
   }
   for (int n = 0; n < N; ++n) {
@@ -195,16 +213,20 @@ Plan make_plan(
         std::vector<bool> m(t.size(), false);
         bool any = false;
         for (size_t j = 0; j < t.size(); ++j) {
+          const unsigned wanted = pass_targets(static_cast<Pass>(pass));
           bool want = false;
           switch (t[j].kind) {
             case TargetKind::State:
-              want = pass != static_cast<int>(Pass::Gradient) && plan.slots[t[j].index].needed;
+              want = (wanted & kToState) && plan.slots[t[j].index].needed;
               break;
-            case TargetKind::Leaf:
-              want = pass != static_cast<int>(Pass::Relax) && g.leaf_needs_grad[t[j].index];
+            case TargetKind::Leaf: {
+              const bool input = g.leaf_kind[t[j].index] == LeafKind::Input;
+              want = (wanted & (input ? kToInputLeaf : kToParamLeaf)) &&
+                  g.leaf_needs_grad[t[j].index];
               break;
+            }
             case TargetKind::ParamSide:
-              want = pass != static_cast<int>(Pass::Relax) && g.needed[t[j].index];
+              want = (wanted & kToParamSide) && g.needed[t[j].index];
               break;
             case TargetKind::Chain:
               want = work_below;

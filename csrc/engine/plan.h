@@ -23,13 +23,36 @@ struct EdgeTarget {
   uint32_t input_nr = 0;  // for ParamSide: which output of that node
 };
 
-// Which gradients a layer's VJP must produce.
-enum class Pass {
-  Relax = 0,     // input states only (every relaxation step)
-  Gradient = 1,  // parameters and inputs only (once, at the equilibrium)
-  Full = 2,      // both (the exact single sweep)
+// What a layer's VJP may be asked to produce, by the kind of edge target.
+enum TargetClass : unsigned {
+  kToState = 1,      // relaxation states
+  kToInputLeaf = 2,  // module inputs that want a gradient
+  kToParamLeaf = 4,  // parameters
+  kToParamSide = 8,  // parameter-only nodes (e.g. W.t()) on the way to parameters
 };
-constexpr int kNumPasses = 3;
+
+// The passes over a layer and the targets each one fills.
+enum class Pass {
+  Relax = 0,       // states only: every relaxation step
+  Propagate = 1,   // states and inputs: a variant's single sweep
+  InputGrad = 2,   // inputs only: a variant's gradients at the equilibrium
+  WeightGrad = 3,  // parameters only: a variant's weight update
+  Gradient = 4,    // inputs and parameters: exact gradients at the equilibrium
+  Full = 5,        // everything: the exact single sweep
+};
+constexpr int kNumPasses = 6;
+
+constexpr unsigned pass_targets(Pass p) {
+  switch (p) {
+    case Pass::Relax: return kToState;
+    case Pass::Propagate: return kToState | kToInputLeaf;
+    case Pass::InputGrad: return kToInputLeaf;
+    case Pass::WeightGrad: return kToParamLeaf | kToParamSide;
+    case Pass::Gradient: return kToInputLeaf | kToParamLeaf | kToParamSide;
+    case Pass::Full: return kToState | kToInputLeaf | kToParamLeaf | kToParamSide;
+  }
+  return 0;
+}
 
 struct StateSlot {
   int node = -1;           // producing node (graph index)
@@ -48,7 +71,8 @@ struct Layer {
   std::vector<const OpInfo*> ops;                      // per chain node
   std::vector<std::vector<EdgeTarget>> targets;        // per chain node, per edge
   std::vector<std::vector<bool>> masks[kNumPasses];    // per chain node, per edge
-  bool has_work[kNumPasses] = {false, false, false};
+  bool has_work[kNumPasses] = {};
+  std::vector<int> weight_leaf;                        // per chain node: leaf of its weight, -1
   std::vector<int> out_slots;                          // per top output, -1: none
   bool needed = false;
   bool constant = false;  // all outputs clamped: its relax VJP never changes

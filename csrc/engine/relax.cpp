@@ -13,8 +13,12 @@
 
 namespace torch_ar {
 
-Executor::Executor(const Plan& plan, const EngineConfig& config)
-    : plan_(plan), graph_(*plan.graph), config_(config) {
+Executor::Executor(
+    const Plan& plan,
+    const EngineConfig& config,
+    const std::vector<at::Tensor>& backward_weights)
+    : plan_(plan), backward_weights_(backward_weights), graph_(*plan.graph), config_(config) {
+  backward_weights_.resize(graph_.leaf_kind.size());
   const size_t S = plan_.slots.size();
   x_.resize(S);
   target_.resize(S);
@@ -86,6 +90,31 @@ void Executor::fill_missing_targets() {
   }
 }
 
+VjpRule Executor::rule_for(const Layer& layer, size_t q, Pass pass) const {
+  VjpRule rule;
+  if (config_.exact_rule() || pass == Pass::Gradient || pass == Pass::Full) return rule;
+  if (pass == Pass::WeightGrad) {
+    // The weight update sees the state through f' unless asked otherwise.
+    rule.drop_activation_derivative =
+        config_.drop_activation_derivative && !config_.weight_update_derivative;
+    return rule;
+  }
+  rule.drop_activation_derivative = config_.drop_activation_derivative;
+  const OpInfo* op = layer.ops[q];
+  if (config_.use_backward_weights && op && op->psi_vjp) {
+    const int leaf = layer.weight_leaf[q];
+    const auto& node = *graph_.nodes[layer.chain[q]];
+    TORCH_CHECK(
+        leaf >= 0 && backward_weights_[leaf].defined(),
+        "torch_ar: this variant replaces W by a backward weight psi in every linear "
+        "and convolution layer, but the weight of node '", node.name(),
+        "' has none. Backward weights are created for nn.Linear and nn.Conv1d/2d/3d "
+        "modules; compute this layer with such a module.");
+    rule.backward_weight = &backward_weights_[leaf];
+  }
+  return rule;
+}
+
 void Executor::run_layer(int L, Pass pass) {
   const Layer& layer = plan_.layers[L];
   const int p = static_cast<int>(pass);
@@ -116,7 +145,8 @@ void Executor::run_layer(int L, Pass pass) {
   for (size_t q = 0; q < layer.chain.size(); ++q) {
     const auto& mask = layer.masks[p][q];
     auto& node = *graph_.nodes[layer.chain[q]];
-    variable_list out = node_vjp(node, layer.ops[q], std::move(grads), mask);
+    variable_list out =
+        node_vjp(node, layer.ops[q], std::move(grads), mask, rule_for(layer, q, pass));
     grads.clear();
     const auto& targets = layer.targets[q];
     for (size_t j = 0; j < out.size(); ++j) {

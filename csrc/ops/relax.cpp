@@ -31,7 +31,11 @@ RelaxResult relax_op(
     bool trace,
     bool trace_cosine,
     int64_t keep_graph,
-    int64_t check_every) {
+    int64_t check_every,
+    const c10::List<std::optional<at::Tensor>>& backward_weights,
+    bool use_backward_weights,
+    bool drop_activation_derivative,
+    bool weight_update_derivative) {
   TORCH_CHECK(outputs.size() == output_grads.size(),
               "torch_ar.relax: ", outputs.size(), " outputs but ", output_grads.size(), " output grads");
   TORCH_CHECK(leaves.size() == leaf_is_input.size() && leaves.size() == leaf_needs_grad.size(),
@@ -52,6 +56,9 @@ RelaxResult relax_op(
   config.keep_graph = keep_graph < 0 ? torch::autograd::get_current_graph_task_keep_graph()
                                      : keep_graph != 0;
   config.check_every = check_every;
+  config.use_backward_weights = use_backward_weights;
+  config.drop_activation_derivative = drop_activation_derivative;
+  config.weight_update_derivative = weight_update_derivative;
 
   EngineInputs in;
   in.outputs = outputs.vec();
@@ -63,6 +70,12 @@ RelaxResult relax_op(
   for (bool b : leaf_is_input) in.leaf_is_input.push_back(b);
   for (bool b : leaf_needs_grad) in.leaf_needs_grad.push_back(b);
   in.forward_values = forward_values.vec();
+  TORCH_CHECK(backward_weights.size() == 0 || backward_weights.size() == leaves.size(),
+              "torch_ar.relax: backward_weights must be empty or one per leaf");
+  for (const auto& w : backward_weights) {
+    std::optional<at::Tensor> opt = w;
+    in.backward_weights.push_back(opt.has_value() ? *opt : at::Tensor());
+  }
 
   EngineResult r = run_engine(in, config);
 

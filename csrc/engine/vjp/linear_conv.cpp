@@ -52,4 +52,42 @@ bool convolution(Node& n, const variable_list& g, const EdgeMask& m, variable_li
   return true;
 }
 
+// psi has the shape of W^T for linear layers ([in, out]): the input-VJP is
+// x psi^T, which is x W when psi = W^T.
+bool addmm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi, variable_list& out) {
+  auto* f = dynamic_cast<gen::AddmmBackward0*>(&n);
+  if (!f || !mask_within(m, {1})) return false;
+  out.assign(3, at::Tensor());
+  if (m[1] && g[0].defined()) {
+    at::Tensor r = g[0].mm(psi.t());
+    if (!(f->alpha.equal(1))) r = r * f->alpha;
+    out[1] = std::move(r);
+  }
+  return true;
+}
+
+bool mm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi, variable_list& out) {
+  if (!dynamic_cast<gen::MmBackward0*>(&n) || !mask_within(m, {0})) return false;
+  out.assign(2, at::Tensor());
+  if (m[0] && g[0].defined()) out[0] = g[0].mm(psi.t());
+  return true;
+}
+
+// psi has the conv weight's own layout; the input-VJP is the transposed
+// convolution with psi, which is the exact one when psi = W.
+bool convolution_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi, variable_list& out) {
+  auto* f = dynamic_cast<gen::ConvolutionBackward0*>(&n);
+  if (!f || !mask_within(m, {0})) return false;
+  out.assign(3, at::Tensor());
+  if (m[0] && g[0].defined()) {
+    at::Tensor input = f->input_.unpack();
+    auto grads = at::convolution_backward_symint(
+        g[0], input, psi, f->bias_sym_sizes_opt, f->stride, f->padding,
+        f->dilation, f->transposed, f->output_padding, f->groups,
+        {true, false, false});
+    out[0] = std::get<0>(grads);
+  }
+  return true;
+}
+
 } // namespace torch_ar::vjp

@@ -20,6 +20,15 @@ using SpecialisedVjp = bool (*)(
     const EdgeMask& mask,
     variable_list& out);
 
+// A linear/conv input-VJP with a separate backward weight `psi` in place of
+// the forward weight (the variants without weight transport).
+using BackwardWeightVjp = bool (*)(
+    Node& node,
+    const variable_list& grads,
+    const EdgeMask& mask,
+    const at::Tensor& psi,
+    variable_list& out);
+
 // activations.cpp
 bool relu(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool leaky_relu(Node&, const variable_list&, const EdgeMask&, variable_list&);
@@ -34,6 +43,9 @@ bool elu(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool addmm(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool mm(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool convolution(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool addmm_psi(Node&, const variable_list&, const EdgeMask&, const at::Tensor&, variable_list&);
+bool mm_psi(Node&, const variable_list&, const EdgeMask&, const at::Tensor&, variable_list&);
+bool convolution_psi(Node&, const variable_list&, const EdgeMask&, const at::Tensor&, variable_list&);
 
 // pooling_norm.cpp
 bool max_pool2d(Node&, const variable_list&, const EdgeMask&, variable_list&);

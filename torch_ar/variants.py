@@ -1,0 +1,63 @@
+"""The paper's variants of activation relaxation: the one place that defines them.
+
+Each variant changes the VJPs used during relaxation (and so the fixed point):
+
+- ``exact``: the true Jacobians; the equilibrium is the backprop gradient.
+- ``learned_backward_weights``: linear/conv layers propagate through a separate
+  backward weight psi instead of W (no weight transport); psi is learned with
+  the same increment as W^T (paper section 3).
+- ``feedback_alignment``: as above, but psi is random and fixed.
+- ``no_nonlinear_derivative``: elementwise activations pass the state through
+  unchanged (f' dropped) during relaxation.
+- ``combined``: learned backward weights and no nonlinear derivative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    backward_weights: str  # "none", "learned" or "fixed"
+    drop_activation_derivative: bool
+    summary: str
+
+    @property
+    def uses_backward_weights(self) -> bool:
+        return self.backward_weights != "none"
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("exact", "none", False, "true Jacobians: converges to backprop"),
+        Variant(
+            "learned_backward_weights", "learned", False,
+            "linear/conv layers propagate through learned psi (no weight transport)",
+        ),
+        Variant(
+            "feedback_alignment", "fixed", False,
+            "linear/conv layers propagate through random fixed psi",
+        ),
+        Variant(
+            "no_nonlinear_derivative", "none", True,
+            "activations pass states through unchanged during relaxation",
+        ),
+        Variant(
+            "combined", "learned", True,
+            "learned psi and no nonlinear derivative",
+        ),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"variant must be one of {sorted(VARIANTS)}, got {name!r}"
+        ) from None
