@@ -33,6 +33,8 @@ class RelaxationStats:
         simulated steps (eta 1, no trace); the result is the same fixed point.
     max_residual / residuals: final relative residual |x_new - x| / |target|,
         overall and per state.
+    nonfinite: a state became NaN/Inf and was let through to the gradients
+        (nonfinite="propagate", or "auto" under autocast).
     residual_trace: [steps, num_states] residuals per step (trace=True).
     cosine_trace: parameter name -> [steps] cosine of its gradient to the
         exact gradient after each step (trace_cosine=True).
@@ -43,6 +45,7 @@ class RelaxationStats:
     converged: bool
     exact_shortcut: bool
     max_residual: float
+    nonfinite: bool
     state_names: list[str]
     residuals: dict[str, float]
     residual_trace: torch.Tensor | None = None
@@ -88,6 +91,13 @@ class _ForwardRun:
         self.tensor_positions: list[int] = []
         self.forward_values: list[torch.Tensor] = []
         self.released = False
+        # Under autocast a GradScaler may be in use: it expects inf/NaN
+        # gradients (to skip the step), not an exception.
+        nonfinite = owner.config.nonfinite
+        self.raise_on_nonfinite = nonfinite == "raise" or (
+            nonfinite == "auto"
+            and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+        )
 
     @property
     def inputs(self) -> list[torch.Tensor]:
@@ -210,6 +220,7 @@ class _ARFunction(torch.autograd.Function):
                 variant.uses_backward_weights,
                 variant.drop_activation_derivative,
                 bool(cfg.weight_update_derivative),
+                run.raise_on_nonfinite,
             )
         except RuntimeError as err:
             if "relaxation diverged" in str(err):
@@ -278,6 +289,7 @@ class ARBackward(nn.Module):
         backward_weight_init: str = "normal",
         backward_weight_std: float = 0.05,
         backward_weight_decay: float = 0.0,
+        nonfinite: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -297,6 +309,7 @@ class ARBackward(nn.Module):
             backward_weight_init=backward_weight_init,
             backward_weight_std=backward_weight_std,
             backward_weight_decay=backward_weight_decay,
+            nonfinite=nonfinite,
         )
         self.last_stats: RelaxationStats | None = None
         # psi per linear/conv weight, registered so that state_dict(),
@@ -396,6 +409,7 @@ class ARBackward(nn.Module):
             converged=bool(s[2]),
             exact_shortcut=bool(s[3]),
             max_residual=float(s[4]),
+            nonfinite=bool(s[6]),
             state_names=list(names),
             residuals={n: float(r) for n, r in zip(names, residuals.tolist())},
             residual_trace=residual_trace if self.config.trace else None,

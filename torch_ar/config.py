@@ -38,6 +38,10 @@ class RelaxConfig:
     backward_weight_std: standard deviation of the "normal" initialisation.
     backward_weight_decay: Kolen-Pollack decay: adds decay * psi to psi's
         gradient and decay * W to W's, so psi - W^T shrinks; 0 (off) by default.
+    nonfinite: what a NaN/Inf state does: "raise" RelaxationDivergedError
+        (naming node and step), "propagate" it into the gradients as autograd
+        would, or "auto": raise, except when the forward ran under autocast,
+        where a GradScaler needs the inf gradients to skip the step.
     """
 
     eta: float = 1.0
@@ -55,8 +59,13 @@ class RelaxConfig:
     backward_weight_init: str = "normal"
     backward_weight_std: float = 0.05
     backward_weight_decay: float = 0.0
+    nonfinite: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.nonfinite not in ("auto", "raise", "propagate"):
+            raise ValueError(
+                f"nonfinite must be 'auto', 'raise' or 'propagate', got {self.nonfinite!r}"
+            )
         get_variant(self.variant)
         if self.backward_weight_init not in ("normal", "transpose"):
             raise ValueError(

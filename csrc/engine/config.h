@@ -27,6 +27,9 @@ struct EngineConfig {
   bool use_backward_weights = false;        // linear/conv input-VJPs use psi, not W
   bool drop_activation_derivative = false;  // activations pass states through
   bool weight_update_derivative = true;     // keep f' in the weight gradient anyway
+  // NaN/Inf states: raise (naming node and step), or let them through to the
+  // gradients as autograd would (so a GradScaler can skip the step).
+  bool raise_on_nonfinite = true;
 
   bool exact_rule() const { return !use_backward_weights && !drop_activation_derivative; }
 };

@@ -19,6 +19,7 @@ struct RelaxStats {
   int64_t depth = 0;
   bool converged = false;
   bool exact_shortcut = false;
+  bool nonfinite = false;     // a state became NaN/Inf (and was let through)
   double max_residual = 0.0;
   at::Tensor residuals;       // [num_states] float64, final relative residual
   at::Tensor residual_trace;  // [steps, num_states] float64 (trace)
@@ -59,7 +60,8 @@ class Executor {
   void reset_gradients();
   // Fused update of the given relaxing states; returns [n, 2] (|d|, |target|).
   at::Tensor update(const std::vector<int>& slots);
-  void check_finite(const at::Tensor& norms, const std::vector<int>& slots, int64_t step);
+  // False when a state is NaN/Inf and the config lets it through; throws otherwise.
+  bool check_finite(const at::Tensor& norms, const std::vector<int>& slots, int64_t step);
   double flush_below() const;
 
   const Plan& plan_;

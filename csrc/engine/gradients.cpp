@@ -101,7 +101,7 @@ std::vector<at::Tensor> Executor::exact_sweep() {
     for (int s : layer.out_slots)
       if (s >= 0) x_[s] = at::Tensor();
   }
-  if (!finite.empty()) {
+  if (!finite.empty() && config_.raise_on_nonfinite) {
     at::Tensor flags = at::stack(finite).to(at::kCPU);
     auto acc = flags.accessor<bool, 1>();
     int worst = -1;

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cfloat>
+#include <limits>
 #include <cmath>
 #include <sstream>
 
@@ -186,10 +187,11 @@ at::Tensor Executor::update(const std::vector<int>& slots) {
   return relax_update_(xs, ts, config_.eta, flush_below());
 }
 
-void Executor::check_finite(const at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
+bool Executor::check_finite(const at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
   auto acc = norms.accessor<double, 2>();
   for (size_t i = 0; i < slots.size(); ++i) {
     if (std::isfinite(acc[i][0]) && std::isfinite(acc[i][1])) continue;
+    if (!config_.raise_on_nonfinite) return false;
     const StateSlot& slot = plan_.slots[slots[i]];
     std::ostringstream msg;
     msg << "torch_ar: relaxation diverged at step " << step << ": the state of node '"
@@ -198,6 +200,7 @@ void Executor::check_finite(const at::Tensor& norms, const std::vector<int>& slo
         << "or use a smaller eta.";
     TORCH_CHECK(false, msg.str());
   }
+  return true;
 }
 
 RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
@@ -260,7 +263,13 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
         (step + 1) % std::max<int64_t>(config_.check_every, 1) == 0;
     if (!check) continue;
     at::Tensor host = norms.to(at::kCPU, at::kDouble).contiguous();
-    check_finite(host, relaxing_, step + 1);
+    if (!check_finite(host, relaxing_, step + 1)) {
+      // Further steps cannot recover; the gradients carry the NaN/Inf.
+      stats.nonfinite = true;
+      stats.max_residual = std::numeric_limits<double>::infinity();
+      ++step;
+      break;
+    }
     auto acc = host.accessor<double, 2>();
     std::vector<std::pair<double, double>> dn(R);
     for (size_t i = 0; i < R; ++i) dn[i] = {acc[i][0], acc[i][1]};
@@ -298,7 +307,7 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
     // beyond rounding, or the schedule is exact by construction.
     const bool exact_by_depth = config_.eta == 1.0 &&
         (sweep ? stats.steps >= 1 : stats.steps >= plan_.depth);
-    stats.converged = exact_by_depth || stats.max_residual <= 1e-6;
+    stats.converged = !stats.nonfinite && (exact_by_depth || stats.max_residual <= 1e-6);
   }
   stats.residuals = at::tensor(final_residual, at::kDouble);
   if (config_.trace) {

@@ -1,0 +1,145 @@
+"""Exact-mode AR gradient time against autograd's backward, measured in one run.
+
+For each model: the median over repeats of
+  - backward: loss.backward() through ARBackward (eta 1, default steps) vs the
+    same loss.backward() on the plain module;
+  - step: forward + backward together (ARBackward's forward keeps a private
+    graph, so its overhead is counted here).
+Writes a markdown table and raw JSON. Usage:
+
+    python benchmarks/bench_exact.py --device cpu --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import torch_ar
+from torch_ar.models import cifar_cnn, paper_mlp
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_model(model: nn.Module, x: torch.Tensor, repeats: int, device: torch.device) -> dict:
+    """Median backward and forward+backward times, autograd vs AR, interleaved."""
+    ar = torch_ar.ARBackward(model)
+    target = torch.randn_like(model(x))
+
+    def one(m: nn.Module) -> tuple[float, float]:
+        sync(device)
+        t0 = time.perf_counter()
+        loss = nn.functional.mse_loss(m(x), target)
+        sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        return t2 - t1, t2 - t0
+
+    for _ in range(3):  # warm-up: allocator, kernels, lazy init
+        one(model)
+        one(ar)
+    plain, relaxed = [], []
+    for _ in range(repeats):
+        plain.append(one(model))
+        relaxed.append(one(ar))
+    bw_a = statistics.median(t[0] for t in plain)
+    bw_r = statistics.median(t[0] for t in relaxed)
+    st_a = statistics.median(t[1] for t in plain)
+    st_r = statistics.median(t[1] for t in relaxed)
+    return {
+        "autograd_backward_ms": bw_a * 1e3,
+        "ar_backward_ms": bw_r * 1e3,
+        "backward_ratio": bw_r / bw_a,
+        "autograd_step_ms": st_a * 1e3,
+        "ar_step_ms": st_r * 1e3,
+        "step_ratio": st_r / st_a,
+        "depth": ar.last_stats.depth if ar.last_stats else None,
+        "states": ar.last_stats.num_states if ar.last_stats else None,
+    }
+
+
+def cases(device: torch.device) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("paper MLP 784-300-300-100-10", paper_mlp(), torch.randn(64, 784, generator=g)),
+        ("CIFAR CNN", cifar_cnn(), torch.randn(64, 3, 32, 32, generator=g)),
+        (
+            "resnet18 (torchvision, 10 classes)",
+            torchvision.models.resnet18(num_classes=10),
+            torch.randn(32 if device.type == "cpu" else 128, 3, 32, 32, generator=g),
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    rows = []
+    for name, model, x in cases(device):
+        model = model.to(device).train()
+        x = x.to(device)
+        r = time_model(model, x, args.repeats, device)
+        r.update(model=name, batch=x.shape[0])
+        rows.append(r)
+        print(
+            f"{name:38s} batch {x.shape[0]:4d}  backward {r['autograd_backward_ms']:8.2f} ms"
+            f" -> AR {r['ar_backward_ms']:8.2f} ms  ({r['backward_ratio']:.2f}x);"
+            f"  fwd+bwd {r['step_ratio']:.2f}x"
+        )
+    machine = machine_name(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = device.type
+    meta = {"machine": machine, "torch": torch.__version__, "device": str(device)}
+    (args.out / f"exact_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"Exact mode (eta 1, default steps) on {machine}, torch {torch.__version__}; "
+        f"median of {args.repeats} interleaved repeats.",
+        "",
+        "| model | batch | states (D) | autograd backward | AR backward | ratio | fwd+bwd ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['states']} ({r['depth']}) "
+            f"| {r['autograd_backward_ms']:.2f} ms | {r['ar_backward_ms']:.2f} ms "
+            f"| {r['backward_ratio']:.2f}x | {r['step_ratio']:.2f}x |"
+        )
+    (args.out / f"exact_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+// CPU kernel of torch_ar::relax_update_: one pass over every state updates
+// it in place, flushes tiny values and accumulates the residual norms in
+// double.
+
+#include "ops/relax_update.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+namespace torch_ar {
+namespace {
+
+// Elements per work item. Items from all tensors share one parallel_for,
+// so a list of many small states still spreads over the threads.
+constexpr int64_t kChunkElements = 32768;
+// Below this total the threading overhead outweighs the work.
+constexpr int64_t kSerialBelowElements = 65536;
+
+struct WorkItem {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+struct SquaredNorms {
+  double residual = 0.0;
+  double target = 0.0;
+};
+
+// Scalar path: reduced-precision dtypes (computed in float) and the tails
+// of the vectorised path.
+template <typename scalar_t>
+SquaredNorms relax_range_scalar(
+    scalar_t* state,
+    const scalar_t* target,
+    int64_t n,
+    double eta,
+    double flush_below) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t eta_c = static_cast<opmath_t>(eta);
+  const opmath_t flush_c = static_cast<opmath_t>(flush_below);
+  SquaredNorms acc;
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t s = static_cast<opmath_t>(state[i]);
+    const opmath_t t = static_cast<opmath_t>(target[i]);
+    const opmath_t d = t - s;
+    opmath_t updated = s + eta_c * d;
+    if (std::abs(updated) < flush_c) {
+      updated = opmath_t(0);
+    }
+    state[i] = static_cast<scalar_t>(updated);
+    acc.residual += static_cast<double>(d) * static_cast<double>(d);
+    acc.target += static_cast<double>(t) * static_cast<double>(t);
+  }
+  return acc;
+}
+
+// Vectorised path for float and double.
+template <typename scalar_t>
+SquaredNorms relax_range_vec(
+    scalar_t* state,
+    const scalar_t* target,
+    int64_t n,
+    double eta,
+    double flush_below) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kLanes = Vec::size();
+  const Vec eta_v(static_cast<scalar_t>(eta));
+  const Vec flush_v(static_cast<scalar_t>(flush_below));
+  const Vec zero_v(scalar_t(0));
+  const bool flush = flush_below > 0.0;
+
+  // Lane-wise double sums: every lane adds only its own elements, so this
+  // loop needs no reassociation to vectorise and stays in double.
+  double residual_lanes[kLanes] = {};
+  double target_lanes[kLanes] = {};
+  __at_align__ scalar_t d_buf[kLanes];
+  __at_align__ scalar_t t_buf[kLanes];
+
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Vec s = Vec::loadu(state + i);
+    const Vec t = Vec::loadu(target + i);
+    const Vec d = t - s;
+    s = s + eta_v * d;
+    if (flush) {
+      s = Vec::blendv(s, zero_v, s.abs() < flush_v);
+    }
+    s.store(state + i);
+    d.store(d_buf);
+    t.store(t_buf);
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const double dk = static_cast<double>(d_buf[k]);
+      const double tk = static_cast<double>(t_buf[k]);
+      residual_lanes[k] += dk * dk;
+      target_lanes[k] += tk * tk;
+    }
+  }
+  SquaredNorms acc = relax_range_scalar<scalar_t>(
+      state + i, target + i, n - i, eta, flush_below);
+  for (int64_t k = 0; k < kLanes; ++k) {
+    acc.residual += residual_lanes[k];
+    acc.target += target_lanes[k];
+  }
+  return acc;
+}
+
+template <typename scalar_t>
+SquaredNorms relax_range(
+    scalar_t* state,
+    const scalar_t* target,
+    int64_t n,
+    double eta,
+    double flush_below) {
+  if constexpr (
+      std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    return relax_range_vec<scalar_t>(state, target, n, eta, flush_below);
+  } else {
+    return relax_range_scalar<scalar_t>(state, target, n, eta, flush_below);
+  }
+}
+
+at::Tensor relax_update_cpu(
+    at::TensorList states,
+    at::TensorList targets,
+    double eta,
+    double flush_below) {
+  relax_update_detail::check_inputs(
+      states, targets, flush_below, c10::DeviceType::CPU);
+  const int64_t n = static_cast<int64_t>(states.size());
+  std::vector<at::Tensor> work_states =
+      relax_update_detail::contiguous_tensors(states);
+  const std::vector<at::Tensor> work_targets =
+      relax_update_detail::contiguous_tensors(targets);
+
+  std::vector<WorkItem> items;
+  int64_t total_elements = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t numel = work_states[i].numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
+      items.push_back({i, begin, std::min(begin + kChunkElements, numel)});
+    }
+    total_elements += numel;
+  }
+
+  // One slot per item, summed in item order below: the norms do not depend
+  // on the number of threads.
+  std::vector<SquaredNorms> partial(items.size());
+  auto relax_items = [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      const WorkItem& item = items[j];
+      at::Tensor& state = work_states[item.tensor];
+      const at::Tensor& target = work_targets[item.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, state.scalar_type(), "relax_update_cpu", [&] {
+            partial[j] = relax_range<scalar_t>(
+                state.mutable_data_ptr<scalar_t>() + item.begin,
+                target.const_data_ptr<scalar_t>() + item.begin,
+                item.end - item.begin,
+                eta,
+                flush_below);
+          });
+    }
+  };
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  if (total_elements < kSerialBelowElements) {
+    relax_items(0, num_items);
+  } else {
+    at::parallel_for(0, num_items, 1, relax_items);
+  }
+  relax_update_detail::write_back_states(states, work_states);
+
+  at::Tensor norms = at::empty({n, 2}, at::TensorOptions().dtype(at::kDouble));
+  double* out = norms.mutable_data_ptr<double>();
+  std::fill(out, out + 2 * n, 0.0);
+  for (int64_t j = 0; j < num_items; ++j) {
+    out[2 * items[j].tensor] += partial[j].residual;
+    out[2 * items[j].tensor + 1] += partial[j].target;
+  }
+  for (int64_t k = 0; k < 2 * n; ++k) {
+    out[k] = std::sqrt(out[k]);
+  }
+  return norms;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torch_ar, CPU, m) {
+  m.impl("relax_update_", &relax_update_cpu);
+}
+
+} // namespace torch_ar

@@ -1,0 +1,26 @@
+// The schemas of every torch_ar operator, declared once. Kernels register
+// against them with TORCH_LIBRARY_IMPL(torch_ar, <DispatchKey>, m) in their
+// own files (cpu/, kernels/, ...). Add new operators here with one m.def line.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(torch_ar, m) {
+  // One Euler step of the relaxation for a list of states, fused with the
+  // residual norms; see ops/relax_update.h.
+  m.def(
+      "relax_update_(Tensor(a!)[] states, Tensor[] targets, float eta, "
+      "float flush_below) -> Tensor");
+  // The whole engine for one backward call: capture the graph behind
+  // `outputs`, relax, and return the gradients of `leaves`; see ops/relax.cpp.
+  m.def(
+      "relax(Tensor[] outputs, Tensor?[] output_grads, Tensor[] leaves, "
+      "bool[] leaf_is_input, bool[] leaf_needs_grad, Tensor[] forward_values, "
+      "float eta, int steps, float tol, int max_steps, str init, str schedule, "
+      "str granularity, bool trace, bool trace_cosine, int keep_graph, "
+      "int check_every, Tensor?[] backward_weights, bool use_backward_weights, "
+      "bool drop_activation_derivative, bool weight_update_derivative, "
+      "bool raise_on_nonfinite) -> "
+      "(Tensor[] leaf_grads, Tensor grad_defined, "
+      "Tensor summary, Tensor residuals, Tensor residual_trace, "
+      "Tensor cosine_trace, str[] state_names)");
+}

@@ -1,0 +1,78 @@
+"""How far a variant is from backprop: per-layer alignment metrics for logging.
+
+Two measures, both cheap enough to log every few training steps:
+
+- ``backward_weight_angles``: the angle between each backward weight psi and
+  the tensor that would make it exact (W^T for linear layers, W for conv).
+- ``variant_gradient_cosines``: the cosine of each parameter's variant
+  gradient to the true (autograd) gradient on one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_ar.metrics import angle_degrees, ar_vs_autograd
+
+
+def _owner(module: nn.Module, param_name: str) -> nn.Module:
+    """The submodule that holds the parameter called ``param_name``."""
+    owner_name = param_name.rpartition(".")[0]
+    return module.get_submodule(owner_name)
+
+
+def exact_backward_weight(module: nn.Module, weight_name: str) -> torch.Tensor:
+    """The psi that makes the layer's input-VJP exact: W^T for nn.Linear, W for conv.
+
+    Example::
+
+        psi_star = exact_backward_weight(net, "0.weight")   # net[0] is nn.Linear
+        psi_star.shape == net[0].weight.t().shape
+    """
+    weight = module.get_parameter(weight_name).detach()
+    return weight.t() if isinstance(_owner(module, weight_name), nn.Linear) else weight
+
+
+def backward_weight_angles(ar: nn.Module) -> dict[str, float]:
+    """{forward weight name: angle in degrees between psi and its exact value}.
+
+    The exact value is W^T for linear layers and W for convolutions, so 0 means
+    the layer propagates exactly as backprop would; independent random
+    matrices are close to 90 degrees apart. Empty for variants without
+    backward weights.
+
+    Example::
+
+        ar = torch_ar.ARBackward(net, variant="learned_backward_weights")
+        ...  # train
+        logger.log({f"angle/{k}": v for k, v in backward_weight_angles(ar).items()})
+    """
+    angles = {}
+    for name, psi in ar.backward_weights().items():
+        angles[name] = angle_degrees(psi, exact_backward_weight(ar.module, name))
+    return angles
+
+
+def variant_gradient_cosines(
+    ar: nn.Module, loss_fn: Callable[[Any], torch.Tensor], *inputs: Any
+) -> dict[str, float]:
+    """{parameter name: cosine of the variant's gradient to the autograd gradient}.
+
+    Runs one forward and one relaxation on ``inputs`` with ``loss_fn(output)``
+    as the loss, and one autograd backward on a copy of the wrapped module; the
+    parameters' ``.grad`` are not touched, so it can be called between
+    training steps (BatchNorm in train mode updates its running statistics
+    once, as any forward does). 1.0 means the variant follows backprop on
+    this batch.
+
+    Example::
+
+        cosines = variant_gradient_cosines(ar, lambda out: F.mse_loss(out, y), x)
+        logger.log({f"grad_cosine/{k}": v for k, v in cosines.items()})
+    """
+    stats = ar_vs_autograd(ar, loss_fn, *inputs)
+    return {name: s["cosine"] for name, s in stats.items()}

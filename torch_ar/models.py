@@ -1,0 +1,147 @@
+"""Models for the training examples: the paper's MLP, a small CNN, CIFAR ResNet-18.
+
+Example::
+
+    from torch_ar.models import build_model
+    model = build_model("mlp", "fashion-mnist")      # 784-300-300-100-10
+    model = build_model("resnet18", "cifar10")
+    model = build_model("mobilenet_v3_small", "cifar10")  # any torchvision.models constructor
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+# (channels, height, width, classes) of each supported data set.
+DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "fashion-mnist": (1, 28, 28, 10),
+    "cifar10": (3, 32, 32, 10),
+}
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def paper_mlp(
+    in_features: int = 784,
+    num_classes: int = 10,
+    hidden: tuple[int, ...] = (300, 300, 100),
+    activation: str = "relu",
+    init: str = "paper",
+) -> nn.Sequential:
+    """The MLP of Millidge et al. (2020): 784-300-300-100-10, ReLU hidden, linear output.
+
+    ``init="paper"`` draws every weight from N(0, 0.05^2) and zeroes biases, as the
+    paper; ``init="default"`` keeps PyTorch's default ``nn.Linear`` init.
+    """
+    if init not in ("paper", "default"):
+        raise ValueError(f"init must be 'paper' or 'default', got {init!r}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    sizes = (in_features, *hidden)
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        layers += [nn.Linear(fan_in, fan_out), _activation(activation)]
+    layers.append(nn.Linear(sizes[-1], num_classes))
+    model = nn.Sequential(*layers)
+    if init == "paper":
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=0.05)
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def cifar_cnn(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    image_size: int = 32,
+    channels: tuple[int, ...] = (32, 64, 128),
+    activation: str = "relu",
+) -> nn.Sequential:
+    """A small CNN: (conv3x3-activation-maxpool2) per entry of ``channels``, then one linear layer.
+
+    ``activation="tanh"`` gives the kind of network of the follow-up paper
+    (Millidge et al., arXiv 2010.06219) on CIFAR-10.
+    """
+    layers: list[nn.Module] = []
+    size, c_in = image_size, in_channels
+    for c_out in channels:
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), _activation(activation), nn.MaxPool2d(2)]
+        size, c_in = size // 2, c_out
+    if size < 1:
+        raise ValueError(f"{len(channels)} pooling stages shrink a {image_size}px image to nothing")
+    layers += [nn.Flatten(), nn.Linear(c_in * size * size, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> torchvision.models.ResNet:
+    """torchvision ResNet-18 for 32x32 inputs: 3x3 stride-1 stem conv and no max-pool."""
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class RepeatChannels(nn.Module):
+    """Repeat a 1-channel image to ``channels`` channels (grey images into RGB models)."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, self.channels, -1, -1)
+
+
+def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    builder = getattr(torchvision.models, name, None)
+    if builder is None or not callable(builder) or name.startswith("_") or name[0].isupper():
+        raise ValueError(
+            f"unknown model {name!r}: use one of {sorted(MODEL_NAMES)} "
+            "or a constructor name from torchvision.models (e.g. resnet18, mobilenet_v3_small)"
+        )
+    model = builder(weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:
+        model = nn.Sequential(RepeatChannels(3), model)
+    return model
+
+
+MODEL_NAMES = ("mlp", "mlp-default-init", "cnn", "cnn-tanh", "resnet18")
+
+
+def build_model(name: str, dataset: str, **kwargs: Any) -> nn.Module:
+    """Build a model by name for a data set (``"fashion-mnist"`` or ``"cifar10"``).
+
+    Names: ``mlp`` (paper MLP, paper init), ``mlp-default-init``, ``cnn``,
+    ``cnn-tanh``, ``resnet18`` (CIFAR stem), or any ``torchvision.models``
+    constructor (built with ``weights=None``; 1-channel images are repeated to
+    3 channels). Extra keyword arguments go to the constructor.
+    """
+    if dataset not in DATASET_SHAPES:
+        raise ValueError(f"unknown data set {dataset!r}; choose from {sorted(DATASET_SHAPES)}")
+    c, h, w, classes = DATASET_SHAPES[dataset]
+    if name == "mlp":
+        return paper_mlp(c * h * w, classes, **kwargs)
+    if name == "mlp-default-init":
+        return paper_mlp(c * h * w, classes, init="default", **kwargs)
+    if name == "cnn":
+        return cifar_cnn(c, classes, h, **kwargs)
+    if name == "cnn-tanh":
+        return cifar_cnn(c, classes, h, activation="tanh", **kwargs)
+    if name == "resnet18":
+        return resnet18_cifar(classes, c)
+    return _torchvision_model(name, c, classes, **kwargs)
