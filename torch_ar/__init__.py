@@ -11,12 +11,17 @@ from torch_ar import _C  # noqa: F401  (registers torch.ops.torch_ar.*)
 from torch_ar import metrics
 from torch_ar.ar_backward import ARBackward, RelaxationDivergedError, RelaxationStats
 from torch_ar.config import RelaxConfig
+from torch_ar.ops import SupportedOp, supported_ops
+from torch_ar.variants import VARIANTS
 
 __all__ = [
     "ARBackward",
     "RelaxConfig",
     "RelaxationDivergedError",
     "RelaxationStats",
+    "SupportedOp",
+    "VARIANTS",
     "metrics",
+    "supported_ops",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from torch_ar import data as data_lib
 from torch_ar import training
 from torch_ar.config import GRANULARITIES, INIT_MODES, SCHEDULES, RelaxConfig
 from torch_ar.models import MODEL_NAMES
+from torch_ar.variants import VARIANTS
 
 
 def _number(kind: Callable[[str], float], low: float, strict: bool) -> Callable[[str], float]:
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one relaxing state per layer (the paper's neurons) or per op "
         f"(default: {ar.granularity})",
+    )
+    g.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        default=None,
+        help="exact, or one of the paper's variants without weight transport or "
+        "nonlinear derivatives (default: exact)",
     )
     g.add_argument(
         "--cosine-every",

@@ -42,7 +42,7 @@ DEFAULT_LR = {("sgd", "mse"): 5e-4, ("sgd", "cross-entropy"): 0.05, ("adam", "ms
 DEFAULT_LR[("adam", "cross-entropy")] = 1e-3
 # Losses summed over the batch: reported per example by dividing by the batch size.
 SUMMED_LOSSES = ("mse",)
-AR_OPTIONS = ("eta", "steps", "tol", "init", "schedule", "granularity")
+AR_OPTIONS = ("eta", "steps", "tol", "init", "schedule", "granularity", "variant")
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,7 @@ class TrainConfig:
     init: str | None = None
     schedule: str | None = None
     granularity: str | None = None
+    variant: str | None = None
     optimizer: str = "sgd"
     lr: float | None = None
     momentum: float = 0.0

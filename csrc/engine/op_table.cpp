@@ -66,6 +66,21 @@ const std::vector<OpInfo>& op_table() {
   return table;
 }
 
+std::vector<std::string> supported_op_rows() {
+  std::vector<std::string> rows;
+  for (const OpInfo& info : op_table()) {
+    const char* role = info.role == OpRole::Structural ? "structural"
+        : info.role == OpRole::Elementwise             ? "elementwise"
+                                                       : "view";
+    rows.push_back(
+        std::string(info.node_name) + "|" + info.op + "|" + role + "|" +
+        (info.vjp ? "specialised" : "generic") + "|" +
+        (info.is_activation ? "activation" : "") + "|" +
+        (info.psi_vjp ? "backward-weight" : ""));
+  }
+  return rows;
+}
+
 const OpInfo* find_op(const std::string& node_name) {
   static const std::unordered_map<std::string, const OpInfo*> index = [] {
     std::unordered_map<std::string, const OpInfo*> m;

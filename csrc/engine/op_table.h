@@ -33,4 +33,8 @@ const OpInfo* find_op(const std::string& node_name);
 // The whole table, for documentation and tests.
 const std::vector<OpInfo>& op_table();
 
+// The table as text rows "node|op|role|specialised|activation|backward-weight"
+// (behind torch.ops.torch_ar.supported_ops).
+std::vector<std::string> supported_op_rows();
+
 } // namespace torch_ar

@@ -2,6 +2,8 @@
 // against them with TORCH_LIBRARY_IMPL(torch_ar, <DispatchKey>, m) in their
 // own files (cpu/, kernels/, ...). Add new operators here with one m.def line.
 
+#include "engine/op_table.h"
+
 #include <torch/library.h>
 
 TORCH_LIBRARY(torch_ar, m) {
@@ -12,6 +14,9 @@ TORCH_LIBRARY(torch_ar, m) {
       "float flush_below) -> Tensor");
   // The whole engine for one backward call: capture the graph behind
   // `outputs`, relax, and return the gradients of `leaves`; see ops/relax.cpp.
+  // The supported-op table (engine/op_table.cpp), one "|"-separated row per
+  // autograd node: node name, op, role, specialised VJP, activation.
+  m.def("supported_ops() -> str[]", &torch_ar::supported_op_rows);
   m.def(
       "relax(Tensor[] outputs, Tensor?[] output_grads, Tensor[] leaves, "
       "bool[] leaf_is_input, bool[] leaf_needs_grad, Tensor[] forward_values, "

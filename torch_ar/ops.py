@@ -1,0 +1,33 @@
+"""What the engine knows about each autograd node (its op table, read from C++)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SupportedOp:
+    node: str              # autograd node name, e.g. "ReluBackward0"
+    op: str                # what users call it
+    role: str              # "structural" (starts a layer), "elementwise" or "view" (joins it)
+    specialised: bool      # input-only VJP of the engine's own (else the op's backward)
+    activation: bool       # a nonlinearity f: passes states through without f'
+    backward_weight: bool  # takes psi in the variants without weight transport
+
+
+def supported_ops() -> list[SupportedOp]:
+    """The engine's op table. Every other differentiable op is a generic structural node.
+
+    Example::
+
+        [o.op for o in torch_ar.supported_ops() if o.specialised]
+    """
+    rows = []
+    for line in torch.ops.torch_ar.supported_ops():
+        node, op, role, kind, activation, psi = line.split("|")
+        rows.append(
+            SupportedOp(node, op, role, kind == "specialised", activation == "activation", psi != "")
+        )
+    return rows
