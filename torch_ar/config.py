@@ -66,7 +66,16 @@ class RelaxConfig:
             raise ValueError(
                 f"nonfinite must be 'auto', 'raise' or 'propagate', got {self.nonfinite!r}"
             )
-        get_variant(self.variant)
+        variant = get_variant(self.variant)
+        if variant.drop_activation_derivative and self.weight_update_derivative and (
+            self.granularity == "op"
+        ):
+            raise ValueError(
+                f"variant {self.variant!r} with weight_update_derivative=True needs "
+                "granularity='layer': at op granularity an activation's output is a state "
+                "of its own, so the weight update of the layer below cannot see f'. "
+                "Use granularity='layer' or weight_update_derivative=False."
+            )
         if self.backward_weight_init not in ("normal", "transpose"):
             raise ValueError(
                 "backward_weight_init must be 'normal' or 'transpose', "
