@@ -121,15 +121,27 @@ class _ForwardRun:
         self.tensor_positions = [
             i for i, v in enumerate(self.out_flat) if isinstance(v, torch.Tensor)
         ]
-        returned = []
+        candidates = []
         for k, pos in enumerate(self.tensor_positions):
             t = self.out_flat[pos]
             _check_supported_tensor(t, f"output {k}")
             if t.requires_grad:
-                self.outputs.append(t)
-                self.output_slots.append(k)
-            returned.append(t.detach())
-        return returned
+                candidates.append(k)
+        # As in autograd, an output is differentiable only when it depends on a
+        # parameter or on an input that requires grad (the private input
+        # leaves always require grad, so look at the graph).
+        wanted = self.params + [
+            leaf for leaf, t in zip(self.input_leaves, inputs) if t.requires_grad
+        ]
+        if candidates:
+            reach = torch.ops.torch_ar.differentiable_outputs(
+                [self.out_flat[self.tensor_positions[k]] for k in candidates], wanted
+            ).tolist()
+            for k, ok in zip(candidates, reach):
+                if ok:
+                    self.outputs.append(self.out_flat[self.tensor_positions[k]])
+                    self.output_slots.append(k)
+        return [self.out_flat[pos].detach() for pos in self.tensor_positions]
 
     def rebuild(self, tensors: tuple[torch.Tensor, ...]) -> Any:
         flat = list(self.out_flat)

@@ -109,4 +109,50 @@ CapturedGraph capture_graph(
   return g;
 }
 
+std::vector<bool> outputs_reaching(
+    const std::vector<at::Tensor>& outputs,
+    const std::vector<at::Tensor>& leaves) {
+  std::unordered_set<const Node*> targets;
+  for (const auto& leaf : leaves) {
+    if (!leaf.defined() || !leaf.requires_grad()) continue;
+    auto acc = torch::autograd::impl::try_get_grad_accumulator(leaf);
+    if (acc) targets.insert(acc.get());
+  }
+  // reaches[n]: memo over the shared graph, filled by an iterative DFS.
+  std::unordered_map<const Node*, bool> reaches;
+  auto solve = [&](const std::shared_ptr<Node>& root) -> bool {
+    if (!root) return false;
+    std::vector<std::pair<Node*, size_t>> stack{{root.get(), 0}};
+    reaches.emplace(root.get(), targets.count(root.get()) > 0);
+    while (!stack.empty()) {
+      auto& [node, next] = stack.back();
+      if (next < node->num_outputs()) {
+        const Edge& e = node->next_edge(next++);
+        if (!e.is_valid()) continue;
+        Node* child = e.function.get();
+        auto it = reaches.find(child);
+        if (it == reaches.end()) {
+          reaches.emplace(child, targets.count(child) > 0);
+          stack.emplace_back(child, 0);
+        } else if (it->second) {
+          reaches[node] = true;
+        }
+        continue;
+      }
+      const bool r = reaches[node];
+      stack.pop_back();
+      if (r && !stack.empty()) reaches[stack.back().first] = true;
+    }
+    return reaches[root.get()];
+  };
+  std::vector<bool> result;
+  for (const auto& out : outputs) {
+    bool r = false;
+    if (out.defined() && out.requires_grad())
+      r = solve(torch::autograd::impl::gradient_edge(out).function);
+    result.push_back(r);
+  }
+  return result;
+}
+
 } // namespace torch_ar

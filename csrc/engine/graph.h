@@ -51,4 +51,10 @@ CapturedGraph capture_graph(
     const std::vector<bool>& leaf_is_input,
     const std::vector<bool>& leaf_needs_grad);
 
+// For each output: does its graph reach one of `leaves` (as autograd would
+// need for the output to be differentiable with respect to them)?
+std::vector<bool> outputs_reaching(
+    const std::vector<at::Tensor>& outputs,
+    const std::vector<at::Tensor>& leaves);
+
 } // namespace torch_ar

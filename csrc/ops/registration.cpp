@@ -17,6 +17,8 @@ TORCH_LIBRARY(torch_ar, m) {
   // The supported-op table (engine/op_table.cpp), one "|"-separated row per
   // autograd node: node name, op, role, specialised VJP, activation.
   m.def("supported_ops() -> str[]", &torch_ar::supported_op_rows);
+  // Which module outputs have a differentiable path to `leaves` (bool [n]).
+  m.def("differentiable_outputs(Tensor[] outputs, Tensor[] leaves) -> Tensor");
   m.def(
       "relax(Tensor[] outputs, Tensor?[] output_grads, Tensor[] leaves, "
       "bool[] leaf_is_input, bool[] leaf_needs_grad, Tensor[] forward_values, "

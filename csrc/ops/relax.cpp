@@ -2,6 +2,7 @@
 // device-generic (it only calls ATen ops and autograd nodes), so one
 // CompositeExplicitAutograd kernel serves CPU and CUDA.
 #include "engine/engine.h"
+#include "engine/graph.h"
 
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
@@ -105,10 +106,18 @@ RelaxResult relax_op(
           st.state_names};
 }
 
+at::Tensor differentiable_outputs_op(at::TensorList outputs, at::TensorList leaves) {
+  std::vector<bool> r = outputs_reaching(outputs.vec(), leaves.vec());
+  auto flags = at::zeros({static_cast<int64_t>(r.size())}, at::kBool);
+  for (size_t i = 0; i < r.size(); ++i) flags[i] = static_cast<bool>(r[i]);
+  return flags;
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_ar, CompositeExplicitAutograd, m) {
   m.impl("relax", TORCH_FN(relax_op));
+  m.impl("differentiable_outputs", TORCH_FN(differentiable_outputs_op));
 }
 
 } // namespace torch_ar
