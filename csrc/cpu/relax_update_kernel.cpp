@@ -79,27 +79,12 @@ SquaredNorms relax_range_vec(
   const Vec zero_v(scalar_t(0));
   const bool flush = flush_below > 0.0;
 
-  // Squares accumulate in vector registers over short blocks (exact enough
-  // in the state's own precision), then spill lane-wise into double sums, so
-  // the result does not depend on how the work was split.
-  constexpr int64_t kBlock = std::is_same_v<scalar_t, double> ? (int64_t{1} << 40) : 64;
+  // Lane-wise double sums: every lane adds only its own elements, so this
+  // loop needs no reassociation to vectorise and stays in double.
   double residual_lanes[kLanes] = {};
   double target_lanes[kLanes] = {};
-  __at_align__ scalar_t r_buf[kLanes];
+  __at_align__ scalar_t d_buf[kLanes];
   __at_align__ scalar_t t_buf[kLanes];
-  Vec r_acc(scalar_t(0)), t_acc(scalar_t(0));
-  int64_t in_block = 0;
-  auto spill = [&] {
-    r_acc.store(r_buf);
-    t_acc.store(t_buf);
-    for (int64_t k = 0; k < kLanes; ++k) {
-      residual_lanes[k] += static_cast<double>(r_buf[k]);
-      target_lanes[k] += static_cast<double>(t_buf[k]);
-    }
-    r_acc = Vec(scalar_t(0));
-    t_acc = Vec(scalar_t(0));
-    in_block = 0;
-  };
 
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -111,11 +96,15 @@ SquaredNorms relax_range_vec(
       s = Vec::blendv(s, zero_v, s.abs() < flush_v);
     }
     s.store(state + i);
-    r_acc = at::vec::fmadd(d, d, r_acc);
-    t_acc = at::vec::fmadd(t, t, t_acc);
-    if (++in_block == kBlock) spill();
+    d.store(d_buf);
+    t.store(t_buf);
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const double dk = static_cast<double>(d_buf[k]);
+      const double tk = static_cast<double>(t_buf[k]);
+      residual_lanes[k] += dk * dk;
+      target_lanes[k] += tk * tk;
+    }
   }
-  spill();
   SquaredNorms acc = relax_range_scalar<scalar_t>(
       state + i, target + i, n - i, eta, flush_below);
   for (int64_t k = 0; k < kLanes; ++k) {
