@@ -2,6 +2,7 @@
 #include "engine/graph.h"
 #include "engine/plan.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/core/StreamGuard.h>
@@ -71,7 +72,8 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
     st.depth = plan.depth;
     st.steps = config.steps >= 0 ? config.steps
                                  : (config.schedule == Schedule::Sweep ? 1 : plan.depth);
-    st.converged = true;
+    st.nonfinite = executor.sweep_nonfinite();
+    st.converged = !st.nonfinite;
     st.exact_shortcut = true;
     st.residuals = at::zeros({static_cast<int64_t>(plan.slots.size())}, at::kDouble);
   } else {
@@ -113,6 +115,7 @@ EngineResult run_engine(const EngineInputs& in, const EngineConfig& config) {
   std::exception_ptr error;
   std::thread worker([&] {
     try {
+      at::init_num_threads();  // honour torch.set_num_threads in this thread too
       at::ThreadLocalStateGuard guard(tls);
       std::optional<c10::StreamGuard> stream_guard;
       if (stream) stream_guard.emplace(*stream);

@@ -42,6 +42,8 @@ class Executor {
   // Each layer once, consumers first, as soon as its states are final: the
   // fixed point of eta = 1 without simulating the D steps. Fills leaf grads.
   std::vector<at::Tensor> exact_sweep();
+  // After exact_sweep: a state was NaN/Inf (and the config let it through).
+  bool sweep_nonfinite() const { return sweep_nonfinite_; }
 
   // Parameter and input gradients from the current states.
   std::vector<at::Tensor> leaf_gradients();
@@ -51,7 +53,7 @@ class Executor {
   // results to input states, leaves and param-side nodes.
   void run_layer(int L, Pass pass);
   VjpRule rule_for(const Layer& layer, size_t q, Pass pass) const;
-  void contribute_state(int slot, const at::Tensor& grad);
+  void contribute_state(int slot, at::Tensor grad);
   void contribute_leaf(int leaf, const at::Tensor& grad);
   void contribute_param_side(const EdgeTarget& t, const at::Tensor& grad);
   void begin_step();
@@ -61,7 +63,8 @@ class Executor {
   // Fused update of the given relaxing states; returns [n, 2] (|d|, |target|).
   at::Tensor update(const std::vector<int>& slots);
   // False when a state is NaN/Inf and the config lets it through; throws otherwise.
-  bool check_finite(const at::Tensor& norms, const std::vector<int>& slots, int64_t step);
+  // Norms that overflowed for finite (huge) states are recomputed scaled.
+  bool check_finite(at::Tensor& norms, const std::vector<int>& slots, int64_t step);
   double flush_below() const;
 
   const Plan& plan_;
@@ -71,6 +74,7 @@ class Executor {
   bool persistent_targets_ = false;  // literal steps: reuse buffers in place
 
   std::vector<at::Tensor> x_;       // per slot
+  std::vector<at::ScalarType> vjp_dtype_;  // per slot: the dtype its VJPs expect
   std::vector<at::Tensor> target_;  // per slot: ext + sum of consumer VJPs
   std::vector<char> fresh_;         // target_ written this step
   std::vector<int> relaxing_;       // needed, non-clamped slots
@@ -78,6 +82,7 @@ class Executor {
   std::vector<variable_list> param_side_buf_;
   std::vector<std::vector<std::pair<int, at::Tensor>>> constant_contrib_;
   std::vector<char> constant_ready_;
+  bool sweep_nonfinite_ = false;
 };
 
 } // namespace torch_ar

@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace torch_ar {
 
 void Executor::contribute_leaf(int leaf, const at::Tensor& grad) {
@@ -87,7 +89,10 @@ std::vector<at::Tensor> Executor::exact_sweep() {
       x_[s] = fresh_[s] ? target_[s] : plan_.slots[s].ext;
       target_[s] = at::Tensor();
       if (x_[s].defined() && plan_.slots[s].needed) {
-        finite.push_back(at::isfinite(x_[s]).all());
+        // Max and min carry any NaN/Inf and cannot overflow: two reductions,
+        // read back together at the end.
+        if (x_[s].numel() == 0) continue;
+        finite.push_back(at::stack({x_[s].amax(), x_[s].amin()}).to(at::kDouble));
         finite_slot.push_back(s);
       }
     }
@@ -101,16 +106,17 @@ std::vector<at::Tensor> Executor::exact_sweep() {
     for (int s : layer.out_slots)
       if (s >= 0) x_[s] = at::Tensor();
   }
-  if (!finite.empty() && config_.raise_on_nonfinite) {
-    at::Tensor flags = at::stack(finite).to(at::kCPU);
-    auto acc = flags.accessor<bool, 1>();
+  if (!finite.empty()) {
+    at::Tensor extremes = at::stack(finite).to(at::kCPU);
+    auto acc = extremes.accessor<double, 2>();
     int worst = -1;
-    for (int64_t i = 0; i < flags.size(0); ++i) {
-      if (acc[i]) continue;
+    for (int64_t i = 0; i < extremes.size(0); ++i) {
+      if (std::isfinite(acc[i][0]) && std::isfinite(acc[i][1])) continue;
       int s = finite_slot[i];
       if (worst < 0 || plan_.slots[s].level < plan_.slots[worst].level) worst = s;
     }
-    if (worst >= 0) {
+    sweep_nonfinite_ = worst >= 0;
+    if (worst >= 0 && config_.raise_on_nonfinite) {
       const StateSlot& slot = plan_.slots[worst];
       TORCH_CHECK(
           false, "torch_ar: relaxation diverged at step ", slot.level,

@@ -24,6 +24,12 @@ Executor::Executor(
   x_.resize(S);
   target_.resize(S);
   fresh_.assign(S, 0);
+  vjp_dtype_.resize(S);
+  for (size_t s = 0; s < S; ++s) {
+    const auto& slot = plan_.slots[s];
+    vjp_dtype_[s] = c10::typeMetaToScalarType(
+        graph_.nodes[slot.node]->input_metadata(slot.output_nr).options().dtype());
+  }
   for (size_t s = 0; s < S; ++s)
     if (!plan_.slots[s].clamped && plan_.slots[s].needed) relaxing_.push_back(static_cast<int>(s));
   leaf_grad_.resize(graph_.leaf_kind.size());
@@ -43,11 +49,15 @@ void Executor::init_states(const std::vector<at::Tensor>& forward_values) {
     }
     if (!slot.needed) continue;
     const at::Tensor& fv = forward_values.empty() ? at::Tensor() : forward_values[s];
+    // Reduced-precision activations relax in float32: a bfloat16 state would
+    // round away increments below half an ulp and stall.
+    auto options = meta.options();
+    if (vjp_dtype_[s] == at::kBFloat16 || vjp_dtype_[s] == at::kHalf)
+      options = options.dtype(at::kFloat);
     if (config_.init == InitMode::Forward && fv.defined()) {
-      x_[s] = fv.detach().to(meta.options(), /*non_blocking=*/false, /*copy=*/true)
-                  .contiguous();
+      x_[s] = fv.detach().to(options, /*non_blocking=*/false, /*copy=*/true).contiguous();
     } else {
-      x_[s] = at::zeros_symint(meta.shape_as_dim_vector(), meta.options());
+      x_[s] = at::zeros_symint(meta.shape_as_dim_vector(), options);
     }
     target_[s] = at::empty_like(x_[s]);
   }
@@ -62,11 +72,23 @@ double Executor::flush_below() const {
 
 void Executor::begin_step() { std::fill(fresh_.begin(), fresh_.end(), 0); }
 
-void Executor::contribute_state(int s, const at::Tensor& grad) {
+void Executor::contribute_state(int s, at::Tensor grad) {
   if (persistent_targets_) {
     if (!fresh_[s]) {
-      if (plan_.slots[s].ext.defined()) at::add_out(target_[s], plan_.slots[s].ext, grad);
-      else target_[s].copy_(grad);
+      const at::Tensor& ext = plan_.slots[s].ext;
+      at::Tensor& target = target_[s];
+      // Take over a fresh VJP result nobody else holds instead of copying it.
+      const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
+          grad.scalar_type() == target.scalar_type() && grad.is_contiguous() &&
+          grad.device() == target.device() && grad.sizes().equals(target.sizes());
+      if (owned) {
+        if (ext.defined()) grad.add_(ext);
+        target = std::move(grad);
+      } else if (ext.defined()) {
+        at::add_out(target, ext, grad);
+      } else {
+        target.copy_(grad);
+      }
       fresh_[s] = 1;
     } else {
       target_[s].add_(grad);
@@ -137,7 +159,7 @@ void Executor::run_layer(int L, Pass pass) {
   for (size_t k = 0; k < layer.out_slots.size(); ++k) {
     int s = layer.out_slots[k];
     if (s >= 0 && x_[s].defined()) {
-      grads[k] = x_[s];
+      grads[k] = x_[s].scalar_type() == vjp_dtype_[s] ? x_[s] : x_[s].to(vjp_dtype_[s]);
       any = true;
     }
   }
@@ -160,7 +182,7 @@ void Executor::run_layer(int L, Pass pass) {
         case TargetKind::State:
           if (pass == Pass::Relax && layer.constant)
             constant_contrib_[L].emplace_back(t.index, out[j]);
-          contribute_state(t.index, out[j]);
+          contribute_state(t.index, std::move(out[j]));
           break;
         case TargetKind::Leaf:
           contribute_leaf(t.index, out[j]);
@@ -187,10 +209,24 @@ at::Tensor Executor::update(const std::vector<int>& slots) {
   return relax_update_(xs, ts, config_.eta, flush_below());
 }
 
-bool Executor::check_finite(const at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
+bool Executor::check_finite(at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
   auto acc = norms.accessor<double, 2>();
   for (size_t i = 0; i < slots.size(); ++i) {
     if (std::isfinite(acc[i][0]) && std::isfinite(acc[i][1])) continue;
+    const at::Tensor& x = x_[slots[i]];
+    const at::Tensor& t = target_[slots[i]];
+    if (at::isfinite(x).all().item<bool>() && at::isfinite(t).all().item<bool>()) {
+      // Finite but huge: the sum of squares overflowed. Recompute scaled; the
+      // residual before the update is (target - x_new) / (1 - eta).
+      auto scaled_norm = [](const at::Tensor& v) {
+        at::Tensor d = v.to(at::kDouble);
+        const double scale = d.abs().max().item<double>();
+        return scale == 0.0 ? 0.0 : (d / scale).norm().item<double>() * scale;
+      };
+      acc[i][1] = scaled_norm(t);
+      acc[i][0] = config_.eta < 1.0 ? scaled_norm(t - x) / (1.0 - config_.eta) : acc[i][1];
+      continue;
+    }
     if (!config_.raise_on_nonfinite) return false;
     const StateSlot& slot = plan_.slots[slots[i]];
     std::ostringstream msg;

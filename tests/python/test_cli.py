@@ -154,16 +154,21 @@ def test_progress_bars_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     assert "\r" not in captured.out and "/2 [" not in captured.out
 
 
-def test_cifar10_cnn_on_a_small_folder(tmp_path: Path) -> None:
+def write_tiny_cifar10(root: Path) -> None:
+    """A CIFAR-10 JPEG folder with 4 flat images per class and split, sorted by class."""
     from PIL import Image
 
     for split in ("train", "test"):
         for label, name in enumerate(data.CIFAR10_CLASSES):
-            folder = tmp_path / "data" / data.CIFAR10_JPEG_DIR / split / name
+            folder = root / data.CIFAR10_JPEG_DIR / split / name
             folder.mkdir(parents=True)
             for i in range(4):
                 pixels = torch.full((32, 32, 3), 25 * label, dtype=torch.uint8)
                 Image.fromarray(pixels.numpy()).save(folder / f"{i:04d}.jpg")
+
+
+def test_cifar10_cnn_on_a_small_folder(tmp_path: Path) -> None:
+    write_tiny_cifar10(tmp_path / "data")
     out = tmp_path / "run"
     env = {data.ENV_CACHE: str(tmp_path / "cache")}
     args = [
@@ -279,3 +284,286 @@ def test_no_command_and_bad_args_exit_non_zero_in_a_real_process(
     assert result.returncode == 2
     assert "argument --eta: must be > 0, got -1" in result.stderr
     assert result.stdout == ""
+
+
+# ------------------------------------------------------------ compare
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TABLE_ROW = re.compile(r"^\s+(\d+) \|", re.MULTILINE)
+
+
+@needs_fashion
+def test_compare_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "compare"
+    result = run_cli(
+        "compare",
+        "--batch-size",
+        "16",
+        "--etas",
+        "0.2,1",
+        "--steps",
+        "30",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "depth D = 3" in result.stdout
+    assert [int(s) for s in TABLE_ROW.findall(result.stdout)] == [1, 2, 5, 10, 20, 30]
+    for name in ("compare.png", "compare.csv", "compare.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
+
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["etas"] == [0.2, 1.0] and summary["steps"] == 30 and summary["depth"] == 3
+    names = summary["parameters"]
+    assert names == [
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+        "5.weight",
+        "5.bias",
+        "7.weight",
+        "7.bias",
+    ]
+    exact = summary["by_step"]["1"]
+    assert exact["30"]["cosine_min"] > 0.9999  # eta 1: exact after D = 3 steps
+    assert exact["1"]["cosine_min"] < 0.9  # forward-value initial states are far from it
+    slow = summary["by_step"]["0.2"]
+    assert slow["30"]["cosine_mean"] > slow["1"]["cosine_mean"]
+    first = slow["1"]["parameters"]["1.weight"]
+    assert first["angle_deg"] == pytest.approx(math.degrees(math.acos(first["cosine"])))
+    # The gradients the backward returned are the last traced step.
+    for eta in ("0.2", "1"):
+        for name in names:
+            assert summary["final_gradient_cosine"][eta][name] == pytest.approx(
+                summary["by_step"][eta]["30"]["parameters"][name]["cosine"], abs=1e-5
+            )
+    rows = (out / "compare.csv").read_text().splitlines()
+    assert rows[0] == "eta,step,parameter,cosine,angle_deg"
+    assert len(rows) == 1 + 2 * 30 * len(names)
+
+
+@needs_fashion
+def test_compare_variant_is_measured_against_autograd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fa"
+    args = [
+        "compare",
+        "--batch-size",
+        "8",
+        "--etas",
+        "1",
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+        "--variant",
+        "feedback_alignment",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(args) == 0
+    assert "variant feedback_alignment" in capsys.readouterr().out
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["settings"]["variant"] == "feedback_alignment"
+    last = summary["by_step"]["1"]["4"]["parameters"]
+    assert last["7.weight"]["cosine"] > 0.9999  # output layer: the loss gradient itself
+    assert last["1.weight"]["cosine"] < 0.9  # random feedback: far from the true gradient
+
+
+BAD_COMPARE_ARGUMENTS = [
+    (["--etas", "0,1"], ["argument --etas", "each eta must be in (0, 1], got 0"]),
+    (["--etas", "0.5,1.5"], ["argument --etas", "each eta must be in (0, 1], got 1.5"]),
+    (["--etas", "0.1,x"], ["argument --etas", "expected comma-separated numbers, got 'x'"]),
+    (["--etas", "0.5,0.5"], ["argument --etas", "eta 0.5 is listed twice"]),
+    (["--steps", "0"], ["argument --steps", "must be >= 1"]),
+    (["--variant", "nope"], ["argument --variant", "invalid choice"]),
+    (["--init", "random"], ["argument --init", "invalid choice"]),
+    (["--model", "nonsense"], ["unknown model 'nonsense'"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    BAD_COMPARE_ARGUMENTS,
+    ids=[" ".join(args) for args, _ in BAD_COMPARE_ARGUMENTS],
+)
+def test_bad_compare_arguments_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], args: list[str], needles: list[str]
+) -> None:
+    expect_usage_error(capsys, ["compare", *args], *needles)
+
+
+# ------------------------------------------------------------ plot
+
+
+def tiny_runs(root: Path) -> dict[str, Path]:
+    """Backprop (seed 0) and exact AR (seeds 0, 1): 2 epochs of 6 batches each."""
+    runs = {}
+    for name, method, seed in (("bp-s0", "backprop", 0), ("ar-s0", "ar", 0), ("ar-s1", "ar", 1)):
+        runs[name] = root / name
+        config = small_config(
+            method=method,
+            seed=seed,
+            epochs=2,
+            limit_train_batches=6,
+            cosine_every=2,
+            out=str(runs[name]),
+        )
+        with open(os.devnull, "w") as quiet:
+            training.train(config, stream=quiet)
+    return runs
+
+
+@needs_fashion
+def test_training_logs_per_parameter_cosines(tmp_path: Path) -> None:
+    out = tmp_path / "ar"
+    training.train(small_config(method="ar", limit_train_batches=4, cosine_every=2, out=str(out)))
+    (record,) = read_metrics(out)
+    names = ["1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias", "7.weight", "7.bias"]
+    assert list(record["param_cosine_mean"]) == names
+    assert min(record["param_cosine_min"].values()) == pytest.approx(record["cosine_min"])
+    lines = [json.loads(line) for line in (out / "cosine.jsonl").read_text().splitlines()]
+    assert [m["batch"] for m in lines] == [0, 2]
+    assert all(list(m["param_cosines"]) == names for m in lines)
+    assert all(c > 0.9999 for m in lines for c in m["param_cosines"].values())
+
+
+@needs_fashion
+def test_plot_end_to_end(tmp_path: Path) -> None:
+    tiny_runs(tmp_path / "runs")
+    figures = tmp_path / "figures"
+    result = run_cli(
+        "plot", str(tmp_path / "runs"), "--out", str(figures), "--prefix", "t_", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("t_accuracy.png", "t_cosine_training.png", "t_final_accuracy.png"):
+        assert (figures / name).read_bytes()[:8] == PNG_MAGIC, name
+        assert f"wrote {figures / name}" in result.stdout
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    assert set(rows) == {"run", "backprop", "AR eta 1"}
+    assert rows["AR eta 1"].split("|")[2].strip() == "2"  # two seeds in one row
+    assert rows["backprop"].split("|")[3].strip() == "2"  # epochs
+
+
+@needs_fashion
+def test_plot_tables_group_seeds(tmp_path: Path) -> None:
+    from torch_ar import plots
+
+    runs = plots.load_runs(tiny_runs(tmp_path).values())
+    table = {row["label"]: row for row in plots.accuracy_table(runs)}
+    assert table["AR eta 1"]["seeds"] == [0, 1] and table["backprop"]["seeds"] == [0]
+    ar = [r for r in runs if r.label == "AR eta 1"]
+    accs = [r.final["test_acc"] for r in ar]
+    assert table["AR eta 1"]["test_acc_mean"] == pytest.approx(sum(accs) / 2)
+    assert table["AR eta 1"]["cosine_min"] > 0.9999
+    # Same seed, exact AR: the backprop trajectory.
+    bp = next(r for r in runs if r.label == "backprop")
+    assert ar[0].final["test_acc"] == pytest.approx(bp.final["test_acc"], abs=1e-3)
+
+
+@needs_fashion
+def test_diverged_training_is_logged_and_plotted(tmp_path: Path) -> None:
+    out = tmp_path / "diverged"
+    result = run_cli(
+        "train",
+        "--method",
+        "ar",
+        "--lr",
+        "1",
+        "--limit-train-batches",
+        "30",
+        "--limit-test-batches",
+        "1",
+        "--cosine-every",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training diverged at epoch 1, batch" in result.stderr
+    (record,) = read_metrics(out)
+    assert record["diverged"] is True and record["epoch"] == 1
+    assert 0 < record["diverged_batch"] < 30 and record["epoch_batches"] == 30
+
+    result = run_cli("plot", str(out), "--out", str(tmp_path / "figures"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "diverged: seed 0 at epoch 1 batch" in result.stdout
+    assert (tmp_path / "figures" / "final_accuracy.png").is_file()
+
+
+BAD_PLOT_ARGUMENTS = [
+    ([], ["the following arguments are required: RUN_DIR"]),
+    (["no/such/run", "--out", "figs"], ["argument RUN_DIR", "no/such/run does not exist"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    BAD_PLOT_ARGUMENTS,
+    ids=[" ".join(args) or "no runs" for args, _ in BAD_PLOT_ARGUMENTS],
+)
+def test_bad_plot_arguments_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], args: list[str], needles: list[str]
+) -> None:
+    expect_usage_error(capsys, ["plot", *args], *needles)
+
+
+def test_plot_needs_out_and_runs_in_the_folders(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    expect_usage_error(
+        capsys, ["plot", str(tmp_path)], "the following arguments are required: --out"
+    )
+    (tmp_path / "empty").mkdir()
+    expect_usage_error(
+        capsys,
+        ["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "figs")],
+        "cannot read the runs",
+        "holds no training run",
+    )
+    assert not (tmp_path / "figs").exists()
+
+
+def test_limited_test_batches_sample_every_class(tmp_path: Path) -> None:
+    """A class-sorted test set: the limited test set is a random sample, not the first class."""
+    write_tiny_cifar10(tmp_path / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(data.ENV_CACHE, str(tmp_path / "cache"))
+        trainer = training.Trainer(
+            training.TrainConfig(
+                dataset="cifar10",
+                data_dir=str(tmp_path / "data"),
+                model="cnn",
+                device="cpu",
+                test_batch_size=10,
+                limit_test_batches=2,
+            )
+        )
+        again = training.Trainer(
+            training.TrainConfig(
+                dataset="cifar10",
+                data_dir=str(tmp_path / "data"),
+                model="cnn",
+                device="cpu",
+                test_batch_size=10,
+                limit_test_batches=2,
+                seed=5,
+            )
+        )
+    labels = torch.cat([y for _, y in trainer.test_batches])
+    assert len(labels) == 20 and len(set(labels.tolist())) > 3
+    assert torch.equal(labels, torch.cat([y for _, y in again.test_batches]))  # any seed

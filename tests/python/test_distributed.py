@@ -134,9 +134,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ddp_results(tmp_path_factory) -> list[dict]:
     load_torch_ar()
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(
-        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True
-    )
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
