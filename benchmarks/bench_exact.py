@@ -16,15 +16,18 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torchvision
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's torch_ar
 
-import torch_ar
-from torch_ar.models import cifar_cnn, paper_mlp
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+import torch_ar  # noqa: E402
+from torch_ar.models import cifar_cnn, paper_mlp  # noqa: E402
 
 
 def machine_name(device: torch.device) -> str:

@@ -323,7 +323,10 @@ class ARBackward(nn.Module):
             backward_weight_decay=backward_weight_decay,
             nonfinite=nonfinite,
         )
-        self.last_stats: RelaxationStats | None = None
+        # Raw results of the last backward; last_stats builds the dataclass
+        # only when asked (it is off the training loop's hot path).
+        self._last_raw: tuple | None = None
+        self._last_stats: RelaxationStats | None = None
         # psi per linear/conv weight, registered so that state_dict(),
         # parameters() and optimizers see it; keys are the weight's name with
         # "." replaced by "__".
@@ -406,16 +409,35 @@ class ARBackward(nn.Module):
         cosine_trace: torch.Tensor,
         names: list[str],
     ) -> None:
+        leaf_names = run.param_names + [f"input{i}" for i in range(len(run.input_leaves))]
+        self._last_raw = (leaf_names, summary, residuals, residual_trace, cosine_trace, names)
+        self._last_stats = None
+
+    @property
+    def last_stats(self) -> RelaxationStats | None:
+        """What the last backward's relaxation did (None before the first backward)."""
+        if self._last_stats is None and self._last_raw is not None:
+            self._last_stats = self._build_stats(*self._last_raw)
+        return self._last_stats
+
+    def _build_stats(
+        self,
+        leaf_names: list[str],
+        summary: torch.Tensor,
+        residuals: torch.Tensor,
+        residual_trace: torch.Tensor,
+        cosine_trace: torch.Tensor,
+        names: list[str],
+    ) -> RelaxationStats:
         s = summary.tolist()
         cosines = None
         if self.config.trace_cosine and cosine_trace.numel():
-            leaf_names = run.param_names + [f"input{i}" for i in range(len(run.input_leaves))]
             cosines = {
                 name: cosine_trace[:, i].clone()
                 for i, name in enumerate(leaf_names)
                 if not torch.isnan(cosine_trace[:, i]).all()
             }
-        self.last_stats = RelaxationStats(
+        return RelaxationStats(
             steps=int(s[0]),
             depth=int(s[1]),
             converged=bool(s[2]),

@@ -89,10 +89,10 @@ std::vector<at::Tensor> Executor::exact_sweep() {
       x_[s] = fresh_[s] ? target_[s] : plan_.slots[s].ext;
       target_[s] = at::Tensor();
       if (x_[s].defined() && plan_.slots[s].needed) {
-        // Max and min carry any NaN/Inf and cannot overflow: two reductions,
-        // read back together at the end.
-        if (x_[s].numel() == 0) continue;
-        finite.push_back(at::stack({x_[s].amax(), x_[s].amin()}).to(at::kDouble));
+        // One reduction per state, read back together at the end: a sum
+        // carries any NaN/Inf. (It overflows only for states near the dtype's
+        // largest value, which is divergence for any purpose.)
+        finite.push_back(x_[s].sum().to(at::kDouble));
         finite_slot.push_back(s);
       }
     }
@@ -107,11 +107,11 @@ std::vector<at::Tensor> Executor::exact_sweep() {
       if (s >= 0) x_[s] = at::Tensor();
   }
   if (!finite.empty()) {
-    at::Tensor extremes = at::stack(finite).to(at::kCPU);
-    auto acc = extremes.accessor<double, 2>();
+    at::Tensor sums = at::stack(finite).to(at::kCPU);
+    auto acc = sums.accessor<double, 1>();
     int worst = -1;
-    for (int64_t i = 0; i < extremes.size(0); ++i) {
-      if (std::isfinite(acc[i][0]) && std::isfinite(acc[i][1])) continue;
+    for (int64_t i = 0; i < sums.size(0); ++i) {
+      if (std::isfinite(acc[i])) continue;
       int s = finite_slot[i];
       if (worst < 0 || plan_.slots[s].level < plan_.slots[worst].level) worst = s;
     }
