@@ -1,14 +1,17 @@
-"""Command line: ``python -m torch_ar train ...``.
+"""Command line: ``python -m torch_ar {train,compare,plot} ...``.
 
 Example::
 
     python -m torch_ar train --dataset fashion-mnist --model mlp --method ar \\
-        --epochs 1 --limit-train-batches 300
+        --epochs 1 --limit-train-batches 300 --out runs/ar
+    python -m torch_ar compare --model mlp --etas 0.1,0.5,1 --steps 200 --out runs/compare
+    python -m torch_ar plot runs/ --out runs/figures
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,24 +51,30 @@ def existing_dir(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``torch_ar`` argument parser (one sub-command per task)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m torch_ar", description="Activation Relaxation for PyTorch: tools."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    t = commands.add_parser(
-        "train",
-        help="train a classifier with backprop or AR gradients",
-        description="Train on Fashion-MNIST or CIFAR-10 with backprop or Activation Relaxation "
-        "gradients, and (for AR) measure the cosine of the AR gradients to autograd's.",
-    )
-    d = training.TrainConfig()
-    ar = RelaxConfig  # the library's defaults, shown in the help
-    default = " (default: %(default)s)"
+DEFAULT_HELP = " (default: %(default)s)"
 
-    g = t.add_argument_group("data")
-    g.add_argument("--dataset", choices=data_lib.DATASETS, default=d.dataset, help=default[1:])
+
+def eta_list(text: str) -> list[float]:
+    """``0.1,0.5,1`` -> [0.1, 0.5, 1.0]; each in (0, 1], no repeats."""
+    etas = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            eta = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers, got {part!r} in {text!r}"
+            ) from None
+        if not 0.0 < eta <= 1.0:
+            raise argparse.ArgumentTypeError(f"each eta must be in (0, 1], got {part}")
+        if eta in etas:
+            raise argparse.ArgumentTypeError(f"eta {part} is listed twice")
+        etas.append(eta)
+    return etas
+
+
+def _data_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> None:
+    g.add_argument("--dataset", choices=data_lib.DATASETS, default=d.dataset, help=DEFAULT_HELP[1:])
     g.add_argument(
         "--data-dir",
         type=existing_dir,
@@ -73,62 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"folder with the data files (default: search ${data_lib.ENV_DATA}, "
         f"{data_lib.FASHION_MNIST_SYSTEM_DIR} for Fashion-MNIST, ../shared/data)",
     )
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=default[1:])
-    g.add_argument(
-        "--test-batch-size", type=positive_int, default=d.test_batch_size, help=default[1:]
-    )
-    g.add_argument(
-        "--limit-train-batches",
-        type=positive_int,
-        default=None,
-        help="train batches per epoch (default: all)",
-    )
-    g.add_argument(
-        "--limit-test-batches",
-        type=positive_int,
-        default=None,
-        help="test batches (of --test-batch-size) to evaluate (default: all)",
-    )
-    g.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="random crop (4px padding) + horizontal flip (default: on for cifar10 only)",
-    )
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=DEFAULT_HELP[1:])
 
-    g = t.add_argument_group("model and loss")
+
+def _model_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> None:
     g.add_argument(
         "--model",
         default=d.model,
-        help=f"one of {', '.join(MODEL_NAMES)}, or a torchvision.models constructor name" + default,
+        help=f"one of {', '.join(MODEL_NAMES)}, or a torchvision.models constructor name"
+        + DEFAULT_HELP,
     )
     g.add_argument(
         "--loss",
         choices=training.LOSSES,
         default=d.loss,
         help="mse: the paper's, squared error to the one-hot target summed over classes and "
-        "batch; cross-entropy: batch mean" + default,
+        "batch; cross-entropy: batch mean" + DEFAULT_HELP,
     )
 
-    g = t.add_argument_group("gradients")
-    g.add_argument("--method", choices=training.METHODS, default=d.method, help=default[1:])
-    g.add_argument(
-        "--eta",
-        type=positive_float,
-        default=None,
-        help=f"relaxation step size in (0, 1] (default: {ar.eta:g}; the paper used 0.1 "
-        "with 100 steps)",
-    )
-    g.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help="relaxation steps (default: the graph's depth, exact at eta 1; needed for eta < 1 "
-        "unless --tol is given)",
-    )
-    g.add_argument(
-        "--tol", type=positive_float, default=None, help="stop relaxing below this residual"
-    )
+
+def _relaxation_arguments(g: argparse._ArgumentGroup) -> None:
+    """--init, --schedule, --granularity, --variant (None: the library's defaults)."""
+    ar = RelaxConfig  # the library's defaults, shown in the help
     g.add_argument(
         "--init",
         choices=INIT_MODES,
@@ -156,6 +131,84 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact, or one of the paper's variants without weight transport or "
         "nonlinear derivatives (default: exact)",
     )
+
+
+def _run_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> None:
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ..." + DEFAULT_HELP)
+    g.add_argument("--seed", type=int, default=d.seed, help=DEFAULT_HELP[1:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``torch_ar`` argument parser (one sub-command per task)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_ar", description="Activation Relaxation for PyTorch: tools."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    _add_compare(commands)
+    _add_plot(commands)
+    return parser
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    t = commands.add_parser(
+        "train",
+        help="train a classifier with backprop or AR gradients",
+        description="Train on Fashion-MNIST or CIFAR-10 with backprop or Activation Relaxation "
+        "gradients, and (for AR) measure the cosine of the AR gradients to autograd's.",
+    )
+    d = training.TrainConfig()
+    ar = RelaxConfig  # the library's defaults, shown in the help
+    default = DEFAULT_HELP
+
+    g = t.add_argument_group("data")
+    _data_arguments(g, d)
+    g.add_argument(
+        "--test-batch-size", type=positive_int, default=d.test_batch_size, help=default[1:]
+    )
+    g.add_argument(
+        "--limit-train-batches",
+        type=positive_int,
+        default=None,
+        help="train batches per epoch (default: all)",
+    )
+    g.add_argument(
+        "--limit-test-batches",
+        type=positive_int,
+        default=None,
+        help="test batches (of --test-batch-size) to evaluate, drawn as a fixed random sample "
+        "of the test set, the same for every run (default: all)",
+    )
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop (4px padding) + horizontal flip (default: on for cifar10 only)",
+    )
+
+    g = t.add_argument_group("model and loss")
+    _model_arguments(g, d)
+
+    g = t.add_argument_group("gradients")
+    g.add_argument("--method", choices=training.METHODS, default=d.method, help=default[1:])
+    g.add_argument(
+        "--eta",
+        type=positive_float,
+        default=None,
+        help=f"relaxation step size in (0, 1] (default: {ar.eta:g}; the paper used 0.1 "
+        "with 100 steps)",
+    )
+    g.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="relaxation steps (default: the graph's depth, exact at eta 1; needed for eta < 1 "
+        "unless --tol is given)",
+    )
+    g.add_argument(
+        "--tol", type=positive_float, default=None, help="stop relaxing below this residual"
+    )
+    _relaxation_arguments(g)
     g.add_argument(
         "--cosine-every",
         type=nonnegative_int,
@@ -184,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help=default[1:])
 
     g = t.add_argument_group("run")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ..." + default)
-    g.add_argument("--seed", type=int, default=d.seed, help=default[1:])
+    _run_arguments(g, d)
     g.add_argument(
         "--out", default=None, help="folder for config.json, metrics.jsonl and cosine.jsonl"
     )
@@ -196,7 +248,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="tqdm progress bars (default: when stderr is a terminal)",
     )
     t.set_defaults(handler=_train, subparser=t)
-    return parser
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    c = commands.add_parser(
+        "compare",
+        help="cosine of AR gradients to autograd's against relaxation step, for several eta",
+        description="On one batch of real data (the first training batch of --seed), relax "
+        "for --steps literal steps at each eta and record, after every step, the cosine and "
+        "angle of each parameter's AR gradient to the autograd gradient (for the variants "
+        "too: the reference is always true autograd). Prints a table; with --out writes "
+        "compare.png (the paper's figure 1), compare.csv (every step) and compare.json.",
+    )
+    d = training.TrainConfig()
+    g = c.add_argument_group("data")
+    _data_arguments(g, d)
+    g = c.add_argument_group("model and loss")
+    _model_arguments(g, d)
+    g = c.add_argument_group("relaxation")
+    g.add_argument(
+        "--etas",
+        type=eta_list,
+        default=[0.1, 0.5, 1.0],
+        help="comma-separated step sizes in (0, 1] (default: 0.1,0.5,1)",
+    )
+    g.add_argument(
+        "--steps", type=positive_int, default=200, help="relaxation steps per eta" + DEFAULT_HELP
+    )
+    _relaxation_arguments(g)
+    g = c.add_argument_group("run")
+    _run_arguments(g, d)
+    g.add_argument("--out", default=None, help="folder for compare.png, compare.csv, compare.json")
+    c.set_defaults(handler=_compare, subparser=c)
+
+
+def _add_plot(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "plot",
+        help="figures from train --out folders: accuracy curves, cosines, final accuracy",
+        description="Read one or more `train --out` folders (or folders holding them) and write "
+        "accuracy.png (train/test accuracy against epoch, per method/variant/eta, mean over "
+        "seeds), cosine_training.png (cosine of AR gradients to autograd's over training, per "
+        "parameter, when measured) and final_accuracy.png (final test accuracy, mean ± std over "
+        "seeds). Prints the table of final accuracies.",
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        type=existing_dir,
+        metavar="RUN_DIR",
+        help="train --out folders, or folders that hold them",
+    )
+    p.add_argument("--out", required=True, help="folder for the figures")
+    p.add_argument("--prefix", default="", help="prefix for the figure file names")
+    p.add_argument("--title", default=None, help="added to the figure titles")
+    p.set_defaults(handler=_plot, subparser=p)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -209,11 +315,95 @@ def _train(args: argparse.Namespace) -> int:
         trainer = training.Trainer(config)
     except (training.ConfigError, FileNotFoundError) as e:
         args.subparser.error(str(e))
-    history = trainer.fit()
+    try:
+        history = trainer.fit()
+    except training.TrainingDiverged as e:
+        # Printed by the trainer and kept in metrics.jsonl; a failed run, not a usage error.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if trainer.out is not None:
         print(f"wrote {trainer.out / 'metrics.jsonl'}")
     last = history[-1]
     print(f"final test accuracy {100 * last['test_acc']:.2f}%")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from torch_ar import compare, plots
+
+    config = training.TrainConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        model=args.model,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        device=args.device,
+        seed=args.seed,
+        limit_train_batches=1,
+        limit_test_batches=1,
+        cosine_every=0,
+    )
+    try:
+        trainer = training.Trainer(config)
+    except (training.ConfigError, FileNotFoundError) as e:
+        args.subparser.error(str(e))
+    x, y = next(iter(trainer.train_batches))
+    options = {
+        k: getattr(args, k)
+        for k in ("init", "schedule", "granularity", "variant")
+        if getattr(args, k) is not None
+    }
+    try:
+        traces = compare.relaxation_traces(
+            trainer.model, trainer.loss_fn, x, y, etas=args.etas, steps=args.steps, **options
+        )
+    except ValueError as e:  # options the engine refuses
+        args.subparser.error(str(e))
+    traces.settings = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "batch": len(y),
+        "loss": args.loss,
+        "seed": args.seed,
+        **options,
+    }
+    print(
+        " | ".join(
+            [
+                f"{args.model} on {args.dataset}",
+                f"one batch of {len(y)}",
+                f"{args.loss} loss",
+                f"device {trainer.device}",
+                *(f"{k} {v}" for k, v in options.items()),
+            ]
+        )
+    )
+    print(traces.format_table())
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = traces.to_json()
+        summary["versions"] = {"torch": torch.__version__}
+        (out / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+        traces.write_csv(out / "compare.csv")
+        plots.plot_relaxation_cosine(traces, out / "compare.png")
+        print(f"wrote {out / 'compare.png'}, {out / 'compare.csv'}, {out / 'compare.json'}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from torch_ar import plots
+
+    try:
+        runs = plots.load_runs(args.runs)
+    except (ValueError, json.JSONDecodeError, KeyError) as e:
+        args.subparser.error(f"cannot read the runs: {e}")
+    written = plots.write_training_figures(runs, args.out, prefix=args.prefix, title=args.title)
+    print(plots.format_accuracy_table(plots.accuracy_table(runs)))
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 

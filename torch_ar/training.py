@@ -42,11 +42,31 @@ DEFAULT_LR = {("sgd", "mse"): 5e-4, ("sgd", "cross-entropy"): 0.05, ("adam", "ms
 DEFAULT_LR[("adam", "cross-entropy")] = 1e-3
 # Losses summed over the batch: reported per example by dividing by the batch size.
 SUMMED_LOSSES = ("mse",)
+# Seed of the fixed test sample drawn for limit_test_batches (independent of the run's seed).
+TEST_SAMPLE_SEED = 0
 AR_OPTIONS = ("eta", "steps", "tol", "init", "schedule", "granularity", "variant")
 
 
 class ConfigError(ValueError):
     """A training configuration that cannot run (bad value, unknown name, missing engine)."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or a relaxation state became NaN/Inf; ``record`` says where (and is logged)."""
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _is_divergence(error: BaseException) -> bool:
+    if isinstance(error, FloatingPointError):
+        return True
+    try:
+        from torch_ar.ar_backward import RelaxationDivergedError
+    except ImportError:
+        return False
+    return isinstance(error, RelaxationDivergedError)
 
 
 @dataclass
@@ -189,7 +209,9 @@ class Trainer:
             self.model = build_model(c.model, c.dataset, **c.extra).to(self.device)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from e
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.net = wrap_with_ar(self.model, c.ar_options()) if c.method == "ar" else self.model
         self.optimizer = self._make_optimizer()
         self.dataset = data_lib.load_dataset(c.dataset, c.data_dir)
@@ -207,15 +229,30 @@ class Trainer:
             device=self.device,
             transform=self._train_transform if self.augment else self._test_transform,
         )
+        test_images, test_labels = self._test_sample(c)
         self.test_batches = data_lib.TensorBatches(
-            self.dataset.test_images,
-            self.dataset.test_labels,
+            test_images,
+            test_labels,
             c.test_batch_size,
             limit=c.limit_test_batches,
             device=self.device,
             transform=self._test_transform,
         )
         self.out = Path(c.out) if c.out else None
+
+    def _test_sample(self, c: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test set, or with ``limit_test_batches`` a fixed random sample of it.
+
+        Test sets can be sorted by class (the CIFAR-10 JPEG folders are), so a
+        prefix could hold one class only. The sample is the same for every run.
+        """
+        images, labels = self.dataset.test_images, self.dataset.test_labels
+        if c.limit_test_batches is None or c.limit_test_batches * c.test_batch_size >= len(labels):
+            return images, labels
+        generator = torch.Generator().manual_seed(TEST_SAMPLE_SEED)
+        keep = torch.randperm(len(labels), generator=generator)
+        keep = keep[: c.limit_test_batches * c.test_batch_size].sort().values
+        return images[keep], labels[keep]
 
     @staticmethod
     def _check(c: TrainConfig) -> None:
@@ -263,7 +300,11 @@ class Trainer:
     # ------------------------------------------------------------- loop
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train for ``config.epochs`` epochs; returns one metrics dict per epoch."""
+        """Train for ``config.epochs`` epochs; returns one metrics dict per epoch.
+
+        A NaN/Inf loss or relaxation state raises :class:`TrainingDiverged`; the
+        partial epoch is still written to ``metrics.jsonl`` with ``"diverged": true``.
+        """
         c = self.config
         files = self._open_outputs()
         history = []
@@ -274,7 +315,15 @@ class Trainer:
                 f"{c.loss} loss | device {self.device}"
             )
             for epoch in range(1, c.epochs + 1):
-                record = self._train_epoch(epoch, files.get("cosine"))
+                try:
+                    record = self._train_epoch(epoch, files.get("cosine"))
+                except TrainingDiverged as e:
+                    # Kept in metrics.jsonl (a partial epoch marked "diverged"), then raised.
+                    e.record["time_s"] = round(time.perf_counter() - e.record.pop("_start"), 3)
+                    self._print(str(e))
+                    if "metrics" in files:
+                        files["metrics"].write(json.dumps(e.record) + "\n")
+                    raise
                 record.update(self.evaluate())
                 record["time_s"] = round(time.perf_counter() - record.pop("_start"), 3)
                 history.append(record)
@@ -298,11 +347,28 @@ class Trainer:
         )
         for index, (x, y) in enumerate(bar):
             measure = c.method == "ar" and c.cosine_every > 0 and index % c.cosine_every == 0
-            loss, out, m = self._train_step(x, y, measure)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss} at epoch {epoch}, batch {index}"
-                )
+            try:
+                loss, out, m = self._train_step(x, y, measure)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss}")
+            except (FloatingPointError, RuntimeError) as e:
+                if not _is_divergence(e):
+                    raise
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch}, batch {index}: {e}",
+                    {
+                        "epoch": epoch,
+                        "method": c.method,
+                        "diverged": True,
+                        "diverged_batch": index,
+                        "error": str(e),
+                        "train_batches": index,
+                        "epoch_batches": len(self.train_batches),
+                        "train_loss": total_loss / max(seen, 1),
+                        "train_acc": correct / max(seen, 1),
+                        "_start": start,
+                    },
+                ) from e
             total_loss += loss if self.summed_loss else loss * len(y)
             correct += int((out.argmax(dim=1) == y).sum())
             seen += len(y)
@@ -324,6 +390,11 @@ class Trainer:
         if measurements:
             record["cosine_mean"] = sum(m["cosine_mean"] for m in measurements) / len(measurements)
             record["cosine_min"] = min(m["cosine_min"] for m in measurements)
+            per_param = [m["param_cosines"] for m in measurements]
+            record["param_cosine_mean"] = {
+                n: sum(p[n] for p in per_param) / len(per_param) for n in per_param[0]
+            }
+            record["param_cosine_min"] = {n: min(p[n] for p in per_param) for n in per_param[0]}
             residuals = [m["max_residual"] for m in measurements if m["max_residual"] is not None]
             record["max_residual"] = max(residuals) if residuals else None
             record["ar_steps"] = measurements[-1]["steps"]
@@ -361,10 +432,16 @@ class Trainer:
         with torch.no_grad():
             for name, b in self.model.named_buffers():
                 b.copy_(buffers[name])
-        cosines = parameter_cosines(ar_grads, reference)
+        per_param = {
+            name: cosine(g, r)
+            for name, g, r in zip(self.param_names, ar_grads, reference, strict=True)
+            if g is not None and r is not None
+        }
+        cosines = list(per_param.values())
         return {
             "cosine_mean": sum(cosines) / len(cosines) if cosines else float("nan"),
             "cosine_min": min(cosines) if cosines else float("nan"),
+            "param_cosines": per_param,
             "max_residual": _as_float(getattr(stats, "max_residual", None)),
             "steps": _as_int(getattr(stats, "steps", None)),
             "converged": getattr(stats, "converged", None),

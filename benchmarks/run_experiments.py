@@ -1,0 +1,677 @@
+"""Reproduce the paper's experiments with ``python -m torch_ar train`` and summarise them.
+
+Fashion-MNIST (the paper's setting): MLP 784-300-300-100-10, ReLU, summed MSE,
+SGD lr 5e-4, batch 64, one row per method:
+
+- backprop
+- AR eta 0.1, 100 steps (the paper's relaxation)
+- AR eta 1, default steps (exact: equal to backprop)
+- each variant at eta 1, default steps (reaches the variant's own fixed point exactly):
+  learned_backward_weights, feedback_alignment, no_nonlinear_derivative, combined
+
+CIFAR-10, short CPU runs (a limited number of batches, labelled as such):
+backprop vs exact AR on the small CNN and on ResNet-18.
+
+Plus the cosine of AR gradients to autograd against relaxation step for eta
+0.1/0.5/1 on the paper MLP (``python -m torch_ar compare``).
+
+Every run writes ``<results>/<name>/`` (the train ``--out`` folder, its log and
+wall time); runs whose metrics are complete are skipped, so an interrupted
+invocation resumes. At the end: ``<results>/summary.md`` (mean ± std over
+seeds, machine, epochs, wall time) and ``<results>/figures/*.png``.
+
+Usage::
+
+    python benchmarks/run_experiments.py --measure          # one epoch per method: timing
+    python benchmarks/run_experiments.py --epochs 5         # everything, resumable
+    python benchmarks/run_experiments.py --summarize        # summary and figures only
+    python benchmarks/run_experiments.py --dry-run          # list the runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from torch_ar import plots  # after the path set-up above
+
+VARIANT_NAMES = (
+    "learned_backward_weights",
+    "feedback_alignment",
+    "no_nonlinear_derivative",
+    "combined",
+)
+FASHION_COMMON = [
+    "--dataset",
+    "fashion-mnist",
+    "--model",
+    "mlp",
+    "--loss",
+    "mse",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "5e-4",
+    "--batch-size",
+    "64",
+    "--cosine-every",
+    "50",
+]
+CIFAR_COMMON = [
+    "--dataset",
+    "cifar10",
+    "--loss",
+    "cross-entropy",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.05",
+    "--momentum",
+    "0.9",
+    "--batch-size",
+    "64",
+    "--cosine-every",
+    "10",
+]
+# Methods of the Fashion-MNIST table: (name, train arguments, relative cost for scheduling).
+FASHION_METHODS = [
+    ("backprop", ["--method", "backprop"], 1.0),
+    ("ar-eta0.1-steps100", ["--method", "ar", "--eta", "0.1", "--steps", "100"], 8.0),
+    ("ar-eta1", ["--method", "ar", "--eta", "1"], 2.0),
+] + [(f"ar-{v}", ["--method", "ar", "--eta", "1", "--variant", v], 2.0) for v in VARIANT_NAMES]
+
+
+@dataclass
+class Job:
+    """One ``python -m torch_ar`` invocation writing into ``results/<name>``."""
+
+    name: str
+    group: str
+    command: list[str]
+    epochs: int  # expected metrics.jsonl records (0: a compare job)
+    cost: float = 1.0
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def folder(self, results: Path) -> Path:
+        return results / self.name
+
+    def done(self, results: Path) -> bool:
+        folder = self.folder(results)
+        if self.epochs == 0:
+            return (folder / "compare.json").is_file()
+        metrics = folder / "metrics.jsonl"
+        if not metrics.is_file():
+            return False
+        records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+        # A run that diverged is finished too: rerunning it would diverge again.
+        return len(records) >= self.epochs or any(r.get("diverged") for r in records)
+
+
+def seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    jobs: list[Job] = []
+    if "fashion" in args.only:
+        for name, method_args, cost in FASHION_METHODS:
+            run_seeds = (
+                args.variant_seeds
+                if name.startswith("ar-") and any(v in name for v in VARIANT_NAMES)
+                else args.seeds
+            )
+            for seed in run_seeds:
+                jobs.append(
+                    Job(
+                        f"fmnist-mlp-{name}-s{seed}",
+                        "fashion-mnist",
+                        [
+                            "train",
+                            *FASHION_COMMON,
+                            *method_args,
+                            "--epochs",
+                            str(args.epochs),
+                            "--seed",
+                            str(seed),
+                        ],
+                        args.epochs,
+                        cost * args.epochs,
+                    )
+                )
+    if "cifar" in args.only:
+        models = [
+            ("cnn", args.cnn_train_batches, args.cnn_test_batches, args.cnn_seeds, 0.3),
+            (
+                "resnet18",
+                args.resnet_train_batches,
+                args.resnet_test_batches,
+                args.resnet_seeds,
+                10.0,
+            ),
+        ]
+        for model, batches, test_batches, model_seeds, cost in models:
+            for method, method_args in (
+                ("backprop", ["--method", "backprop"]),
+                ("ar-eta1", ["--method", "ar", "--eta", "1"]),
+            ):
+                for seed in model_seeds:
+                    command = [
+                        "train",
+                        *CIFAR_COMMON,
+                        "--model",
+                        model,
+                        "--method",
+                        method_args[1],
+                        *method_args[2:],
+                        "--epochs",
+                        str(args.cifar_epochs),
+                        "--limit-train-batches",
+                        str(batches),
+                        "--seed",
+                        str(seed),
+                    ]
+                    if test_batches:
+                        command += ["--limit-test-batches", str(test_batches)]
+                    jobs.append(
+                        Job(
+                            f"cifar10-{model}-{method}-s{seed}",
+                            f"cifar10-{model}",
+                            command,
+                            args.cifar_epochs,
+                            cost * batches / 10,
+                        )
+                    )
+    if "compare" in args.only:
+        jobs.append(
+            Job(
+                "compare",
+                "compare",
+                [
+                    "compare",
+                    "--dataset",
+                    "fashion-mnist",
+                    "--model",
+                    "mlp",
+                    "--loss",
+                    "mse",
+                    "--batch-size",
+                    "64",
+                    "--etas",
+                    "0.1,0.5,1",
+                    "--steps",
+                    "200",
+                    "--seed",
+                    "0",
+                ],
+                0,
+                1.0,
+            )
+        )
+    return jobs
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+_print_lock = threading.Lock()
+
+
+def log(message: str) -> None:
+    stamp = datetime.now().strftime("%H:%M:%S")
+    with _print_lock:
+        print(f"[{stamp}] {message}", flush=True)
+
+
+def run_job(job: Job, results: Path, threads: int, device: str) -> dict:
+    folder = job.folder(results)
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished run: start it again from scratch
+    folder.mkdir(parents=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch_ar",
+        *job.command,
+        "--device",
+        device,
+        "--out",
+        job.name,  # relative to the results folder, so no machine path lands in the outputs
+    ]
+    if job.command[0] == "train":
+        command.append("--no-progress")
+    log(f"start {job.name}")
+    start = time.perf_counter()
+    with open(folder / "run.log", "w") as out:
+        status = subprocess.run(
+            command,
+            cwd=results,
+            env=child_env(threads),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
+    wall = time.perf_counter() - start
+    record = {
+        "name": job.name,
+        "command": [
+            "python",
+            "-m",
+            "torch_ar",
+            *job.command,
+            "--device",
+            device,
+            "--out",
+            job.name,
+        ],
+        "cwd": "the results folder",
+        "threads": threads,
+        "wall_s": round(wall, 1),
+        "returncode": status,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (folder / "wall.json").write_text(json.dumps(record, indent=1) + "\n")
+    log(f"{'done' if status == 0 else f'FAILED (exit {status})'} {job.name} in {wall:.0f}s")
+    return record
+
+
+def run_all(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
+    todo = [j for j in jobs if not j.done(args.results)]
+    skipped = len(jobs) - len(todo)
+    log(
+        f"{len(jobs)} runs, {skipped} already complete, {len(todo)} to run with "
+        f"{args.jobs} parallel job(s) of {args.threads} thread(s)"
+    )
+    todo.sort(key=lambda j: -j.cost)  # longest first keeps the parallel jobs balanced
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(pool.map(lambda j: run_job(j, args.results, args.threads, args.device), todo))
+
+
+# ----------------------------------------------------------------- summary
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _walls(results: Path, jobs: list[Job]) -> dict[str, dict]:
+    out = {}
+    for job in jobs:
+        f = job.folder(results) / "wall.json"
+        if f.is_file():
+            out[job.name] = json.loads(f.read_text())
+    return out
+
+
+def _compare_table(folder: Path) -> str:
+    data = json.loads((folder / "compare.json").read_text())
+    etas = list(data["by_step"])
+    lines = [
+        "| step | " + " | ".join(f"eta {e}: min / mean cosine" for e in etas) + " |",
+        "|---|" + "---|" * len(etas),
+    ]
+    for step in data["by_step"][etas[0]]:
+        cells = [
+            f"{data['by_step'][e][step]['cosine_min']:.4f} / "
+            f"{data['by_step'][e][step]['cosine_mean']:.4f}"
+            for e in etas
+        ]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    last = str(data["steps"])
+    angles = ", ".join(f"eta {e}: {data['by_step'][e][last]['angle_max']:.2g}°" for e in etas)
+    lines.append("")
+    lines.append(
+        f"Largest angle to autograd after {last} steps: {angles}. Depth D = "
+        f"{data['depth']} relaxing layers (exact after D steps at eta 1)."
+    )
+    return "\n".join(lines)
+
+
+def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
+    results: Path = args.results
+    figures = results / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    walls = _walls(results, jobs)
+    info = machine()
+    lines = [
+        "# Activation Relaxation: paper reproduction on Fashion-MNIST, short CIFAR-10 CPU runs",
+        "",
+        (
+            "Written by `python benchmarks/run_experiments.py` "
+            f"({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}); every run is a "
+            "`python -m torch_ar train` whose command, log (`run.log`), per-epoch metrics "
+            "(`metrics.jsonl`) and cosine measurements (`cosine.jsonl`) are in `results/<run>/`."
+        ),
+        "",
+        "## Machine",
+        "",
+        (
+            f"- CPU: {info['cpu']}, {info['cores']} cores, no GPU (`--device {args.device}`); "
+            f"each run used {args.threads} torch thread(s), {args.jobs} runs at a time, on a "
+            "machine shared with other work (times are indicative, not a clean benchmark)"
+        ),
+        f"- torch {info['torch']}, Python {info['python']}",
+    ]
+    total = sum(w["wall_s"] for w in walls.values())
+    lines.append(
+        f"- wall time of all runs added up: {total / 60:.1f} min "
+        f"(process time; about {total / 60 / max(args.jobs, 1):.0f} min of elapsed time "
+        f"at {args.jobs} in parallel)"
+    )
+    notes_file = results / "notes.json"
+    if args.notes:
+        notes_file.write_text(json.dumps(args.notes, indent=1) + "\n")
+    elif notes_file.is_file():
+        args.notes = json.loads(notes_file.read_text())
+    if args.notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {note}" for note in args.notes]
+
+    timing = results / "timing.json"
+    if timing.is_file():
+        t = json.loads(timing.read_text())
+        lines += [
+            "",
+            "## Cost of one Fashion-MNIST epoch per method (measured first)",
+            "",
+            f"{t['description']}",
+            "",
+            "| method | train time for 1 epoch (s) | process wall incl. start-up and test (s) |",
+            "|---|---|---|",
+        ]
+        for row in t["rows"]:
+            d = row.get("diverged")
+            note = f" (diverged at batch {d['diverged_batch']}: time until then)" if d else ""
+            lines.append(f"| {row['label']}{note} | {row['train_s']:.1f} | {row['wall_s']:.1f} |")
+
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.group, []).append(job)
+    headings = {
+        "fashion-mnist": "## Fashion-MNIST, paper MLP 784-300-300-100-10 (the paper's setting)",
+        "cifar10-cnn": "## CIFAR-10, small CNN — SHORT CPU RUN (a fraction of one epoch)",
+        "cifar10-resnet18": "## CIFAR-10, ResNet-18 — SHORT CPU RUN (a fraction of one epoch)",
+    }
+    for group, group_jobs in groups.items():
+        if group == "compare":
+            continue
+        runs = []
+        for job in group_jobs:
+            try:
+                runs.append(plots.load_run(job.folder(results)))
+            except (ValueError, FileNotFoundError):
+                continue
+        lines += ["", headings.get(group, f"## {group}"), ""]
+        if not runs:
+            lines.append("(no finished runs yet)")
+            continue
+        missing = [j.name for j in group_jobs if not j.done(results)]
+        cmd = group_jobs[0].command
+        lines.append(
+            f"Settings: `python -m torch_ar {' '.join(cmd)}` (per method: `--method`, "
+            "`--eta`, `--steps`, `--variant`; per seed: `--seed`)."
+        )
+        if group == "fashion-mnist":
+            lines.append(
+                "AR runs at eta 1 take the default number of steps, the graph's depth "
+                "D = 3: exact for `exact` and exactly each variant's own fixed point. The "
+                "cosine columns compare the AR gradient with true autograd every 50 "
+                "batches (for the variants: how far their fixed point is from it)."
+            )
+        else:
+            lines.append(
+                "These are SHORT CPU runs: "
+                f"{runs[0].final.get('train_batches')} training batches of 64, far from "
+                "convergence, to show that exact AR follows backprop on these graphs "
+                "(cosine to autograd), not to reach CIFAR-10 accuracies. Test accuracy is "
+                f"on {'the full test set' if '--limit-test-batches' not in cmd else 'a fixed random sample of ' + str(1000 * int(cmd[cmd.index('--limit-test-batches') + 1])) + ' test images'}."
+            )
+        if missing:
+            lines.append(f"Not finished yet: {', '.join(missing)}.")
+        lines += ["", plots.format_accuracy_table(plots.accuracy_table(runs))]
+        if group == "fashion-mnist":
+            lines += ["", "Test accuracy (%) per epoch, mean over seeds:", ""]
+            table = plots.group_runs(runs)
+            epochs = max(len(r.epochs) for g in table.values() for r in g)
+            lines.append("| run | " + " | ".join(f"epoch {e}" for e in range(1, epochs + 1)) + " |")
+            lines.append("|---|" + "---|" * epochs)
+            for label, group_runs in table.items():
+                cells = []
+                for e in range(epochs):
+                    vals = [
+                        r.epochs[e]["test_acc"]
+                        for r in group_runs
+                        if r.diverged is None and len(r.epochs) > e
+                    ]
+                    cells.append(f"{100 * sum(vals) / len(vals):.2f}" if vals else "—")
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        prefix = {
+            "fashion-mnist": "fashion_mnist_",
+            "cifar10-cnn": "cifar10_cnn_",
+            "cifar10-resnet18": "cifar10_resnet18_",
+        }.get(group, f"{group}_")
+        title = {
+            "fashion-mnist": "Fashion-MNIST, paper MLP",
+            "cifar10-cnn": "CIFAR-10 small CNN, short CPU run",
+            "cifar10-resnet18": "CIFAR-10 ResNet-18, short CPU run",
+        }.get(group, group)
+        written = plots.write_training_figures(runs, figures, prefix=prefix, title=title)
+        lines += ["", "Figures: " + ", ".join(f"[{p.name}](figures/{p.name})" for p in written)]
+        per_run = [
+            f"{j.name} {walls[j.name]['wall_s']:.0f}s" for j in group_jobs if j.name in walls
+        ]
+        if per_run:
+            lines += ["", "Process wall time per run: " + ", ".join(per_run) + "."]
+
+    compare_jobs = [j for j in jobs if j.group == "compare" and j.done(results)]
+    for job in compare_jobs:
+        folder = job.folder(results)
+        shutil.copyfile(folder / "compare.png", figures / "compare_cosine_vs_step.png")
+        lines += [
+            "",
+            "## Cosine to autograd against relaxation step (paper figure 1)",
+            "",
+            (
+                f"`python -m torch_ar {' '.join(job.command)}`: paper MLP at initialisation, "
+                "one Fashion-MNIST batch of 64, forward-value initial states, Jacobi schedule. "
+                "Per-step values for every parameter: `results/compare/compare.csv`."
+            ),
+            "",
+            _compare_table(folder),
+            "",
+            "Figure: [compare_cosine_vs_step.png](figures/compare_cosine_vs_step.png)",
+        ]
+    summary = results / "summary.md"
+    summary.write_text("\n".join(lines) + "\n")
+    log(f"wrote {summary.name} and {figures.name}/ in the results folder")
+    return summary
+
+
+# ------------------------------------------------------------------ timing
+
+
+def measure(args: argparse.Namespace) -> None:
+    """One full Fashion-MNIST epoch per method (seed 0), run as the real runs are."""
+    timing_args = argparse.Namespace(
+        **{**vars(args), "epochs": 1, "seeds": [0], "variant_seeds": [0], "only": ["fashion"]}
+    )
+    jobs = plan(timing_args)
+    for job in jobs:
+        job.name = job.name.replace("fmnist-", "timing/fmnist-")
+    run_all(jobs, timing_args)
+    rows = []
+    for job in jobs:
+        run = plots.load_run(job.folder(args.results))
+        wall = json.loads((job.folder(args.results) / "wall.json").read_text())["wall_s"]
+        rows.append(
+            {
+                "name": job.name,
+                "label": run.label,
+                "train_s": run.train_seconds,
+                "wall_s": wall,
+                "diverged": run.diverged,
+            }
+        )
+    description = (
+        f"One epoch (938 batches of 64) per method, seed 0, {args.threads} thread(s) "
+        f"per run, {args.jobs} runs at a time on a shared machine; train time "
+        "includes the test pass and the cosine measurements (every 50 batches)."
+    )
+    (args.results / "timing.json").write_text(
+        json.dumps({"description": description, "rows": rows, "machine": machine()}, indent=1)
+        + "\n"
+    )
+    full = plan(args)
+    # A run costs its start-up (imports, data) once and its train time once per epoch.
+    cost = {
+        r["label"]: (r["train_s"], r["wall_s"] - r["train_s"]) for r in rows if not r["diverged"]
+    }
+    estimate = 0.0
+    for job in full:
+        if job.group == "fashion-mnist":
+            label = plots.run_label(_config_of(job.command))
+            train_s, startup_s = cost.get(label, cost.get("AR eta 1", max(cost.values())))
+            estimate += train_s * job.epochs + startup_s
+    print("\nmeasured (one epoch, process wall seconds):")
+    for r in rows:
+        d = f"  (diverged at batch {r['diverged']['diverged_batch']})" if r["diverged"] else ""
+        print(f"  {r['label']:<45} train {r['train_s']:7.1f}s   process {r['wall_s']:7.1f}s{d}")
+    print(
+        f"\nFashion-MNIST plan: {len([j for j in full if j.group == 'fashion-mnist'])} runs x "
+        f"{args.epochs} epochs = about {estimate / 60:.1f} process-minutes, "
+        f"{estimate / 60 / args.jobs:.1f} min elapsed at {args.jobs} in parallel"
+    )
+
+
+def _config_of(command: list[str]) -> dict:
+    config: dict = {"method": "backprop"}
+    for flag, key, kind in (
+        ("--method", "method", str),
+        ("--eta", "eta", float),
+        ("--steps", "steps", int),
+        ("--variant", "variant", str),
+    ):
+        if flag in command:
+            config[key] = kind(command[command.index(flag) + 1])
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "results",
+        help="output folder (default: results/ in the repository)",
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="Fashion-MNIST epochs (default: 5)")
+    parser.add_argument(
+        "--seeds",
+        type=seeds,
+        default=[0, 1, 2],
+        help="seeds of backprop and AR eta 0.1 / eta 1 (default: 0,1,2)",
+    )
+    parser.add_argument(
+        "--variant-seeds",
+        type=seeds,
+        default=[0, 1, 2],
+        help="seeds of the variant runs (default: 0,1,2)",
+    )
+    parser.add_argument("--cifar-epochs", type=int, default=1)
+    parser.add_argument("--cnn-train-batches", type=int, default=100)
+    parser.add_argument(
+        "--cnn-test-batches",
+        type=int,
+        default=0,
+        help="test batches of 1000 for the CNN (0: the whole test set)",
+    )
+    parser.add_argument("--cnn-seeds", type=seeds, default=[0, 1, 2])
+    parser.add_argument("--resnet-train-batches", type=int, default=50)
+    parser.add_argument("--resnet-test-batches", type=int, default=1)
+    parser.add_argument("--resnet-seeds", type=seeds, default=[0])
+    parser.add_argument(
+        "--only",
+        type=lambda s: s.split(","),
+        default=["fashion", "cifar", "compare"],
+        help="comma-separated parts: fashion, cifar, compare (default: all)",
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--note",
+        dest="notes",
+        action="append",
+        default=[],
+        help="a line for the notes of summary.md (why the plan was cut, findings); repeatable; "
+        "kept in notes.json for later --summarize runs (given again, they replace it)",
+    )
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="time one Fashion-MNIST epoch per method, print the plan's cost",
+    )
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only write summary.md and the figures from finished runs",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    args = parser.parse_args(argv)
+    args.results = args.results.resolve()
+    args.results.mkdir(parents=True, exist_ok=True)
+    jobs = plan(args)
+    if args.dry_run:
+        for job in jobs:
+            state = "done" if job.done(args.results) else "todo"
+            print(f"{state}  {job.name:<50} python -m torch_ar {' '.join(job.command)}")
+        return 0
+    if args.measure:
+        measure(args)
+        return 0
+    start = time.perf_counter()
+    if not args.summarize:
+        records = run_all(jobs, args)
+        failed = [r["name"] for r in records if r["returncode"] != 0]
+        if failed:
+            log(f"failed runs (see their run.log): {', '.join(failed)}")
+    summarize(jobs, args)
+    log(f"finished in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
