@@ -182,3 +182,35 @@ def test_no_grad_forward_keeps_nothing(torch_ar):
         assert not net.hidden_alive(), "a no_grad forward kept a hidden tensor alive"
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="CUDA is not available on this machine (run benchmarks/gpu_check.sh on a GPU host)",
+)
+@pytest.mark.parametrize("ar_kwargs", [{}, {"eta": 0.5, "steps": 10}], ids=["exact", "eta0.5"])
+def test_cuda_memory_does_not_grow_over_2000_iterations(ar_kwargs):
+    import torch_ar
+
+    torch.manual_seed(0)
+    net = _mlp().cuda()
+    ar = torch_ar.ARBackward(net, **ar_kwargs)
+    opt = torch.optim.SGD(ar.parameters(), lr=1e-3)
+    x = torch.randn(16, 32, device="cuda")
+    y = torch.randn(16, 8, device="cuda")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(ar(x), y).backward()
+        opt.step()
+
+    for _ in range(200):
+        step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    for _ in range(2000):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - base <= 64 * 1024, (
+        f"CUDA memory grew by {torch.cuda.memory_allocated() - base} bytes"
+    )

@@ -278,3 +278,52 @@ def test_propagated_overflow_is_reported_in_stats(ar_kwargs, torch_ar):
     (F.cross_entropy(ar(x), y) * math.inf).backward()
     assert any(not torch.isfinite(p.grad).all() for p in ar.parameters())
     assert ar.last_stats.nonfinite, "NaN/Inf reached the gradients but stats say finite"
+
+
+# --------------------------------------------------------------------------
+# CUDA: float16/bfloat16 autocast with a GradScaler (run by gpu_check.sh)
+# --------------------------------------------------------------------------
+
+_NO_CUDA = "CUDA is not available on this machine (run benchmarks/gpu_check.sh on a GPU host)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=_NO_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "ar_kwargs", [{}, {"eta": 0.5, "steps": 60}], ids=["exact", "eta0.5_steps60"]
+)
+def test_cuda_autocast_gradscaler_matches_autograd_and_skips_overflow(dtype, ar_kwargs, torch_ar):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    ).cuda()
+    ref = copy.deepcopy(net)
+    x = torch.randn(16, 3, 8, 8, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    ar = torch_ar.ARBackward(net, **ar_kwargs)
+    scalers = []
+    for model in (ar, ref):
+        scaler = torch.amp.GradScaler("cuda")
+        with torch.autocast("cuda", dtype=dtype):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scalers.append(scaler)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.isfinite(p.grad).all()
+        assert cosine(p.grad, q.grad) >= 0.999
+
+    # An overflow: the scaler must skip the step (parameters untouched) and
+    # back off its scale, as with autograd.
+    scaler = scalers[0]
+    opt = torch.optim.SGD(ar.parameters(), lr=0.1)
+    opt.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in net.parameters()]
+    scale_before = scaler.get_scale()
+    with torch.autocast("cuda", dtype=dtype):
+        loss = F.cross_entropy(ar(x), y) * math.inf
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert scaler.get_scale() < scale_before
