@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,24 +28,7 @@ from torch import nn  # noqa: E402
 import torch_ar  # noqa: E402
 from torch_ar.models import cifar_cnn, paper_mlp  # noqa: E402
 
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from machine import machine_name, sync  # noqa: E402
 
 
 def time_model(model: nn.Module, x: torch.Tensor, repeats: int, device: torch.device) -> dict:

@@ -35,7 +35,6 @@ import gc
 import itertools
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -53,6 +52,7 @@ for _p in (str(_HERE.parent), str(_HERE)):
         sys.path.insert(0, _p)
 
 import plain_ar
+from machine import machine_name, sync
 
 import torch_ar
 
@@ -85,25 +85,6 @@ except ImportError:  # torch_ar.models needs torchvision; the two models do not.
 
 
 Timed = Callable[[], tuple[float, float]]  # one run -> (forward s, backward s)
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def flat(grads: list[torch.Tensor]) -> torch.Tensor:

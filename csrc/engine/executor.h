@@ -59,6 +59,7 @@ class Executor {
   void begin_step();
   void fill_missing_targets();
   void propagate_param_side();
+  std::vector<at::Tensor> finish_leaf_gradients();
   void reset_gradients();
   // Fused update of the given relaxing states; returns [n, 2] (|d|, |target|).
   at::Tensor update(const std::vector<int>& slots);

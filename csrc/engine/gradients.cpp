@@ -49,6 +49,17 @@ void Executor::propagate_param_side() {
   }
 }
 
+std::vector<at::Tensor> Executor::finish_leaf_gradients() {
+  // Outputs that are leaves themselves pass their loss gradient straight on.
+  std::vector<at::Tensor> result(leaf_grad_.size());
+  for (size_t l = 0; l < result.size(); ++l) {
+    const at::Tensor& direct = plan_.leaf_direct[l];
+    if (direct.defined()) contribute_leaf(static_cast<int>(l), direct);
+    if (graph_.leaf_needs_grad[l]) result[l] = leaf_grad_[l];
+  }
+  return result;
+}
+
 std::vector<at::Tensor> Executor::leaf_gradients() {
   reset_gradients();
   for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) {
@@ -62,13 +73,7 @@ std::vector<at::Tensor> Executor::leaf_gradients() {
     }
   }
   propagate_param_side();
-  std::vector<at::Tensor> result(leaf_grad_.size());
-  for (size_t l = 0; l < result.size(); ++l) {
-    const at::Tensor& direct = plan_.leaf_direct[l];
-    if (direct.defined()) contribute_leaf(static_cast<int>(l), direct);
-    if (graph_.leaf_needs_grad[l]) result[l] = leaf_grad_[l];
-  }
-  return result;
+  return finish_leaf_gradients();
 }
 
 std::vector<at::Tensor> Executor::exact_sweep() {
@@ -126,13 +131,7 @@ std::vector<at::Tensor> Executor::exact_sweep() {
     }
   }
   propagate_param_side();
-  std::vector<at::Tensor> result(leaf_grad_.size());
-  for (size_t l = 0; l < result.size(); ++l) {
-    const at::Tensor& direct = plan_.leaf_direct[l];
-    if (direct.defined()) contribute_leaf(static_cast<int>(l), direct);
-    if (graph_.leaf_needs_grad[l]) result[l] = leaf_grad_[l];
-  }
-  return result;
+  return finish_leaf_gradients();
 }
 
 } // namespace torch_ar
