@@ -21,14 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's torch_ar
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torchvision
+from machine import machine_name, sync
+from torch import nn
 
-import torch_ar  # noqa: E402
-from torch_ar.models import cifar_cnn, paper_mlp  # noqa: E402
-
-from machine import machine_name, sync  # noqa: E402
+import torch_ar
+from torch_ar.models import cifar_cnn, paper_mlp
 
 
 def time_model(model: nn.Module, x: torch.Tensor, repeats: int, device: torch.device) -> dict:
@@ -110,8 +109,10 @@ def main() -> None:
     meta = {"machine": machine, "torch": torch.__version__, "device": str(device)}
     (args.out / f"exact_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        f"Exact mode (eta 1, default steps) on {machine}, torch {torch.__version__}; "
-        f"median of {args.repeats} interleaved repeats.",
+        (
+            f"Exact mode (eta 1, default steps) on {machine}, torch {torch.__version__}; "
+            f"median of {args.repeats} interleaved repeats."
+        ),
         "",
         "| model | batch | states (D) | autograd backward | AR backward | ratio | fwd+bwd ratio |",
         "|---|---:|---:|---:|---:|---:|---:|",

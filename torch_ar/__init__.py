@@ -7,20 +7,22 @@
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from torch_ar import _C  # noqa: F401  (registers torch.ops.torch_ar.*)
-from torch_ar import metrics
+from torch_ar import (
+    _C,  # noqa: F401  (registers torch.ops.torch_ar.*)
+    metrics,
+)
 from torch_ar.ar_backward import ARBackward, RelaxationDivergedError, RelaxationStats
 from torch_ar.config import RelaxConfig
 from torch_ar.ops import SupportedOp, supported_ops
 from torch_ar.variants import VARIANTS
 
 __all__ = [
+    "VARIANTS",
     "ARBackward",
     "RelaxConfig",
     "RelaxationDivergedError",
     "RelaxationStats",
     "SupportedOp",
-    "VARIANTS",
     "metrics",
     "supported_ops",
 ]

@@ -169,7 +169,7 @@ class _ARFunction(torch.autograd.Function):
     """One node in the outer graph; its backward is the relaxation."""
 
     @staticmethod
-    def forward(ctx, run: _ForwardRun, *tensors: torch.Tensor):  # noqa: ANN205
+    def forward(ctx, run: _ForwardRun, *tensors: torch.Tensor):
         ctx.set_materialize_grads(False)
         ctx.run = run
         returned = run.run_module(tensors[len(run.params) + len(run.psi_tensors):])
@@ -181,7 +181,7 @@ class _ARFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads: torch.Tensor | None):  # noqa: ANN205
+    def backward(ctx, *grads: torch.Tensor | None):
         run: _ForwardRun = ctx.run
         if run.released:
             raise RuntimeError(

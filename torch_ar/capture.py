@@ -28,7 +28,7 @@ class ForwardValueRecorder(TorchFunctionMode):
         super().__init__()
         self.values: list[torch.Tensor] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._record(out)
         return out

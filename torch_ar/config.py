@@ -90,7 +90,7 @@ class RelaxConfig:
                 f"backward_weight_decay must be >= 0, got {self.backward_weight_decay!r}"
             )
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)):
-            raise ValueError(f"eta must be a number in (0, 1], got {self.eta!r}")
+            raise ValueError(f"eta must be a number in (0, 1], got {self.eta!r}")  # noqa: TRY004
         if not (math.isfinite(self.eta) and 0.0 < self.eta <= 1.0):
             raise ValueError(f"eta must be in (0, 1], got {self.eta!r}")
         if self.steps is not None and (
