@@ -53,7 +53,8 @@ def native_extension():
     # only the objects whose sources or included headers changed, then
     # relinks. The headers are listed for the slower non-ninja fallback.
     depends = project_files("csrc/**/*.h", "kernels/**/*.h", "kernels/**/*.cuh")
-    cxx_flags = ["-O3", "-std=c++17", "-Wno-unknown-pragmas"]
+    # C++20: the headers of torch releases after 2.11 require it (2.11 accepts it).
+    cxx_flags = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda():
         return CUDAExtension(
@@ -62,7 +63,7 @@ def native_extension():
             depends=depends,
             include_dirs=include_dirs,
             define_macros=[("TORCH_AR_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
         )
     return CppExtension(
         name="torch_ar._C",

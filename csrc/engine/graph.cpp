@@ -42,10 +42,10 @@ CapturedGraph capture_graph(
   }
 
   // Iterative post-order DFS: producers are emitted before their consumers.
-  std::vector<std::shared_ptr<Node>> post_order;
+  std::vector<NodePtr> post_order;
   std::unordered_set<const Node*> visited;
-  std::vector<std::pair<std::shared_ptr<Node>, size_t>> stack;
-  auto push = [&](const std::shared_ptr<Node>& n) {
+  std::vector<std::pair<NodePtr, size_t>> stack;
+  auto push = [&](const NodePtr& n) {
     if (!n || visited.count(n.get())) return;
     visited.insert(n.get());
     stack.emplace_back(n, 0);
@@ -120,7 +120,7 @@ std::vector<bool> outputs_reaching(
   }
   // reaches[n]: memo over the shared graph, filled by an iterative DFS.
   std::unordered_map<const Node*, bool> reaches;
-  auto solve = [&](const std::shared_ptr<Node>& root) -> bool {
+  auto solve = [&](const NodePtr& root) -> bool {
     if (!root) return false;
     std::vector<std::pair<Node*, size_t>> stack{{root.get(), 0}};
     reaches.emplace(root.get(), targets.count(root.get()) > 0);

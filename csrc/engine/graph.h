@@ -6,6 +6,8 @@
 #include <torch/csrc/autograd/function.h>
 
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -13,12 +15,15 @@ namespace torch_ar {
 
 using torch::autograd::Edge;
 using torch::autograd::Node;
+// An owning pointer to an autograd node: std::shared_ptr up to torch 2.14,
+// c10::intrusive_ptr after; taken from Edge so both compile.
+using NodePtr = std::decay_t<decltype(std::declval<Edge&>().function)>;
 
 enum class LeafKind { Input, Parameter };
 
 struct CapturedGraph {
   // Autograd nodes, consumers before producers (reverse topological order).
-  std::vector<std::shared_ptr<Node>> nodes;
+  std::vector<NodePtr> nodes;
   std::unordered_map<const Node*, int> node_index;
   // activation[i]: node i depends on a module input (its outputs are neurons);
   // otherwise it only transforms parameters (e.g. W.t()).
