@@ -57,19 +57,23 @@ VARIANT_NAMES = (
     "no_nonlinear_derivative",
     "combined",
 )
-FASHION_COMMON = [
+# The paper's problem: data, model, loss and batch (shared by train and compare).
+FASHION_PROBLEM = [
     "--dataset",
     "fashion-mnist",
     "--model",
     "mlp",
     "--loss",
     "mse",
+    "--batch-size",
+    "64",
+]
+FASHION_COMMON = [
+    *FASHION_PROBLEM,
     "--optimizer",
     "sgd",
     "--lr",
     "5e-4",
-    "--batch-size",
-    "64",
     "--cosine-every",
     "50",
 ]
@@ -204,14 +208,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 "compare",
                 [
                     "compare",
-                    "--dataset",
-                    "fashion-mnist",
-                    "--model",
-                    "mlp",
-                    "--loss",
-                    "mse",
-                    "--batch-size",
-                    "64",
+                    *FASHION_PROBLEM,
                     "--etas",
                     "0.1,0.5,1",
                     "--steps",
