@@ -1,19 +1,20 @@
-// CUDA kernel of torch_ar::relax_update_: every state of the list is updated
-// by one launch. The host packs a table of tensors and a list of fixed-size
-// chunks into one device buffer; blocks stride over the chunks, update them
-// in place and add their squared norms to a [n, 2] double buffer with
-// atomics. Nothing waits on the device.
+// CUDA kernels of torch_ar::relax_update_ and relax_update_activation_:
+// every state of the list is updated by one launch. The per-tensor table
+// (pointers, sizes, fused activation) travels in the kernel's parameters, so
+// a launch needs no host-to-device copy and can be recorded into a CUDA graph
+// and replayed. Blocks stride over fixed-size chunks of all tensors, update
+// them in place, write f'(a) * x where a state has an activation, and add
+// their squared norms to an [n, 2] double buffer with atomics. Nothing waits
+// on the device.
 
 #include "ops/relax_update.h"
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,16 +42,29 @@ enum ElementType : int32_t {
 struct TensorSlot {
   void* state;
   const void* target;
+  const void* activation_input;  // nullptr: no activation
+  void* activation_grad;
   int64_t numel;
-  int64_t element_type;
+  int32_t element_type;
+  int32_t activation_kind;
+  double p0;  // double: a float64 state must see the exact slope/bounds
+  double p1;
 };
 
-struct ChunkSlot {
-  int64_t tensor;
-  int64_t begin;
+// The launch's tensors, passed by value. Kernel parameters may take up to
+// 32 KB since CUDA 12.1 (Volta and newer); two sizes keep small launches
+// cheap. first_chunk holds the prefix sums of the tensors' chunk counts.
+template <int Capacity>
+struct LaunchTable {
+  TensorSlot tensors[Capacity];
+  int64_t first_chunk[Capacity + 1];
+  int32_t num_tensors;
 };
+constexpr int kSmallTable = 16;
+constexpr int kLargeTable = 320;
+static_assert(sizeof(LaunchTable<kLargeTable>) < 32000, "kernel parameters over 32 KB");
 
-int64_t element_type_of(at::ScalarType dtype) {
+int32_t element_type_of(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:
       return kElementFloat;
@@ -67,6 +81,28 @@ int64_t element_type_of(at::ScalarType dtype) {
   return -1;
 }
 
+// f'(a) * v, as ATen's backward of each activation computes it.
+template <typename opmath_t>
+__device__ __forceinline__ opmath_t activation_vjp(
+    int32_t kind, opmath_t v, opmath_t in, opmath_t p0, opmath_t p1) {
+  const opmath_t zero(0);
+  const opmath_t one(1);
+  switch (kind) {
+    case kReluResult:
+      return in <= zero ? zero : v;
+    case kLeakyReluInput:
+      return in > zero ? v : v * p0;
+    case kTanhResult:
+      return v * (one - in * in);
+    case kSigmoidResult:
+      return v * (one - in) * in;
+    case kHardtanhInput:
+      return (in <= p0 || in >= p1) ? zero : v;
+    default:  // kScale
+      return v * in;
+  }
+}
+
 template <typename scalar_t>
 __device__ void relax_chunk(
     const TensorSlot& slot,
@@ -79,8 +115,12 @@ __device__ void relax_chunk(
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* state = static_cast<scalar_t*>(slot.state);
   const scalar_t* target = static_cast<const scalar_t*>(slot.target);
+  const scalar_t* act_in = static_cast<const scalar_t*>(slot.activation_input);
+  scalar_t* act_grad = static_cast<scalar_t*>(slot.activation_grad);
   const opmath_t eta_c = static_cast<opmath_t>(eta);
   const opmath_t flush_c = static_cast<opmath_t>(flush_below);
+  const opmath_t p0 = static_cast<opmath_t>(slot.p0);
+  const opmath_t p1 = static_cast<opmath_t>(slot.p1);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const opmath_t s = static_cast<opmath_t>(state[i]);
     const opmath_t t = static_cast<opmath_t>(target[i]);
@@ -90,7 +130,14 @@ __device__ void relax_chunk(
     if (updated < flush_c && updated > -flush_c) {
       updated = opmath_t(0);
     }
-    state[i] = static_cast<scalar_t>(updated);
+    const scalar_t stored = static_cast<scalar_t>(updated);
+    state[i] = stored;
+    if (act_in != nullptr) {
+      // From the stored (rounded) value, as the unfused VJP would read it.
+      act_grad[i] = static_cast<scalar_t>(activation_vjp<opmath_t>(
+          slot.activation_kind, static_cast<opmath_t>(stored),
+          static_cast<opmath_t>(act_in[i]), p0, p1));
+    }
     residual_sq += static_cast<double>(d) * static_cast<double>(d);
     target_sq += static_cast<double>(t) * static_cast<double>(t);
   }
@@ -116,42 +163,138 @@ __device__ double block_sum(double value, double* shared) {
   return value;
 }
 
+template <int Capacity>
+__device__ int32_t tensor_of_chunk(const LaunchTable<Capacity>& table, int64_t chunk) {
+  int32_t lo = 0;
+  int32_t hi = table.num_tensors - 1;
+  while (lo < hi) {  // last tensor whose first chunk is <= chunk
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (table.first_chunk[mid] <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+template <int Capacity>
 __global__ void __launch_bounds__(kThreads) relax_update_multi_tensor_kernel(
-    const TensorSlot* __restrict__ tensors,
-    const ChunkSlot* __restrict__ chunks,
-    int64_t num_chunks,
+    const __grid_constant__ LaunchTable<Capacity> table,
     double eta,
     double flush_below,
     double* __restrict__ squared_norms) {
   __shared__ double shared[kWarps];
+  const int64_t num_chunks = table.first_chunk[table.num_tensors];
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const ChunkSlot chunk = chunks[c];
-    const TensorSlot slot = tensors[chunk.tensor];
-    const int64_t end = min(chunk.begin + kChunkElements, slot.numel);
+    const int32_t t = tensor_of_chunk(table, c);
+    const TensorSlot& slot = table.tensors[t];
+    const int64_t begin = (c - table.first_chunk[t]) * kChunkElements;
+    const int64_t end = min(begin + kChunkElements, slot.numel);
     double residual_sq = 0.0;
     double target_sq = 0.0;
     // The element type is uniform over the block: no divergence.
     switch (slot.element_type) {
       case kElementFloat:
-        relax_chunk<float>(slot, chunk.begin, end, eta, flush_below, residual_sq, target_sq);
+        relax_chunk<float>(slot, begin, end, eta, flush_below, residual_sq, target_sq);
         break;
       case kElementDouble:
-        relax_chunk<double>(slot, chunk.begin, end, eta, flush_below, residual_sq, target_sq);
+        relax_chunk<double>(slot, begin, end, eta, flush_below, residual_sq, target_sq);
         break;
       case kElementHalf:
-        relax_chunk<c10::Half>(slot, chunk.begin, end, eta, flush_below, residual_sq, target_sq);
+        relax_chunk<c10::Half>(slot, begin, end, eta, flush_below, residual_sq, target_sq);
         break;
       case kElementBFloat16:
-        relax_chunk<c10::BFloat16>(slot, chunk.begin, end, eta, flush_below, residual_sq, target_sq);
+        relax_chunk<c10::BFloat16>(slot, begin, end, eta, flush_below, residual_sq, target_sq);
         break;
     }
     residual_sq = block_sum(residual_sq, shared);
     target_sq = block_sum(target_sq, shared);
     if (threadIdx.x == 0) {
-      atomicAdd(&squared_norms[2 * chunk.tensor], residual_sq);
-      atomicAdd(&squared_norms[2 * chunk.tensor + 1], target_sq);
+      atomicAdd(&squared_norms[2 * t], residual_sq);
+      atomicAdd(&squared_norms[2 * t + 1], target_sq);
     }
   }
+}
+
+template <int Capacity>
+void launch(
+    const std::vector<TensorSlot>& slots,
+    size_t first,
+    size_t count,
+    double eta,
+    double flush_below,
+    double* squared_norms,
+    int sm_count) {
+  LaunchTable<Capacity> table{};
+  table.num_tensors = static_cast<int32_t>(count);
+  table.first_chunk[0] = 0;
+  for (size_t k = 0; k < count; ++k) {
+    table.tensors[k] = slots[first + k];
+    const int64_t chunks = (slots[first + k].numel + kChunkElements - 1) / kChunkElements;
+    table.first_chunk[k + 1] = table.first_chunk[k] + chunks;
+  }
+  const int64_t num_chunks = table.first_chunk[count];
+  if (num_chunks == 0) {
+    return;
+  }
+  const int64_t grid = std::min<int64_t>(num_chunks, int64_t(sm_count) * kBlocksPerSm);
+  relax_update_multi_tensor_kernel<Capacity>
+      <<<static_cast<unsigned int>(grid), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          table, eta, flush_below, squared_norms + 2 * first);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor relax_update_cuda_impl(
+    at::TensorList states,
+    at::TensorList targets,
+    double eta,
+    double flush_below,
+    const std::vector<relax_update_detail::ActivationOf>& activations,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
+  relax_update_detail::check_inputs(
+      states, targets, flush_below, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(states[0].device());
+  const size_t n = states.size();
+  std::vector<at::Tensor> work_states = relax_update_detail::contiguous_tensors(states);
+  const std::vector<at::Tensor> work_targets = relax_update_detail::contiguous_tensors(targets);
+  const std::vector<at::Tensor> work_inputs =
+      relax_update_detail::contiguous_tensors(activation_inputs);
+  std::vector<at::Tensor> work_grads = relax_update_detail::contiguous_tensors(activation_grads);
+
+  std::vector<TensorSlot> slots(n);
+  for (size_t i = 0; i < n; ++i) {
+    TensorSlot& slot = slots[i];
+    slot = {work_states[i].data_ptr(), work_targets[i].const_data_ptr(), nullptr, nullptr,
+            work_states[i].numel(), element_type_of(work_states[i].scalar_type()),
+            kDerivativeNone, 0.0, 0.0};
+    if (!activations.empty() && activations[i].kind != kDerivativeNone) {
+      const auto& act = activations[i];
+      slot.activation_input = work_inputs[act.entry].const_data_ptr();
+      slot.activation_grad = work_grads[act.entry].data_ptr();
+      slot.activation_kind = static_cast<int32_t>(act.kind);
+      slot.p0 = act.p0;
+      slot.p1 = act.p1;
+    }
+  }
+
+  at::Tensor squared_norms =
+      at::zeros({static_cast<int64_t>(n), 2}, states[0].options().dtype(at::kDouble));
+  double* norms = squared_norms.mutable_data_ptr<double>();
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (n <= static_cast<size_t>(kSmallTable)) {
+    launch<kSmallTable>(slots, 0, n, eta, flush_below, norms, sm_count);
+  } else {
+    for (size_t first = 0; first < n; first += kLargeTable) {
+      launch<kLargeTable>(
+          slots, first, std::min<size_t>(kLargeTable, n - first), eta, flush_below, norms,
+          sm_count);
+    }
+  }
+  relax_update_detail::write_back_states(states, work_states);
+  relax_update_detail::write_back_states(activation_grads, work_grads);
+  return squared_norms.sqrt_();
 }
 
 at::Tensor relax_update_cuda(
@@ -159,73 +302,31 @@ at::Tensor relax_update_cuda(
     at::TensorList targets,
     double eta,
     double flush_below) {
-  relax_update_detail::check_inputs(
-      states, targets, flush_below, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard device_guard(states[0].device());
-  const int64_t n = static_cast<int64_t>(states.size());
-  std::vector<at::Tensor> work_states =
-      relax_update_detail::contiguous_tensors(states);
-  const std::vector<at::Tensor> work_targets =
-      relax_update_detail::contiguous_tensors(targets);
+  return relax_update_cuda_impl(states, targets, eta, flush_below, {}, {}, {});
+}
 
-  std::vector<TensorSlot> tensor_slots(n);
-  std::vector<ChunkSlot> chunk_slots;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t numel = work_states[i].numel();
-    tensor_slots[i] = {
-        work_states[i].data_ptr(),
-        work_targets[i].const_data_ptr(),
-        numel,
-        element_type_of(work_states[i].scalar_type())};
-    for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
-      chunk_slots.push_back({i, begin});
-    }
-  }
-
-  at::Tensor squared_norms =
-      at::zeros({n, 2}, states[0].options().dtype(at::kDouble));
-  const int64_t num_chunks = static_cast<int64_t>(chunk_slots.size());
-  if (num_chunks > 0) {
-    const size_t tensor_bytes = tensor_slots.size() * sizeof(TensorSlot);
-    const size_t chunk_bytes = chunk_slots.size() * sizeof(ChunkSlot);
-    // Pinned staging buffer: the copy is asynchronous, and the caching host
-    // allocator keeps the buffer alive until the copy has run.
-    at::Tensor staging = at::empty(
-        {static_cast<int64_t>(tensor_bytes + chunk_bytes)},
-        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    uint8_t* host = staging.mutable_data_ptr<uint8_t>();
-    std::memcpy(host, tensor_slots.data(), tensor_bytes);
-    std::memcpy(host + tensor_bytes, chunk_slots.data(), chunk_bytes);
-    at::Tensor table = at::empty(
-        staging.sizes(), states[0].options().dtype(at::kByte));
-    table.copy_(staging, /*non_blocking=*/true);
-
-    const uint8_t* device_table = table.const_data_ptr<uint8_t>();
-    const int sm_count =
-        at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t grid =
-        std::min<int64_t>(num_chunks, int64_t(sm_count) * kBlocksPerSm);
-    relax_update_multi_tensor_kernel<<<
-        static_cast<unsigned int>(grid),
-        kThreads,
-        0,
-        at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const TensorSlot*>(device_table),
-        reinterpret_cast<const ChunkSlot*>(device_table + tensor_bytes),
-        num_chunks,
-        eta,
-        flush_below,
-        squared_norms.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  relax_update_detail::write_back_states(states, work_states);
-  return squared_norms.sqrt_();
+at::Tensor relax_update_activation_cuda(
+    at::TensorList states,
+    at::TensorList targets,
+    double eta,
+    double flush_below,
+    at::IntArrayRef activation_states,
+    at::IntArrayRef activation_kinds,
+    at::ArrayRef<double> activation_params,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
+  const auto activations = relax_update_detail::check_activations(
+      states, activation_states, activation_kinds, activation_params, activation_inputs,
+      activation_grads);
+  return relax_update_cuda_impl(
+      states, targets, eta, flush_below, activations, activation_inputs, activation_grads);
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_ar, CUDA, m) {
   m.impl("relax_update_", &relax_update_cuda);
+  m.impl("relax_update_activation_", &relax_update_activation_cuda);
 }
 
 } // namespace torch_ar

@@ -38,6 +38,9 @@ class RelaxationStats:
     residual_trace: [steps, num_states] residuals per step (trace=True).
     cosine_trace: parameter name -> [steps] cosine of its gradient to the
         exact gradient after each step (trace_cosine=True).
+    graph_steps: steps replayed from a recorded CUDA graph (cuda_graph=True).
+    fused_activations: states whose activation derivative the update kernel
+        applied (fuse_activations=True, literal steps).
     """
 
     steps: int
@@ -50,6 +53,8 @@ class RelaxationStats:
     residuals: dict[str, float]
     residual_trace: torch.Tensor | None = None
     cosine_trace: dict[str, torch.Tensor] | None = None
+    graph_steps: int = 0
+    fused_activations: int = 0
     num_states: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -233,6 +238,8 @@ class _ARFunction(torch.autograd.Function):
                 variant.drop_activation_derivative,
                 bool(cfg.weight_update_derivative),
                 run.raise_on_nonfinite,
+                bool(cfg.fuse_activations),
+                bool(cfg.cuda_graph),
             )
         except RuntimeError as err:
             if "relaxation diverged" in str(err):
@@ -302,6 +309,8 @@ class ARBackward(nn.Module):
         backward_weight_std: float = 0.05,
         backward_weight_decay: float = 0.0,
         nonfinite: str = "auto",
+        fuse_activations: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -322,6 +331,8 @@ class ARBackward(nn.Module):
             backward_weight_std=backward_weight_std,
             backward_weight_decay=backward_weight_decay,
             nonfinite=nonfinite,
+            fuse_activations=fuse_activations,
+            cuda_graph=cuda_graph,
         )
         # Raw results of the last backward; last_stats builds the dataclass
         # only when asked (it is off the training loop's hot path).
@@ -448,4 +459,6 @@ class ARBackward(nn.Module):
             residuals={n: float(r) for n, r in zip(names, residuals.tolist())},
             residual_trace=residual_trace if self.config.trace else None,
             cosine_trace=cosines,
+            graph_steps=int(s[7]),
+            fused_activations=int(s[8]),
         )

@@ -42,6 +42,13 @@ class RelaxConfig:
         (naming node and step), "propagate" it into the gradients as autograd
         would, or "auto": raise, except when the forward ran under autocast,
         where a GradScaler needs the inf gradients to skip the step.
+    fuse_activations: apply the derivative of an activation at the top of a
+        layer inside the state update kernel instead of a VJP of its own
+        (same fixed point; off gives the unfused reference path).
+    cuda_graph: on CUDA tensors, record one relaxation step as a CUDA graph
+        and replay it for the remaining literal steps (fewer kernel launches).
+        Graphs whose relaxation runs an op's own backward (not in the op
+        table's specialised list) relax without one, with a warning.
     """
 
     eta: float = 1.0
@@ -60,6 +67,8 @@ class RelaxConfig:
     backward_weight_std: float = 0.05
     backward_weight_decay: float = 0.0
     nonfinite: str = "auto"
+    fuse_activations: bool = True
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.nonfinite not in ("auto", "raise", "propagate"):
@@ -119,6 +128,9 @@ class RelaxConfig:
             )
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        for name in ("fuse_activations", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.check_every, int) or self.check_every < 1:
             raise ValueError(f"check_every must be a positive integer, got {self.check_every!r}")
 

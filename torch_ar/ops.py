@@ -15,6 +15,7 @@ class SupportedOp:
     specialised: bool      # input-only VJP of the engine's own (else the op's backward)
     activation: bool       # a nonlinearity f: passes states through without f'
     backward_weight: bool  # takes psi in the variants without weight transport
+    fused_update: bool     # its f' is applied by the state update kernel (no own VJP launch)
 
 
 def supported_ops() -> list[SupportedOp]:
@@ -26,8 +27,11 @@ def supported_ops() -> list[SupportedOp]:
     """
     rows = []
     for line in torch.ops.torch_ar.supported_ops():
-        node, op, role, kind, activation, psi = line.split("|")
+        node, op, role, kind, activation, psi, fused = line.split("|")
         rows.append(
-            SupportedOp(node, op, role, kind == "specialised", activation == "activation", psi != "")
+            SupportedOp(
+                node, op, role, kind == "specialised", activation == "activation", psi != "",
+                fused == "fused",
+            )
         )
     return rows

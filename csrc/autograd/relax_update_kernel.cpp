@@ -1,8 +1,9 @@
-// Autograd kernel of torch_ar::relax_update_. The update is a numerical step
-// of the relaxation, not a differentiable function: it refuses tensors that
-// require grad (outside no_grad) instead of letting autograd silently ignore
-// the mutation, and it bumps the version counters of the states so that
-// autograd still notices when a tensor it saved for backward was modified.
+// Autograd kernels of torch_ar::relax_update_ and relax_update_activation_.
+// The update is a numerical step of the relaxation, not a differentiable
+// function: they refuse tensors that require grad (outside no_grad) instead
+// of letting autograd silently ignore the mutation, and they bump the version
+// counters of what they write so that autograd still notices when a tensor
+// it saved for backward was modified.
 
 #include "ops/relax_update.h"
 
@@ -15,41 +16,66 @@
 namespace torch_ar {
 namespace {
 
+void refuse_requires_grad(at::TensorList tensors, const char* list) {
+  if (!at::GradMode::is_enabled()) {
+    return;
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(
+        !tensors[i].requires_grad(),
+        "relax_update_ is not differentiable, but ",
+        list,
+        "[",
+        i,
+        "] requires grad; pass detached tensors or call it under "
+        "torch.no_grad()");
+  }
+}
+
+void bump_versions(at::TensorList written) {
+  for (const at::Tensor& t : written) {
+    t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 at::Tensor relax_update_autograd(
     at::TensorList states,
     at::TensorList targets,
     double eta,
     double flush_below) {
-  if (at::GradMode::is_enabled()) {
-    for (size_t i = 0; i < states.size(); ++i) {
-      TORCH_CHECK(
-          !states[i].requires_grad(),
-          "relax_update_ is not differentiable, but states[",
-          i,
-          "] requires grad; pass detached tensors or call it under "
-          "torch.no_grad()");
-    }
-    for (size_t i = 0; i < targets.size(); ++i) {
-      TORCH_CHECK(
-          !targets[i].requires_grad(),
-          "relax_update_ is not differentiable, but targets[",
-          i,
-          "] requires grad; pass detached tensors or call it under "
-          "torch.no_grad()");
-    }
-  }
+  refuse_requires_grad(states, "states");
+  refuse_requires_grad(targets, "targets");
   at::Tensor norms;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("torch_ar::relax_update_", "")
-            .typed<at::Tensor(at::TensorList, at::TensorList, double, double)>();
-    norms = op.call(states, targets, eta, flush_below);
+    norms = relax_update_(states, targets, eta, flush_below);
   }
-  for (const at::Tensor& state : states) {
-    state.unsafeGetTensorImpl()->bump_version();
+  bump_versions(states);
+  return norms;
+}
+
+at::Tensor relax_update_activation_autograd(
+    at::TensorList states,
+    at::TensorList targets,
+    double eta,
+    double flush_below,
+    at::IntArrayRef activation_states,
+    at::IntArrayRef activation_kinds,
+    at::ArrayRef<double> activation_params,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
+  refuse_requires_grad(states, "states");
+  refuse_requires_grad(targets, "targets");
+  refuse_requires_grad(activation_grads, "activation_grads");
+  at::Tensor norms;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    norms = relax_update_activation_(
+        states, targets, eta, flush_below, activation_states, activation_kinds,
+        activation_params, activation_inputs, activation_grads);
   }
+  bump_versions(states);
+  bump_versions(activation_grads);
   return norms;
 }
 
@@ -57,6 +83,7 @@ at::Tensor relax_update_autograd(
 
 TORCH_LIBRARY_IMPL(torch_ar, Autograd, m) {
   m.impl("relax_update_", &relax_update_autograd);
+  m.impl("relax_update_activation_", &relax_update_activation_autograd);
 }
 
 } // namespace torch_ar

@@ -1,6 +1,7 @@
-// CPU kernel of torch_ar::relax_update_: one pass over every state updates
-// it in place, flushes tiny values and accumulates the residual norms in
-// double.
+// CPU kernels of torch_ar::relax_update_ and relax_update_activation_: one
+// pass over every state updates it in place, flushes tiny values and
+// accumulates the residual norms in double; for a state with an activation,
+// f'(a) * x is then written from the same chunk while it is still in cache.
 
 #include "ops/relax_update.h"
 
@@ -119,11 +120,58 @@ SquaredNorms relax_range(
   }
 }
 
-at::Tensor relax_update_cpu(
+// grad = f'(a) * x over one range; the formulas (and their NaN behaviour)
+// are those of ATen's threshold/leaky_relu/tanh/sigmoid/hardtanh backward.
+template <typename scalar_t>
+void activation_range(
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ input,
+    scalar_t* __restrict__ grad,
+    int64_t n,
+    const relax_update_detail::ActivationOf& act) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t p0 = static_cast<opmath_t>(act.p0);
+  const opmath_t p1 = static_cast<opmath_t>(act.p1);
+  const opmath_t zero(0);
+  const opmath_t one(1);
+  auto apply = [&](auto f) {
+    for (int64_t i = 0; i < n; ++i) {
+      grad[i] = static_cast<scalar_t>(
+          f(static_cast<opmath_t>(x[i]), static_cast<opmath_t>(input[i])));
+    }
+  };
+  switch (act.kind) {
+    case kReluResult:
+      apply([&](opmath_t v, opmath_t r) { return r <= zero ? zero : v; });
+      break;
+    case kLeakyReluInput:
+      apply([&](opmath_t v, opmath_t a) { return a > zero ? v : v * p0; });
+      break;
+    case kTanhResult:
+      apply([&](opmath_t v, opmath_t r) { return v * (one - r * r); });
+      break;
+    case kSigmoidResult:
+      apply([&](opmath_t v, opmath_t r) { return v * (one - r) * r; });
+      break;
+    case kHardtanhInput:
+      apply([&](opmath_t v, opmath_t a) { return (a <= p0 || a >= p1) ? zero : v; });
+      break;
+    case kScale:
+      apply([&](opmath_t v, opmath_t d) { return v * d; });
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "relax_update_activation_: unchecked kind ", act.kind);
+  }
+}
+
+at::Tensor relax_update_cpu_impl(
     at::TensorList states,
     at::TensorList targets,
     double eta,
-    double flush_below) {
+    double flush_below,
+    const std::vector<relax_update_detail::ActivationOf>& activations,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
   relax_update_detail::check_inputs(
       states, targets, flush_below, c10::DeviceType::CPU);
   const int64_t n = static_cast<int64_t>(states.size());
@@ -131,6 +179,10 @@ at::Tensor relax_update_cpu(
       relax_update_detail::contiguous_tensors(states);
   const std::vector<at::Tensor> work_targets =
       relax_update_detail::contiguous_tensors(targets);
+  const std::vector<at::Tensor> work_inputs =
+      relax_update_detail::contiguous_tensors(activation_inputs);
+  std::vector<at::Tensor> work_grads =
+      relax_update_detail::contiguous_tensors(activation_grads);
 
   std::vector<WorkItem> items;
   int64_t total_elements = 0;
@@ -158,6 +210,17 @@ at::Tensor relax_update_cpu(
                 item.end - item.begin,
                 eta,
                 flush_below);
+            const auto& act = activations.empty()
+                ? relax_update_detail::ActivationOf{}
+                : activations[item.tensor];
+            if (act.kind != kDerivativeNone) {
+              activation_range<scalar_t>(
+                  state.const_data_ptr<scalar_t>() + item.begin,
+                  work_inputs[act.entry].const_data_ptr<scalar_t>() + item.begin,
+                  work_grads[act.entry].mutable_data_ptr<scalar_t>() + item.begin,
+                  item.end - item.begin,
+                  act);
+            }
           });
     }
   };
@@ -168,6 +231,7 @@ at::Tensor relax_update_cpu(
     at::parallel_for(0, num_items, 1, relax_items);
   }
   relax_update_detail::write_back_states(states, work_states);
+  relax_update_detail::write_back_states(activation_grads, work_grads);
 
   at::Tensor norms = at::empty({n, 2}, at::TensorOptions().dtype(at::kDouble));
   double* out = norms.mutable_data_ptr<double>();
@@ -182,10 +246,37 @@ at::Tensor relax_update_cpu(
   return norms;
 }
 
+at::Tensor relax_update_cpu(
+    at::TensorList states,
+    at::TensorList targets,
+    double eta,
+    double flush_below) {
+  return relax_update_cpu_impl(states, targets, eta, flush_below, {}, {}, {});
+}
+
+at::Tensor relax_update_activation_cpu(
+    at::TensorList states,
+    at::TensorList targets,
+    double eta,
+    double flush_below,
+    at::IntArrayRef activation_states,
+    at::IntArrayRef activation_kinds,
+    at::ArrayRef<double> activation_params,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
+  const auto activations = relax_update_detail::check_activations(
+      states, activation_states, activation_kinds, activation_params,
+      activation_inputs, activation_grads);
+  return relax_update_cpu_impl(
+      states, targets, eta, flush_below, activations, activation_inputs,
+      activation_grads);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_ar, CPU, m) {
   m.impl("relax_update_", &relax_update_cpu);
+  m.impl("relax_update_activation_", &relax_update_activation_cpu);
 }
 
 } // namespace torch_ar

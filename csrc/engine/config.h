@@ -30,6 +30,10 @@ struct EngineConfig {
   // NaN/Inf states: raise (naming node and step), or let them through to the
   // gradients as autograd would (so a GradScaler can skip the step).
   bool raise_on_nonfinite = true;
+  // Speed, not results: apply activation derivatives in the state update
+  // kernel; record one step as a CUDA graph and replay it (CUDA tensors).
+  bool fuse_activations = true;
+  bool cuda_graph = false;
 
   bool exact_rule() const { return !use_backward_weights && !drop_activation_derivative; }
 };

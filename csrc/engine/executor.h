@@ -21,6 +21,8 @@ struct RelaxStats {
   bool exact_shortcut = false;
   bool nonfinite = false;     // a state became NaN/Inf (and was let through)
   double max_residual = 0.0;
+  int64_t graph_steps = 0;    // steps replayed from a recorded (CUDA) graph
+  int64_t fused_activations = 0;  // states whose f' the update kernel applied
   at::Tensor residuals;       // [num_states] float64, final relative residual
   at::Tensor residual_trace;  // [steps, num_states] float64 (trace)
   at::Tensor cosine_trace;    // [steps, num_leaves] float64 (trace_cosine)
@@ -67,6 +69,13 @@ class Executor {
   // Norms that overflowed for finite (huge) states are recomputed scaled.
   bool check_finite(at::Tensor& norms, const std::vector<int>& slots, int64_t step);
   double flush_below() const;
+  // One relaxation step over all states; returns the update's [R, 2] norms.
+  at::Tensor relax_step(bool sweep);
+  // Activations whose f' the update kernel applies (see ops/relax_update.h).
+  void setup_fused_activations();
+  // The first relaxation node that runs its own backward (which may sync with
+  // the host and so break a graph capture), or "" when there is none.
+  std::string uncapturable_node() const;
 
   const Plan& plan_;
   std::vector<at::Tensor> backward_weights_;
@@ -84,6 +93,22 @@ class Executor {
   std::vector<std::vector<std::pair<int, at::Tensor>>> constant_contrib_;
   std::vector<char> constant_ready_;
   bool sweep_nonfinite_ = false;
+
+  // A fused activation at the top of a layer (under reshapes at most):
+  // during relaxation its output state is read only as grad = f'(a) * x,
+  // written by the update kernel.
+  struct FusedActivation {
+    int64_t kind = 0;
+    at::Tensor input;          // in the state's shape
+    double p0 = 0.0;
+    double p1 = 0.0;
+    at::Tensor grad;           // in the state's shape, written by the kernel
+    at::Tensor grad_for_node;  // the same memory in the activation's shape
+    size_t chain_index = 0;    // the activation's place in the layer's chain
+  };
+  std::vector<FusedActivation> fused_;
+  std::vector<int> fused_of_slot_;   // per slot: index into fused_, -1
+  std::vector<int> fused_of_layer_;  // per layer: index into fused_, -1
 };
 
 } // namespace torch_ar

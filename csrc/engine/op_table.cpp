@@ -22,14 +22,14 @@ std::vector<OpInfo> build_table() {
       {"SubBackward0", "sub", R::Structural, vjp::sub, false},
       {"CatBackward0", "cat", R::Structural, vjp::cat, false},
       // Specialised elementwise activations.
-      {"ReluBackward0", "relu", R::Elementwise, vjp::relu, true},
-      {"LeakyReluBackward0", "leaky_relu", R::Elementwise, vjp::leaky_relu, true},
-      {"TanhBackward0", "tanh", R::Elementwise, vjp::tanh, true},
-      {"SigmoidBackward0", "sigmoid", R::Elementwise, vjp::sigmoid, true},
-      {"GeluBackward0", "gelu", R::Elementwise, vjp::gelu, true},
-      {"SiluBackward0", "silu", R::Elementwise, vjp::silu, true},
-      {"HardtanhBackward0", "hardtanh / relu6", R::Elementwise, vjp::hardtanh, true},
-      {"EluBackward0", "elu", R::Elementwise, vjp::elu, true},
+      {"ReluBackward0", "relu", R::Elementwise, vjp::relu, true, -1, nullptr, vjp::relu_derivative},
+      {"LeakyReluBackward0", "leaky_relu", R::Elementwise, vjp::leaky_relu, true, -1, nullptr, vjp::leaky_relu_derivative},
+      {"TanhBackward0", "tanh", R::Elementwise, vjp::tanh, true, -1, nullptr, vjp::tanh_derivative},
+      {"SigmoidBackward0", "sigmoid", R::Elementwise, vjp::sigmoid, true, -1, nullptr, vjp::sigmoid_derivative},
+      {"GeluBackward0", "gelu", R::Elementwise, vjp::gelu, true, -1, nullptr, vjp::gelu_derivative},
+      {"SiluBackward0", "silu", R::Elementwise, vjp::silu, true, -1, nullptr, vjp::silu_derivative},
+      {"HardtanhBackward0", "hardtanh / relu6", R::Elementwise, vjp::hardtanh, true, -1, nullptr, vjp::hardtanh_derivative},
+      {"EluBackward0", "elu", R::Elementwise, vjp::elu, true, -1, nullptr, vjp::elu_derivative},
       // Specialised views.
       {"ViewBackward0", "view / flatten", R::View, vjp::view, false},
       {"UnsafeViewBackward0", "reshape (copying)", R::View, vjp::view, false},
@@ -76,7 +76,8 @@ std::vector<std::string> supported_op_rows() {
         std::string(info.node_name) + "|" + info.op + "|" + role + "|" +
         (info.vjp ? "specialised" : "generic") + "|" +
         (info.is_activation ? "activation" : "") + "|" +
-        (info.psi_vjp ? "backward-weight" : ""));
+        (info.psi_vjp ? "backward-weight" : "") + "|" +
+        (info.fused_derivative ? "fused" : ""));
   }
   return rows;
 }

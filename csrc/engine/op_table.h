@@ -25,6 +25,9 @@ struct OpInfo {
   bool is_activation;         // an elementwise nonlinearity f (for the variants)
   int weight_edge = -1;       // input edge of the weight (linear/conv), -1: none
   vjp::BackwardWeightVjp psi_vjp = nullptr;  // input-VJP with a backward weight
+  // The derivative the fused state update applies in place of this node's
+  // VJP (elementwise activations at the top of a layer); nullptr: none.
+  vjp::FusedDerivativeFn fused_derivative = nullptr;
 };
 
 // nullptr when the node is not in the table.

@@ -3,6 +3,7 @@
 // Gauss-Seidel). No Python runs inside it.
 #include "engine/executor.h"
 #include "engine/node_vjp.h"
+#include "engine/step_graph.h"
 #include "ops/relax_update.h"
 
 #include <ATen/ATen.h>
@@ -36,6 +37,81 @@ Executor::Executor(
   param_side_buf_.resize(graph_.nodes.size());
   constant_contrib_.resize(plan_.layers.size());
   constant_ready_.assign(plan_.layers.size(), 0);
+  fused_of_slot_.assign(S, -1);
+  fused_of_layer_.assign(plan_.layers.size(), -1);
+}
+
+void Executor::setup_fused_activations() {
+  // With f' dropped the activation passes states through: nothing to fuse.
+  if (!config_.fuse_activations || config_.drop_activation_derivative) return;
+  const int p = static_cast<int>(Pass::Relax);
+  for (int s : relaxing_) {
+    const StateSlot& slot = plan_.slots[s];
+    const Layer& layer = plan_.layers[slot.layer];
+    if (layer.out_slots.size() != 1 || !layer.has_work[p]) continue;
+    // Reduced-precision activations keep float32 states: the unfused path
+    // converts them for the VJP.
+    if (x_[s].scalar_type() != vjp_dtype_[s]) continue;
+    // The activation may sit under reshapes (flatten): their VJPs only
+    // reshape, so f' applies to the state's memory in the same order.
+    size_t k = 0;
+    while (k < layer.chain.size() && layer.ops[k] && layer.ops[k]->role == OpRole::View &&
+           layer.ops[k]->vjp == &vjp::view)
+      ++k;
+    if (k == layer.chain.size()) continue;
+    const OpInfo* op = layer.ops[k];
+    if (!op || !op->fused_derivative) continue;
+    bool single_edges = true;
+    for (size_t q = 0; q <= k; ++q)
+      single_edges = single_edges && layer.masks[p][q].size() == 1 && layer.masks[p][q][0];
+    if (!single_edges) continue;
+    torch::autograd::Node& node = *graph_.nodes[layer.chain[k]];
+    vjp::FusedDerivative d;
+    if (!op->fused_derivative(node, d) || !d.input.defined()) continue;
+    if (d.input.numel() != x_[s].numel() || d.input.scalar_type() != x_[s].scalar_type() ||
+        d.input.device() != x_[s].device())
+      continue;
+    // The first step reads f'(a) * x of the initial state: the nodes' own VJPs.
+    variable_list first{x_[s]};
+    for (size_t q = 0; q <= k && first.size() == 1 && first[0].defined(); ++q)
+      first = node_vjp(*graph_.nodes[layer.chain[q]], layer.ops[q], std::move(first),
+                       layer.masks[p][q], rule_for(layer, q, Pass::Relax));
+    if (first.size() != 1 || !first[0].defined() || first[0].numel() != x_[s].numel() ||
+        first[0].scalar_type() != x_[s].scalar_type())
+      continue;
+    FusedActivation fa;
+    fa.kind = d.kind;
+    fa.input = d.input.contiguous().view(x_[s].sizes());
+    fa.p0 = d.p0;
+    fa.p1 = d.p1;
+    fa.grad = first[0].contiguous().view(x_[s].sizes());
+    if (fa.grad.is_alias_of(x_[s]) || fa.grad.is_alias_of(fa.input)) fa.grad = fa.grad.clone();
+    fa.grad_for_node = fa.grad.view(first[0].sizes());
+    fa.chain_index = k;
+    fused_of_slot_[s] = static_cast<int>(fused_.size());
+    fused_of_layer_[slot.layer] = static_cast<int>(fused_.size());
+    fused_.push_back(std::move(fa));
+  }
+}
+
+std::string Executor::uncapturable_node() const {
+  const int p = static_cast<int>(Pass::Relax);
+  for (size_t L = 0; L < plan_.layers.size(); ++L) {
+    const Layer& layer = plan_.layers[L];
+    if (!layer.has_work[p] || layer.constant) continue;
+    const int fused = fused_of_layer_[L];
+    for (size_t q = 0; q < layer.chain.size(); ++q) {
+      if (fused >= 0 && q <= fused_[fused].chain_index) continue;
+      bool wanted = false;
+      for (bool b : layer.masks[p][q]) wanted = wanted || b;
+      if (!wanted) continue;
+      const OpInfo* op = layer.ops[q];
+      const bool own = op && (op->vjp || (config_.drop_activation_derivative && op->is_activation) ||
+                              (config_.use_backward_weights && op->psi_vjp));
+      if (!own) return graph_.nodes[layer.chain[q]]->name();
+    }
+  }
+  return "";
 }
 
 void Executor::init_states(const std::vector<at::Tensor>& forward_values) {
@@ -165,11 +241,18 @@ void Executor::run_layer(int L, Pass pass) {
   }
   if (!any) return;
 
-  for (size_t q = 0; q < layer.chain.size(); ++q) {
+  // A fused layer starts at its activation, with f'(a) * x from the update.
+  const int fused = pass == Pass::Relax ? fused_of_layer_[L] : -1;
+  const size_t first = fused >= 0 ? fused_[fused].chain_index : 0;
+  for (size_t q = first; q < layer.chain.size(); ++q) {
     const auto& mask = layer.masks[p][q];
     auto& node = *graph_.nodes[layer.chain[q]];
-    variable_list out =
-        node_vjp(node, layer.ops[q], std::move(grads), mask, rule_for(layer, q, pass));
+    variable_list out;
+    if (fused >= 0 && q == first) {
+      out.assign(1, fused_[fused].grad_for_node);
+    } else {
+      out = node_vjp(node, layer.ops[q], std::move(grads), mask, rule_for(layer, q, pass));
+    }
     grads.clear();
     const auto& targets = layer.targets[q];
     for (size_t j = 0; j < out.size(); ++j) {
@@ -199,14 +282,27 @@ void Executor::run_layer(int L, Pass pass) {
 }
 
 at::Tensor Executor::update(const std::vector<int>& slots) {
-  std::vector<at::Tensor> xs, ts;
+  std::vector<at::Tensor> xs, ts, act_inputs, act_grads;
+  std::vector<int64_t> act_states, act_kinds;
+  std::vector<double> act_params;
   xs.reserve(slots.size());
   ts.reserve(slots.size());
   for (int s : slots) {
+    const int f = fused_of_slot_[s];
+    if (f >= 0) {
+      act_states.push_back(static_cast<int64_t>(xs.size()));
+      act_kinds.push_back(fused_[f].kind);
+      act_params.push_back(fused_[f].p0);
+      act_params.push_back(fused_[f].p1);
+      act_inputs.push_back(fused_[f].input);
+      act_grads.push_back(fused_[f].grad);
+    }
     xs.push_back(x_[s]);
     ts.push_back(target_[s]);
   }
-  return relax_update_(xs, ts, config_.eta, flush_below());
+  return relax_update_activation_(
+      xs, ts, config_.eta, flush_below(), act_states, act_kinds, act_params, act_inputs,
+      act_grads);
 }
 
 bool Executor::check_finite(at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
@@ -239,6 +335,32 @@ bool Executor::check_finite(at::Tensor& norms, const std::vector<int>& slots, in
   return true;
 }
 
+at::Tensor Executor::relax_step(bool sweep) {
+  const size_t R = relaxing_.size();
+  begin_step();
+  if (!sweep) {
+    for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) run_layer(L, Pass::Relax);
+    fill_missing_targets();
+    return R ? update(relaxing_) : at::zeros({0, 2}, at::kDouble);
+  }
+  std::vector<at::Tensor> parts(plan_.slots.size());
+  for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) {
+    for (int s : plan_.layers[L].out_slots) {
+      if (s < 0 || plan_.slots[s].clamped || !plan_.slots[s].needed) continue;
+      if (!fresh_[s]) {
+        if (plan_.slots[s].ext.defined()) target_[s].copy_(plan_.slots[s].ext);
+        else target_[s].zero_();
+        fresh_[s] = 1;
+      }
+      parts[s] = update({s});
+    }
+    run_layer(L, Pass::Relax);
+  }
+  std::vector<at::Tensor> rows;
+  for (int s : relaxing_) rows.push_back(parts[s].to(at::kDouble));
+  return R ? at::cat(rows, 0) : at::zeros({0, 2}, at::kDouble);
+}
+
 RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   RelaxStats stats;
   stats.depth = plan_.depth;
@@ -265,37 +387,48 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
     return r;
   };
 
+  setup_fused_activations();
+  stats.fused_activations = static_cast<int64_t>(fused_.size());
+  // A recorded step replays the remaining ones: step 0 runs as is (it also
+  // warms up library handles and the constant layers' cached contributions),
+  // step 1 is recorded and then replayed.
+  const bool on_cpu = R == 0 || x_[relaxing_[0]].is_cpu();
+  bool want_graph = config_.cuda_graph && R > 0 && limit >= 3;
+  if (want_graph) {
+    const std::string node = uncapturable_node();
+    if (!node.empty()) {
+      TORCH_WARN_ONCE(
+          "torch_ar: cuda_graph=True, but node '", node, "' runs its own backward during "
+          "relaxation, which may synchronise with the host and cannot be recorded; "
+          "relaxing without a CUDA graph.");
+      want_graph = false;
+    }
+  }
+  // Created before step 0: the eager step 0 runs where the replays will.
+  std::unique_ptr<StepGraph> graph = want_graph ? make_step_graph(x_[relaxing_[0]].device()) : nullptr;
+  bool recorded = false;
+  at::Tensor graph_norms;
+
   int64_t step = 0;
   for (; step < limit; ++step) {
-    begin_step();
     at::Tensor norms;  // [R, 2] in relaxing_ order
-    if (!sweep) {
-      for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) run_layer(L, Pass::Relax);
-      fill_missing_targets();
-      norms = R ? update(relaxing_) : at::zeros({0, 2}, at::kDouble);
-    } else {
-      std::vector<at::Tensor> parts(S);
-      for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) {
-        for (int s : plan_.layers[L].out_slots) {
-          if (s < 0 || plan_.slots[s].clamped || !plan_.slots[s].needed) continue;
-          if (!fresh_[s]) {
-            if (plan_.slots[s].ext.defined()) target_[s].copy_(plan_.slots[s].ext);
-            else target_[s].zero_();
-            fresh_[s] = 1;
-          }
-          parts[s] = update({s});
-        }
-        run_layer(L, Pass::Relax);
+    if (graph && step >= 1) {
+      if (!recorded) {
+        graph->capture([&] { graph_norms = relax_step(sweep); });
+        recorded = true;
       }
-      std::vector<at::Tensor> rows;
-      for (int s : relaxing_) rows.push_back(parts[s].to(at::kDouble));
-      norms = R ? at::cat(rows, 0) : at::zeros({0, 2}, at::kDouble);
+      graph->replay();
+      norms = graph_norms;
+      ++stats.graph_steps;
+    } else {
+      norms = relax_step(sweep);
     }
 
     const bool last = step + 1 == limit;
-    // Reading residuals back costs a device sync; on CPU it is free.
-    const bool on_cpu = R == 0 || x_[relaxing_[0]].is_cpu();
-    const bool check = on_cpu || config_.trace || config_.tol > 0 || last ||
+    // Reading residuals back costs a device sync; on CPU it is free. The
+    // tolerance is tested when they are read, so it may stop up to
+    // check_every - 1 steps after it was first met.
+    const bool check = on_cpu || config_.trace || last ||
         (step + 1) % std::max<int64_t>(config_.check_every, 1) == 0;
     if (!check) continue;
     at::Tensor host = norms.to(at::kCPU, at::kDouble).contiguous();

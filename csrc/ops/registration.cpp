@@ -12,6 +12,13 @@ TORCH_LIBRARY(torch_ar, m) {
   m.def(
       "relax_update_(Tensor(a!)[] states, Tensor[] targets, float eta, "
       "float flush_below) -> Tensor");
+  // The same step that also writes f'(a) * state for the listed states
+  // (activation outputs), the first VJP of the next step.
+  m.def(
+      "relax_update_activation_(Tensor(a!)[] states, Tensor[] targets, "
+      "float eta, float flush_below, int[] activation_states, "
+      "int[] activation_kinds, float[] activation_params, "
+      "Tensor[] activation_inputs, Tensor(b!)[] activation_grads) -> Tensor");
   // The whole engine for one backward call: capture the graph behind
   // `outputs`, relax, and return the gradients of `leaves`; see ops/relax.cpp.
   // The supported-op table (engine/op_table.cpp), one "|"-separated row per
@@ -26,7 +33,7 @@ TORCH_LIBRARY(torch_ar, m) {
       "str granularity, bool trace, bool trace_cosine, int keep_graph, "
       "int check_every, Tensor?[] backward_weights, bool use_backward_weights, "
       "bool drop_activation_derivative, bool weight_update_derivative, "
-      "bool raise_on_nonfinite) -> "
+      "bool raise_on_nonfinite, bool fuse_activations, bool cuda_graph) -> "
       "(Tensor[] leaf_grads, Tensor grad_defined, "
       "Tensor summary, Tensor residuals, Tensor residual_trace, "
       "Tensor cosine_trace, str[] state_names)");

@@ -37,7 +37,9 @@ RelaxResult relax_op(
     bool use_backward_weights,
     bool drop_activation_derivative,
     bool weight_update_derivative,
-    bool raise_on_nonfinite) {
+    bool raise_on_nonfinite,
+    bool fuse_activations,
+    bool cuda_graph) {
   TORCH_CHECK(outputs.size() == output_grads.size(),
               "torch_ar.relax: ", outputs.size(), " outputs but ", output_grads.size(), " output grads");
   TORCH_CHECK(leaves.size() == leaf_is_input.size() && leaves.size() == leaf_needs_grad.size(),
@@ -62,6 +64,8 @@ RelaxResult relax_op(
   config.drop_activation_derivative = drop_activation_derivative;
   config.weight_update_derivative = weight_update_derivative;
   config.raise_on_nonfinite = raise_on_nonfinite;
+  config.fuse_activations = fuse_activations;
+  config.cuda_graph = cuda_graph;
 
   EngineInputs in;
   in.outputs = outputs.vec();
@@ -96,7 +100,8 @@ RelaxResult relax_op(
   auto summary = at::tensor(
       {static_cast<double>(st.steps), static_cast<double>(st.depth),
        st.converged ? 1.0 : 0.0, st.exact_shortcut ? 1.0 : 0.0, st.max_residual,
-       config.keep_graph ? 1.0 : 0.0, st.nonfinite ? 1.0 : 0.0},
+       config.keep_graph ? 1.0 : 0.0, st.nonfinite ? 1.0 : 0.0,
+       static_cast<double>(st.graph_steps), static_cast<double>(st.fused_activations)},
       at::kDouble);
   auto empty = at::empty({0}, at::kDouble);
   return {grads, defined, summary,

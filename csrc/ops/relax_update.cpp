@@ -32,6 +32,36 @@ at::Tensor relax_update_(
   return op.call(states, targets, eta, flush_below);
 }
 
+at::Tensor relax_update_activation_(
+    at::TensorList states,
+    at::TensorList targets,
+    double eta,
+    double flush_below,
+    at::IntArrayRef activation_states,
+    at::IntArrayRef activation_kinds,
+    at::ArrayRef<double> activation_params,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
+  if (activation_states.empty() && activation_kinds.empty() &&
+      activation_params.empty() && activation_inputs.empty() &&
+      activation_grads.empty()) {
+    return relax_update_(states, targets, eta, flush_below);
+  }
+  TORCH_CHECK(
+      !states.empty(),
+      "relax_update_activation_: activations given for an empty list of states");
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ar::relax_update_activation_", "")
+          .typed<at::Tensor(
+              at::TensorList, at::TensorList, double, double, at::IntArrayRef,
+              at::IntArrayRef, at::ArrayRef<double>, at::TensorList,
+              at::TensorList)>();
+  return op.call(
+      states, targets, eta, flush_below, activation_states, activation_kinds,
+      activation_params, activation_inputs, activation_grads);
+}
+
 namespace relax_update_detail {
 
 namespace {
@@ -122,6 +152,59 @@ void check_inputs(
   }
 }
 
+std::vector<ActivationOf> check_activations(
+    at::TensorList states,
+    at::IntArrayRef activation_states,
+    at::IntArrayRef activation_kinds,
+    at::ArrayRef<double> activation_params,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
+  const size_t m = activation_states.size();
+  TORCH_CHECK(
+      activation_kinds.size() == m && activation_inputs.size() == m &&
+          activation_grads.size() == m && activation_params.size() == 2 * m,
+      "relax_update_activation_: got ", m, " activation states, ",
+      activation_kinds.size(), " kinds, ", activation_inputs.size(), " inputs, ",
+      activation_grads.size(), " grads and ", activation_params.size(),
+      " params; expected equal lengths and two params per activation");
+  std::vector<ActivationOf> of(states.size());
+  for (size_t k = 0; k < m; ++k) {
+    const int64_t i = activation_states[k];
+    TORCH_CHECK(
+        i >= 0 && i < static_cast<int64_t>(states.size()),
+        "relax_update_activation_: activation_states[", k, "] = ", i,
+        " is not an index into the ", states.size(), " states");
+    TORCH_CHECK(
+        of[i].entry < 0,
+        "relax_update_activation_: state ", i, " is listed twice in activation_states");
+    const int64_t kind = activation_kinds[k];
+    TORCH_CHECK(
+        kind > kDerivativeNone && kind < kNumActivationDerivatives,
+        "relax_update_activation_: activation_kinds[", k, "] = ", kind,
+        " is not a known activation derivative (1..", kNumActivationDerivatives - 1, ")");
+    const at::Tensor& state = states[i];
+    for (const auto& [what, t] :
+         {std::pair<const char*, const at::Tensor*>{"activation_inputs", &activation_inputs[k]},
+          {"activation_grads", &activation_grads[k]}}) {
+      TORCH_CHECK(
+          t->defined(), "relax_update_activation_: ", what, "[", k, "] is undefined");
+      TORCH_CHECK(
+          t->sizes() == state.sizes() && t->scalar_type() == state.scalar_type() &&
+              t->device() == state.device(),
+          "relax_update_activation_: ", what, "[", k, "] is ", t->scalar_type(), " ",
+          t->sizes(), " on ", t->device(), " but states[", i, "] is ",
+          state.scalar_type(), " ", state.sizes(), " on ", state.device());
+    }
+    TORCH_CHECK(
+        at::has_internal_overlap(activation_grads[k]) != at::MemOverlap::Yes,
+        "relax_update_activation_: activation_grads[", k,
+        "] has elements that share memory; it cannot be written in place");
+    of[i] = {kind, static_cast<int64_t>(k), activation_params[2 * k],
+             activation_params[2 * k + 1]};
+  }
+  return of;
+}
+
 std::vector<at::Tensor> contiguous_tensors(at::TensorList tensors) {
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
@@ -160,10 +243,27 @@ at::Tensor relax_update_meta(
       states[0].options().dtype(at::kDouble));
 }
 
+at::Tensor relax_update_activation_meta(
+    at::TensorList states,
+    at::TensorList targets,
+    double eta,
+    double flush_below,
+    at::IntArrayRef activation_states,
+    at::IntArrayRef activation_kinds,
+    at::ArrayRef<double> activation_params,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
+  relax_update_detail::check_activations(
+      states, activation_states, activation_kinds, activation_params,
+      activation_inputs, activation_grads);
+  return relax_update_meta(states, targets, eta, flush_below);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_ar, Meta, m) {
   m.impl("relax_update_", &relax_update_meta);
+  m.impl("relax_update_activation_", &relax_update_activation_meta);
 }
 
 } // namespace torch_ar

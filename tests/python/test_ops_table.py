@@ -30,6 +30,7 @@ def test_readme_lists_the_engine_op_table() -> None:
         assert ("activation" in role) == op.activation
         assert vjp.startswith("specialised") == op.specialised
         assert ("psi" in vjp) == op.backward_weight
+        assert ("fused update" in vjp) == op.fused_update
 
 
 def test_specialised_ops_cover_the_issue_list() -> None:

@@ -29,7 +29,27 @@ using BackwardWeightVjp = bool (*)(
     const at::Tensor& psi,
     variable_list& out);
 
+// What the fused state update needs to apply an activation's derivative
+// itself (ops/relax_update.h): the kind, the saved tensor it reads, and its
+// parameters.
+struct FusedDerivative {
+  int64_t kind = 0;
+  at::Tensor input;
+  double p0 = 0.0;
+  double p1 = 0.0;
+};
+// False when the node does not have the saved values expected.
+using FusedDerivativeFn = bool (*)(Node& node, FusedDerivative& out);
+
 // activations.cpp
+bool relu_derivative(Node&, FusedDerivative&);
+bool leaky_relu_derivative(Node&, FusedDerivative&);
+bool tanh_derivative(Node&, FusedDerivative&);
+bool sigmoid_derivative(Node&, FusedDerivative&);
+bool gelu_derivative(Node&, FusedDerivative&);
+bool silu_derivative(Node&, FusedDerivative&);
+bool hardtanh_derivative(Node&, FusedDerivative&);
+bool elu_derivative(Node&, FusedDerivative&);
 bool relu(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool leaky_relu(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool tanh(Node&, const variable_list&, const EdgeMask&, variable_list&);

@@ -1,0 +1,35 @@
+#pragma once
+// Record one relaxation step and replay it. On a GPU a step is hundreds of
+// small kernel launches; a CUDA graph replays them with one. The engine only
+// sees this interface: the CUDA implementation (kernels/cuda_step_graph.cu)
+// registers itself when the library loads, and CPU-only builds have none.
+
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <memory>
+
+namespace torch_ar {
+
+// Lives for one relaxation loop. While it does, the loop's work (eager
+// warm-up steps, the recorded step, its replays) runs where the graph
+// needs it (on CUDA: a side stream, ordered after the caller's stream and
+// waited for by it when the object goes away).
+class StepGraph {
+ public:
+  virtual ~StepGraph() = default;
+  // Records `step` without running it; throws when the device refuses.
+  virtual void capture(const std::function<void()>& step) = 0;
+  // Runs what was recorded.
+  virtual void replay() = 0;
+};
+
+using StepGraphFactory = std::unique_ptr<StepGraph> (*)(const c10::Device& device);
+
+// The factory for a device type; nullptr removes it. Returns the previous one.
+StepGraphFactory set_step_graph_factory(c10::DeviceType type, StepGraphFactory factory);
+
+// nullptr when no implementation is registered for the device's type.
+std::unique_ptr<StepGraph> make_step_graph(const c10::Device& device);
+
+} // namespace torch_ar

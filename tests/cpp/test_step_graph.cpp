@@ -1,0 +1,166 @@
+// The relaxation loop with a recorded step (the CUDA graph path), driven on
+// the CPU by a stand-in StepGraph that records the step and runs it again on
+// every replay; and the fused activation update against the unfused one.
+#include "engine/engine.h"
+#include "engine/step_graph.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+namespace {
+
+using torch_ar::EngineConfig;
+using torch_ar::EngineInputs;
+
+int captures = 0;
+int replays = 0;
+
+class ReplayingStepGraph final : public torch_ar::StepGraph {
+ public:
+  void capture(const std::function<void()>& step) override {
+    ++captures;
+    step_ = step;  // recorded, not run: as a CUDA graph capture
+  }
+  void replay() override {
+    ++replays;
+    step_();
+  }
+
+ private:
+  std::function<void()> step_;
+};
+
+std::unique_ptr<torch_ar::StepGraph> make_replaying(const c10::Device&) {
+  return std::make_unique<ReplayingStepGraph>();
+}
+
+// Registers the stand-in for CPU tensors for the scope of a test.
+struct CpuStepGraphScope {
+  torch_ar::StepGraphFactory previous;
+  CpuStepGraphScope()
+      : previous(torch_ar::set_step_graph_factory(c10::DeviceType::CPU, &make_replaying)) {
+    captures = replays = 0;
+  }
+  ~CpuStepGraphScope() { torch_ar::set_step_graph_factory(c10::DeviceType::CPU, previous); }
+};
+
+// x -> tanh(x W1^T) -> relu(. W2^T) -> . W3^T = y, with the input's gradient.
+EngineInputs mlp() {
+  at::manual_seed(7);
+  auto p = [](std::vector<int64_t> shape) {
+    return at::randn(shape, at::kDouble).set_requires_grad(true);
+  };
+  at::Tensor x = p({6, 5}), w1 = p({8, 5}), w2 = p({8, 8}), w3 = p({3, 8});
+  at::Tensor y = at::mm(at::relu(at::mm(at::tanh(at::mm(x, w1.t())), w2.t())), w3.t());
+  EngineInputs in;
+  in.outputs = {y};
+  in.output_grads = {at::randn({6, 3}, at::kDouble)};
+  in.leaves = {w1, w2, w3, x};
+  in.leaf_is_input = {false, false, false, true};
+  in.leaf_needs_grad = {true, true, true, true};
+  return in;
+}
+
+EngineConfig paper_mode(torch_ar::Schedule schedule) {
+  EngineConfig c;
+  c.eta = 0.3;
+  c.steps = 12;
+  c.schedule = schedule;
+  c.keep_graph = true;
+  return c;
+}
+
+void expect_identical(const torch_ar::EngineResult& a, const torch_ar::EngineResult& b) {
+  ASSERT_EQ(a.leaf_grads.size(), b.leaf_grads.size());
+  for (size_t i = 0; i < a.leaf_grads.size(); ++i) {
+    ASSERT_TRUE(a.leaf_grads[i].defined() && b.leaf_grads[i].defined()) << "leaf " << i;
+    EXPECT_TRUE(at::equal(a.leaf_grads[i], b.leaf_grads[i])) << "leaf " << i;
+  }
+}
+
+TEST(StepGraph, NoneIsRegisteredForCpu) {
+  EXPECT_EQ(torch_ar::make_step_graph(c10::Device(c10::kCPU)), nullptr);
+  EngineInputs in = mlp();
+  EngineConfig c = paper_mode(torch_ar::Schedule::Jacobi);
+  c.cuda_graph = true;
+  auto r = torch_ar::run_engine(in, c);
+  EXPECT_EQ(r.stats.graph_steps, 0);
+  EXPECT_EQ(r.stats.steps, 12);
+}
+
+TEST(StepGraph, RecordsStepOneAndReplaysTheRest) {
+  for (auto schedule : {torch_ar::Schedule::Jacobi, torch_ar::Schedule::Sweep}) {
+    EngineInputs in = mlp();
+    EngineConfig c = paper_mode(schedule);
+    auto eager = torch_ar::run_engine(in, c);
+    CpuStepGraphScope scope;
+    c.cuda_graph = true;
+    auto graphed = torch_ar::run_engine(in, c);
+    EXPECT_EQ(captures, 1);
+    EXPECT_EQ(replays, 11);
+    EXPECT_EQ(graphed.stats.graph_steps, 11);
+    EXPECT_EQ(graphed.stats.steps, 12);
+    expect_identical(graphed, eager);
+  }
+}
+
+TEST(StepGraph, ToleranceIsTestedBetweenReplays) {
+  EngineInputs in = mlp();
+  EngineConfig c = paper_mode(torch_ar::Schedule::Jacobi);
+  c.steps = -1;
+  c.eta = 0.5;
+  c.tol = 1e-8;
+  auto eager = torch_ar::run_engine(in, c);
+  CpuStepGraphScope scope;
+  c.cuda_graph = true;
+  auto graphed = torch_ar::run_engine(in, c);
+  EXPECT_TRUE(graphed.stats.converged);
+  EXPECT_EQ(graphed.stats.steps, eager.stats.steps);
+  EXPECT_EQ(graphed.stats.graph_steps, eager.stats.steps - 1);
+  expect_identical(graphed, eager);
+}
+
+TEST(StepGraph, TooFewStepsRecordNothing) {
+  CpuStepGraphScope scope;
+  EngineInputs in = mlp();
+  EngineConfig c = paper_mode(torch_ar::Schedule::Jacobi);
+  c.steps = 2;
+  c.cuda_graph = true;
+  auto r = torch_ar::run_engine(in, c);
+  EXPECT_EQ(captures, 0);
+  EXPECT_EQ(r.stats.graph_steps, 0);
+}
+
+TEST(FusedActivation, MatchesTheUnfusedVjps) {
+  for (auto schedule : {torch_ar::Schedule::Jacobi, torch_ar::Schedule::Sweep}) {
+    EngineInputs in = mlp();
+    EngineConfig c = paper_mode(schedule);
+    c.fuse_activations = false;
+    auto unfused = torch_ar::run_engine(in, c);
+    EXPECT_EQ(unfused.stats.fused_activations, 0);
+    c.fuse_activations = true;
+    auto fused = torch_ar::run_engine(in, c);
+    // The relu output's f' is fused; the tanh output's layer sends nothing to
+    // a state during relaxation (only to W1 and x), so there is nothing to fuse.
+    EXPECT_EQ(fused.stats.fused_activations, 1);
+    for (size_t i = 0; i < fused.leaf_grads.size(); ++i) {
+      const double err = (fused.leaf_grads[i] - unfused.leaf_grads[i]).abs().max().item<double>();
+      EXPECT_LT(err, 1e-14 * (1.0 + unfused.leaf_grads[i].abs().max().item<double>()))
+          << "leaf " << i;
+    }
+  }
+}
+
+TEST(FusedActivation, NotUsedWhenTheVariantDropsTheDerivative) {
+  EngineInputs in = mlp();
+  EngineConfig c = paper_mode(torch_ar::Schedule::Jacobi);
+  c.drop_activation_derivative = true;
+  auto r = torch_ar::run_engine(in, c);
+  EXPECT_EQ(r.stats.fused_activations, 0);
+}
+
+} // namespace
