@@ -128,6 +128,18 @@ class Case:
         self.ar_exact = torch_ar.ARBackward(self.model)
         self.ar_paper = torch_ar.ARBackward(self.model, eta=eta, steps=steps)
         self.ar_lo = torch_ar.ARBackward(self.model, eta=eta, steps=lo_steps)
+        # The speed features, each against the default path: the activation
+        # derivative applied by its own VJP instead of the update kernel, and
+        # (CUDA) one step recorded as a CUDA graph and replayed.
+        self.variants = {
+            "unfused": {"fuse_activations": False},
+            **({"graph": {"cuda_graph": True}} if device.type == "cuda" else {}),
+        }
+        self.ar_feature = {
+            (name, n): torch_ar.ARBackward(self.model, eta=eta, steps=n, **kw)
+            for name, kw in self.variants.items()
+            for n in (steps, lo_steps)
+        }
         # The plain AR flavour timed for this model (explicit Jacobians where possible).
         self.plain_kind = "explicit" if self.is_mlp else "autograd.grad"
 
@@ -197,6 +209,9 @@ class Case:
             "plain_paper": lambda: self.run_plain(self.steps),
             "plain_lo": lambda: self.run_plain(self.lo_steps),
         }
+        for (name, n), module in self.ar_feature.items():
+            tag = "paper" if n == self.steps else "lo"
+            m[f"ar_{tag}_{name}"] = lambda module=module: self.run_module(module)
         if self.is_mlp:  # the generic autograd.grad flavour too, for comparison
             m["plain_autograd_paper"] = lambda: self.run_plain_blocks(self.steps)
             m["plain_autograd_lo"] = lambda: self.run_plain_blocks(self.lo_steps)
@@ -265,6 +280,8 @@ class Case:
             "autograd": module(self.model),
             "ar_exact": module(self.ar_exact),
             "ar_paper": module(self.ar_paper),
+            **({"ar_paper_graph": module(self.ar_feature[("graph", self.steps)])}
+               if "graph" in self.variants else {}),
             "plain_paper": lambda: (
                 plain_ar.ar_gradients_mlp if self.is_mlp else plain_ar.ar_gradients_blocks
             )(self.model, self.x, self.target, self.loss_fn, self.eta, self.steps),
@@ -316,6 +333,17 @@ def summarise(case: Case, t: dict[str, dict[str, float]]) -> dict:
         "ar_step_over_vjp_sweep": ar_step / bw["vjp_sweep"],
         "plain_step_over_vjp_sweep": plain_step / bw["vjp_sweep"],
     }
+    row["features"] = {}
+    for name in case.variants:
+        paper, lo = bw[f"ar_paper_{name}"], bw[f"ar_lo_{name}"]
+        step = (paper - lo) / span
+        row["features"][name] = {
+            "backward_ms": paper,
+            "step_ms": step,
+            "default_over_feature_backward": bw["ar_paper"] / paper,
+            "plain_over_feature_backward": bw["plain_paper"] / paper,
+            "step_over_vjp_sweep": step / bw["vjp_sweep"],
+        }
     if "plain_autograd_paper" in bw:
         row["plain_autograd_paper_backward_ms"] = bw["plain_autograd_paper"]
         row["plain_autograd_step_ms"] = (
@@ -388,17 +416,41 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {fmt_step(r['ar_step_over_vjp_sweep'], 'x', 2)} "
             f"| {fmt_step(r['plain_step_over_vjp_sweep'], 'x', 2)} |"
         )
+    lines += [
+        "",
+        "## Speed features against the default path",
+        "",
+        ("Default: fused activation update, no CUDA graph. `unfused`: "
+        "`fuse_activations=False` (each activation runs its own VJP every step). `graph`: "
+        "`cuda_graph=True` (step 1 recorded, the rest replayed; CUDA only). "
+        "default / feature above 1: the feature is faster than the default."),
+        "",
+        ("| model | batch | feature | backward | default / feature | plain / feature "
+        "| step | step / sweep |"),
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for name, f in r.get("features", {}).items():
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {name} | {fmt(f['backward_ms'], ' ms')} "
+                f"| {fmt(f['default_over_feature_backward'], 'x')} "
+                f"| {fmt(f['plain_over_feature_backward'], 'x')} "
+                f"| {fmt_step(f['step_ms'])} | {fmt_step(f['step_over_vjp_sweep'], 'x', 2)} |"
+            )
     lines += ["", "## Peak memory of forward + backward (above model, input and target)", ""]
     if any(r.get("memory_mib") for r in rows):
         lines += [
-            "| model | batch | autograd | torch_ar eta 1 | torch_ar paper | plain AR paper |",
-            "|---|---:|---:|---:|---:|---:|",
+            ("| model | batch | autograd | torch_ar eta 1 | torch_ar paper "
+            "| torch_ar paper, graph | plain AR paper |"),
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             m = r["memory_mib"]
             base = m["autograd"]
-            cells = [f"{fmt(m[k], ' MiB', 1)} ({fmt(m[k] / base, 'x')})" for k in
-                     ("ar_exact", "ar_paper", "plain_paper")]
+            cells = [
+                f"{fmt(m[k], ' MiB', 1)} ({fmt(m[k] / base, 'x')})" if k in m else "n/a"
+                for k in ("ar_exact", "ar_paper", "ar_paper_graph", "plain_paper")
+            ]
             lines.append(f"| {r['model']} | {r['batch']} | {fmt(base, ' MiB', 1)} | " + " | ".join(cells) + " |")
     else:
         lines.append("Not measured on this device (CUDA only: torch.cuda.max_memory_allocated).")
