@@ -54,7 +54,11 @@ def native_extension():
     # relinks. The headers are listed for the slower non-ninja fallback.
     depends = project_files("csrc/**/*.h", "kernels/**/*.h", "kernels/**/*.cuh")
     # C++20: the headers of torch releases after 2.11 require it (2.11 accepts it).
-    cxx_flags = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop that runs serially in
+    # code compiled without it. Only compiled with it: the OpenMP calls bind,
+    # when the library loads, to the runtime torch itself loaded (linking our
+    # own would put a second OpenMP runtime in the process).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda():
         return CUDAExtension(
