@@ -210,6 +210,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     )
     _relaxation_arguments(g)
     g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        default=None,
+        help="on a CUDA device, replay each relaxation step from a recorded CUDA graph",
+    )
+    g.add_argument(
         "--cosine-every",
         type=nonnegative_int,
         default=d.cosine_every,

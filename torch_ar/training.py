@@ -44,7 +44,7 @@ DEFAULT_LR[("adam", "cross-entropy")] = 1e-3
 SUMMED_LOSSES = ("mse",)
 # Seed of the fixed test sample drawn for limit_test_batches (independent of the run's seed).
 TEST_SAMPLE_SEED = 0
-AR_OPTIONS = ("eta", "steps", "tol", "init", "schedule", "granularity", "variant")
+AR_OPTIONS = ("eta", "steps", "tol", "init", "schedule", "granularity", "variant", "cuda_graph")
 
 
 class ConfigError(ValueError):
@@ -84,6 +84,7 @@ class TrainConfig:
     schedule: str | None = None
     granularity: str | None = None
     variant: str | None = None
+    cuda_graph: bool | None = None
     optimizer: str = "sgd"
     lr: float | None = None
     momentum: float = 0.0

@@ -134,6 +134,31 @@ def test_ar_paper_settings_approach_autograd() -> None:
 
 
 @needs_fashion
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(),
+                reason="CUDA is not available on this machine (torch.cuda.is_available() is False)",
+            ),
+        ),
+    ],
+)
+def test_cuda_graph_option_reaches_the_engine(device: str) -> None:
+    """--cuda-graph: the same training as without it (on a CPU it records nothing)."""
+    settings = {"method": "ar", "eta": 0.1, "steps": 20, "limit_train_batches": 3,
+                "device": device}
+    plain = training.train(small_config(**settings))[-1]
+    graphed = training.train(small_config(cuda_graph=True, **settings))[-1]
+    assert training.TrainConfig(cuda_graph=True).ar_options() == {"cuda_graph": True}
+    assert graphed["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-5)
+    assert cli.build_parser().parse_args(["train", "--cuda-graph"]).cuda_graph is True
+
+
+@needs_fashion
 def test_training_is_deterministic_for_a_seed() -> None:
     def run(seed: int) -> list[dict]:
         history = training.train(small_config(seed=seed, epochs=2, limit_train_batches=5))
