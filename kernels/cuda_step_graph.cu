@@ -53,6 +53,8 @@ class CudaStepGraph final : public StepGraph {
       } catch (...) {
         // The capture was invalidated; the step's own error says why.
       }
+      // The refused call left its error for the next launch check to find.
+      (void)cudaGetLastError();
       throw;
     }
     graph_.capture_end();

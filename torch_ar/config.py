@@ -130,7 +130,7 @@ class RelaxConfig:
             raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
         for name in ("fuse_activations", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")  # noqa: TRY004
         if not isinstance(self.check_every, int) or self.check_every < 1:
             raise ValueError(f"check_every must be a positive integer, got {self.check_every!r}")
 

@@ -412,11 +412,21 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   int64_t step = 0;
   for (; step < limit; ++step) {
     at::Tensor norms;  // [R, 2] in relaxing_ order
-    if (graph && step >= 1) {
-      if (!recorded) {
+    if (graph && step >= 1 && !recorded) {
+      recorded = true;
+      try {
         graph->capture([&] { graph_norms = relax_step(sweep); });
-        recorded = true;
+      } catch (const c10::Error& e) {
+        // Nothing of the step ran; what it left on the host (targets, fresh
+        // flags) is rewritten by the next step before it is read.
+        TORCH_WARN(
+            "torch_ar: the relaxation step could not be recorded as a CUDA graph; "
+            "relaxing without one. The device said: ", e.what_without_backtrace());
+        graph.reset();
+        graph_norms = at::Tensor();
       }
+    }
+    if (graph && step >= 1) {
       graph->replay();
       norms = graph_norms;
       ++stats.graph_steps;

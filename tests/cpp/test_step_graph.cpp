@@ -38,11 +38,27 @@ std::unique_ptr<torch_ar::StepGraph> make_replaying(const c10::Device&) {
   return std::make_unique<ReplayingStepGraph>();
 }
 
-// Registers the stand-in for CPU tensors for the scope of a test.
+// A device that refuses the capture, as CUDA does when the step calls
+// something that waits on the host. (On the CPU the step cannot run its host
+// side without its tensor work, so it is refused before it starts.)
+class RefusingStepGraph final : public torch_ar::StepGraph {
+ public:
+  void capture(const std::function<void()>&) override {
+    ++captures;
+    TORCH_CHECK(false, "operation not permitted when stream is capturing");
+  }
+  void replay() override { ++replays; }
+};
+
+std::unique_ptr<torch_ar::StepGraph> make_refusing(const c10::Device&) {
+  return std::make_unique<RefusingStepGraph>();
+}
+
+// Registers a stand-in for CPU tensors for the scope of a test.
 struct CpuStepGraphScope {
   torch_ar::StepGraphFactory previous;
-  CpuStepGraphScope()
-      : previous(torch_ar::set_step_graph_factory(c10::DeviceType::CPU, &make_replaying)) {
+  explicit CpuStepGraphScope(torch_ar::StepGraphFactory factory = &make_replaying)
+      : previous(torch_ar::set_step_graph_factory(c10::DeviceType::CPU, factory)) {
     captures = replays = 0;
   }
   ~CpuStepGraphScope() { torch_ar::set_step_graph_factory(c10::DeviceType::CPU, previous); }
@@ -122,6 +138,22 @@ TEST(StepGraph, ToleranceIsTestedBetweenReplays) {
   EXPECT_EQ(graphed.stats.steps, eager.stats.steps);
   EXPECT_EQ(graphed.stats.graph_steps, eager.stats.steps - 1);
   expect_identical(graphed, eager);
+}
+
+TEST(StepGraph, RefusedCaptureFallsBackToEagerSteps) {
+  for (auto schedule : {torch_ar::Schedule::Jacobi, torch_ar::Schedule::Sweep}) {
+    EngineInputs in = mlp();
+    EngineConfig c = paper_mode(schedule);
+    auto eager = torch_ar::run_engine(in, c);
+    CpuStepGraphScope scope(&make_refusing);
+    c.cuda_graph = true;
+    auto fallback = torch_ar::run_engine(in, c);
+    EXPECT_EQ(captures, 1);
+    EXPECT_EQ(replays, 0);
+    EXPECT_EQ(fallback.stats.graph_steps, 0);
+    EXPECT_EQ(fallback.stats.steps, 12);
+    expect_identical(fallback, eager);
+  }
 }
 
 TEST(StepGraph, TooFewStepsRecordNothing) {
