@@ -92,6 +92,7 @@ class Executor {
   std::vector<variable_list> param_side_buf_;
   std::vector<std::vector<std::pair<int, at::Tensor>>> constant_contrib_;
   std::vector<char> constant_ready_;
+  std::vector<char> constant_target_;  // per slot: every contribution is constant
   bool sweep_nonfinite_ = false;
 
   // A fused activation at the top of a layer (under reshapes at most):

@@ -38,6 +38,13 @@ Executor::Executor(
   constant_contrib_.resize(plan_.layers.size());
   constant_ready_.assign(plan_.layers.size(), 0);
   fused_of_slot_.assign(S, -1);
+  constant_target_.assign(S, 0);
+  for (size_t s = 0; s < S; ++s) {
+    const auto& consumers = plan_.slots[s].consumer_layers;
+    bool all_constant = !consumers.empty();
+    for (int c : consumers) all_constant = all_constant && plan_.layers[c].constant;
+    constant_target_[s] = all_constant;
+  }
   fused_of_layer_.assign(plan_.layers.size(), -1);
 }
 
@@ -225,7 +232,12 @@ void Executor::run_layer(int L, Pass pass) {
       constant_ready_[L] = 1;
       // Fall through once and record what the layer sends.
     } else {
-      for (const auto& [s, grad] : constant_contrib_[L]) contribute_state(s, grad);
+      for (const auto& [s, grad] : constant_contrib_[L]) {
+        // A target made only of constant contributions keeps last step's
+        // value (the update reads targets, never writes them).
+        if (constant_target_[s] && persistent_targets_) fresh_[s] = 1;
+        else contribute_state(s, grad);
+      }
       return;
     }
   }
@@ -389,10 +401,22 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
 
   setup_fused_activations();
   stats.fused_activations = static_cast<int64_t>(fused_.size());
-  // A recorded step replays the remaining ones: step 0 runs as is (it also
+  // A recorded block of steps replays the rest: step 0 runs as is (it also
   // warms up library handles and the constant layers' cached contributions),
-  // step 1 is recorded and then replayed.
+  // then `span` steps are recorded as one graph and replayed. The span divides
+  // the remaining steps (no leftover steps run without the graph) and is at
+  // most check_every, so the host can queue several blocks between reads.
   const bool on_cpu = R == 0 || x_[relaxing_[0]].is_cpu();
+  const int64_t check_every = std::max<int64_t>(config_.check_every, 1);
+  int64_t span = 1;
+  if (!config_.trace && !config_.trace_cosine && limit > 1) {
+    for (int64_t d = std::min(check_every, limit - 1); d >= 1; --d) {
+      if ((limit - 1) % d == 0) {
+        span = d;
+        break;
+      }
+    }
+  }
   bool want_graph = config_.cuda_graph && R > 0 && limit >= 3;
   if (want_graph) {
     const std::string node = uncapturable_node();
@@ -409,15 +433,19 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   bool recorded = false;
   at::Tensor graph_norms;
 
-  int64_t step = 0;
-  for (; step < limit; ++step) {
-    at::Tensor norms;  // [R, 2] in relaxing_ order
-    if (graph && step >= 1 && !recorded) {
+  int64_t done = 0;  // steps taken
+  while (done < limit) {
+    at::Tensor norms;  // [R, 2] in relaxing_ order, of the last step taken
+    const int64_t before = done;
+    const bool whole_block = done >= 1 && limit - done >= span;
+    if (graph && whole_block && !recorded) {
       recorded = true;
       try {
-        graph->capture([&] { graph_norms = relax_step(sweep); });
+        graph->capture([&] {
+          for (int64_t k = 0; k < span; ++k) graph_norms = relax_step(sweep);
+        });
       } catch (const c10::Error& e) {
-        // Nothing of the step ran; what it left on the host (targets, fresh
+        // Nothing of the block ran; what it left on the host (targets, fresh
         // flags) is rewritten by the next step before it is read.
         TORCH_WARN(
             "torch_ar: the relaxation step could not be recorded as a CUDA graph; "
@@ -426,27 +454,28 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
         graph_norms = at::Tensor();
       }
     }
-    if (graph && step >= 1) {
+    const bool replayed = graph && whole_block;
+    if (replayed) {
       graph->replay();
       norms = graph_norms;
-      ++stats.graph_steps;
+      done += span;
+      stats.graph_steps += span;
     } else {
       norms = relax_step(sweep);
+      ++done;
     }
 
-    const bool last = step + 1 == limit;
+    const bool last = done == limit;
     // Reading residuals back costs a device sync; on CPU it is free. The
     // tolerance is tested when they are read, so it may stop up to
     // check_every - 1 steps after it was first met.
-    const bool check = on_cpu || config_.trace || last ||
-        (step + 1) % std::max<int64_t>(config_.check_every, 1) == 0;
+    const bool check = on_cpu || config_.trace || last || done / check_every > before / check_every;
     if (!check) continue;
     at::Tensor host = norms.to(at::kCPU, at::kDouble).contiguous();
-    if (!check_finite(host, relaxing_, step + 1)) {
+    if (!check_finite(host, relaxing_, done)) {
       // Further steps cannot recover; the gradients carry the NaN/Inf.
       stats.nonfinite = true;
       stats.max_residual = std::numeric_limits<double>::infinity();
-      ++step;
       break;
     }
     auto acc = host.accessor<double, 2>();
@@ -476,11 +505,10 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
     }
     if (config_.tol > 0 && worst <= config_.tol) {
       stats.converged = true;
-      ++step;
       break;
     }
   }
-  stats.steps = step;
+  stats.steps = done;
   if (config_.tol <= 0) {
     // Without a tolerance, "converged" means the last update moved nothing
     // beyond rounding, or the schedule is exact by construction.

@@ -124,6 +124,38 @@ TEST(StepGraph, RecordsStepOneAndReplaysTheRest) {
   }
 }
 
+TEST(StepGraph, BlocksOfCheckEverySteps) {
+  // 11 steps read back every 5: step 0 as is, steps 1-10 as two replays of a
+  // recorded 5-step block.
+  for (auto schedule : {torch_ar::Schedule::Jacobi, torch_ar::Schedule::Sweep}) {
+    EngineInputs in = mlp();
+    EngineConfig c = paper_mode(schedule);
+    c.steps = 11;
+    c.check_every = 5;
+    auto eager = torch_ar::run_engine(in, c);
+    CpuStepGraphScope scope;
+    c.cuda_graph = true;
+    auto graphed = torch_ar::run_engine(in, c);
+    EXPECT_EQ(captures, 1);
+    EXPECT_EQ(replays, 2);
+    EXPECT_EQ(graphed.stats.graph_steps, 10);
+    EXPECT_EQ(graphed.stats.steps, 11);
+    expect_identical(graphed, eager);
+  }
+}
+
+TEST(StepGraph, BlockDividesTheRemainingSteps) {
+  // 12 steps: 11 left after step 0, a prime, so blocks of one step.
+  EngineInputs in = mlp();
+  EngineConfig c = paper_mode(torch_ar::Schedule::Jacobi);
+  c.check_every = 5;
+  CpuStepGraphScope scope;
+  c.cuda_graph = true;
+  auto graphed = torch_ar::run_engine(in, c);
+  EXPECT_EQ(replays, 11);
+  EXPECT_EQ(graphed.stats.graph_steps, 11);
+}
+
 TEST(StepGraph, ToleranceIsTestedBetweenReplays) {
   EngineInputs in = mlp();
   EngineConfig c = paper_mode(torch_ar::Schedule::Jacobi);

@@ -64,7 +64,7 @@ def test_replayed_steps_equal_eager_steps(torch_ar, make, schedule, dtype, devic
 
 
 @CUDA_ONLY
-def test_tolerance_with_graph_reads_back_every_check_every_steps(torch_ar) -> None:
+def test_tolerance_with_graph_is_tested_about_every_check_every_steps(torch_ar) -> None:
     torch.manual_seed(0)
     net = mlp().cuda()
     x = torch.randn(8, 3, 16, 16, device="cuda")
@@ -73,8 +73,13 @@ def test_tolerance_with_graph_reads_back_every_check_every_steps(torch_ar) -> No
     )
     assert stats.converged
     assert stats.max_residual <= 1e-5
-    assert stats.steps % 7 == 0
+    # 9999 steps after step 0: blocks of 3 (the largest divisor up to 7),
+    # residuals read whenever a multiple of 7 steps is passed.
+    assert (stats.steps - 1) % 3 == 0
     assert stats.graph_steps == stats.steps - 1
+    _, eager_stats = grads_and_stats(torch_ar, net, x, eta=0.5, tol=1e-5, check_every=7)
+    assert eager_stats.steps % 7 == 0
+    assert abs(eager_stats.steps - stats.steps) < 7
 
 
 @CUDA_ONLY
