@@ -422,7 +422,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         ("Default: fused activation update, no CUDA graph. `unfused`: "
         "`fuse_activations=False` (each activation runs its own VJP every step). `graph`: "
-        "`cuda_graph=True` (step 1 recorded, the rest replayed; CUDA only). "
+        "`cuda_graph=True` (after step 0, blocks of steps recorded once and replayed; CUDA only). "
         "default / feature above 1: the feature is faster than the default."),
         "",
         ("| model | batch | feature | backward | default / feature | plain / feature "
