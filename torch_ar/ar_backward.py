@@ -146,6 +146,17 @@ class _ForwardRun:
                 if ok:
                     self.outputs.append(self.out_flat[self.tensor_positions[k]])
                     self.output_slots.append(k)
+        if self.forward_values and self.outputs:
+            # Keep only the relaxing states' values until backward: the rest
+            # (pre-activations, say) would otherwise outlive the forward.
+            keep = torch.ops.torch_ar.relaxing_state_values(
+                self.outputs,
+                self.params + self.input_leaves,
+                [False] * len(self.params) + [True] * len(self.input_leaves),
+                self.forward_values,
+                self.config.granularity,
+            ).tolist()
+            self.forward_values = [v for v, k in zip(self.forward_values, keep) if k]
         return [self.out_flat[pos].detach() for pos in self.tensor_positions]
 
     def rebuild(self, tensors: tuple[torch.Tensor, ...]) -> Any:

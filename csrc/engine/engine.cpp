@@ -22,6 +22,34 @@ bool can_take_exact_sweep(const EngineConfig& c, int64_t depth) {
   return c.schedule == Schedule::Sweep ? c.steps >= 1 : c.steps >= depth;
 }
 
+std::vector<bool> relaxing_state_values(
+    const std::vector<at::Tensor>& outputs,
+    const std::vector<at::Tensor>& leaves,
+    const std::vector<bool>& leaf_is_input,
+    const std::vector<at::Tensor>& values,
+    Granularity granularity) {
+  at::NoGradGuard no_grad;
+  const std::vector<bool> every_leaf(leaves.size(), true);
+  CapturedGraph graph = capture_graph(outputs, leaves, leaf_is_input, every_leaf);
+  Plan plan = make_plan(graph, std::vector<at::Tensor>(graph.roots.size()), granularity);
+  std::unordered_map<const torch::autograd::Node*, std::vector<bool>> relaxing;
+  for (const auto& slot : plan.slots) {
+    if (slot.clamped) continue;
+    auto& v = relaxing[graph.nodes[slot.node].get()];
+    if (v.size() <= slot.output_nr) v.resize(slot.output_nr + 1, false);
+    v[slot.output_nr] = true;
+  }
+  std::vector<bool> keep(values.size(), false);
+  for (size_t i = 0; i < values.size(); ++i) {
+    const at::Tensor& t = values[i];
+    if (!t.defined() || !t.requires_grad() || !t.grad_fn()) continue;
+    auto it = relaxing.find(t.grad_fn().get());
+    const uint32_t nr = t.output_nr();
+    keep[i] = it != relaxing.end() && nr < it->second.size() && it->second[nr];
+  }
+  return keep;
+}
+
 namespace {
 
 std::vector<at::Tensor> match_forward_values(
@@ -67,7 +95,7 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
   EngineResult result;
   Executor executor(plan, config, in.backward_weights);
   if (can_take_exact_sweep(config, plan.depth)) {
-    result.leaf_grads = executor.exact_sweep();
+    result.leaf_grads = executor.exact_sweep(/*release_saved=*/!config.keep_graph);
     RelaxStats& st = result.stats;
     st.depth = plan.depth;
     st.steps = config.steps >= 0 ? config.steps

@@ -29,6 +29,15 @@ struct EngineResult {
 // that task's exec_info cannot hide inner nodes' gradients.
 EngineResult run_engine(const EngineInputs& inputs, const EngineConfig& config);
 
+// Which of `values` (tensors recorded during forward) are relaxing states of
+// the graph behind `outputs`: only those need keeping for init="forward".
+std::vector<bool> relaxing_state_values(
+    const std::vector<at::Tensor>& outputs,
+    const std::vector<at::Tensor>& leaves,
+    const std::vector<bool>& leaf_is_input,
+    const std::vector<at::Tensor>& values,
+    Granularity granularity);
+
 // True when eta, steps, tol and tracing allow the single exact sweep.
 bool can_take_exact_sweep(const EngineConfig& config, int64_t depth);
 

@@ -43,7 +43,9 @@ class Executor {
 
   // Each layer once, consumers first, as soon as its states are final: the
   // fixed point of eta = 1 without simulating the D steps. Fills leaf grads.
-  std::vector<at::Tensor> exact_sweep();
+  // release_saved: free each layer's saved forward values once it has run,
+  // as autograd does (the graph cannot be used again).
+  std::vector<at::Tensor> exact_sweep(bool release_saved = false);
   // After exact_sweep: a state was NaN/Inf (and the config let it through).
   bool sweep_nonfinite() const { return sweep_nonfinite_; }
 

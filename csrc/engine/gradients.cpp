@@ -76,7 +76,7 @@ std::vector<at::Tensor> Executor::leaf_gradients() {
   return finish_leaf_gradients();
 }
 
-std::vector<at::Tensor> Executor::exact_sweep() {
+std::vector<at::Tensor> Executor::exact_sweep(bool release_saved) {
   persistent_targets_ = false;
   reset_gradients();
   begin_step();
@@ -107,9 +107,12 @@ std::vector<at::Tensor> Executor::exact_sweep() {
       run_layer(L, Pass::Propagate);
       run_layer(L, Pass::WeightGrad);
     }
-    // Free states as soon as they are used, as autograd frees its buffers.
+    // Free states and saved values as soon as they are used, as autograd
+    // frees its buffers.
     for (int s : layer.out_slots)
       if (s >= 0) x_[s] = at::Tensor();
+    if (release_saved)
+      for (int n : layer.chain) graph_.nodes[n]->release_variables();
   }
   if (!finite.empty()) {
     at::Tensor sums = at::stack(finite).to(at::kCPU);

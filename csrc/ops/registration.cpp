@@ -26,6 +26,11 @@ TORCH_LIBRARY(torch_ar, m) {
   m.def("supported_ops() -> str[]", &torch_ar::supported_op_rows);
   // Which module outputs have a differentiable path to `leaves` (bool [n]).
   m.def("differentiable_outputs(Tensor[] outputs, Tensor[] leaves) -> Tensor");
+  // Which recorded forward tensors are relaxing states (bool [n]): the only
+  // ones init="forward" needs kept until backward.
+  m.def(
+      "relaxing_state_values(Tensor[] outputs, Tensor[] leaves, bool[] leaf_is_input, "
+      "Tensor[] values, str granularity) -> Tensor");
   m.def(
       "relax(Tensor[] outputs, Tensor?[] output_grads, Tensor[] leaves, "
       "bool[] leaf_is_input, bool[] leaf_needs_grad, Tensor[] forward_values, "

@@ -118,11 +118,31 @@ at::Tensor differentiable_outputs_op(at::TensorList outputs, at::TensorList leav
   return flags;
 }
 
+at::Tensor relaxing_state_values_op(
+    at::TensorList outputs,
+    at::TensorList leaves,
+    const c10::List<bool>& leaf_is_input,
+    at::TensorList values,
+    c10::string_view granularity) {
+  TORCH_CHECK(leaves.size() == leaf_is_input.size(),
+              "torch_ar.relaxing_state_values: leaves and leaf_is_input differ in length");
+  std::vector<bool> is_input;
+  for (bool b : leaf_is_input) is_input.push_back(b);
+  std::vector<bool> keep = relaxing_state_values(
+      outputs.vec(), leaves.vec(), is_input, values.vec(),
+      parse_granularity(std::string(granularity)));
+  auto flags = at::zeros({static_cast<int64_t>(keep.size())}, at::kBool);
+  auto acc = flags.accessor<bool, 1>();
+  for (size_t i = 0; i < keep.size(); ++i) acc[i] = keep[i];
+  return flags;
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_ar, CompositeExplicitAutograd, m) {
   m.impl("relax", TORCH_FN(relax_op));
   m.impl("differentiable_outputs", TORCH_FN(differentiable_outputs_op));
+  m.impl("relaxing_state_values", TORCH_FN(relaxing_state_values_op));
 }
 
 } // namespace torch_ar

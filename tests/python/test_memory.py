@@ -214,3 +214,65 @@ def test_cuda_memory_does_not_grow_over_2000_iterations(ar_kwargs):
     assert torch.cuda.memory_allocated() - base <= 64 * 1024, (
         f"CUDA memory grew by {torch.cuda.memory_allocated() - base} bytes"
     )
+
+
+class _StorageProbe(torch.autograd.Function):
+    """Identity whose backward records whether a watched storage is freed."""
+
+    @staticmethod
+    def forward(ctx, x, watch):  # noqa: ANN001, ANN205
+        ctx.watch = watch
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        ctx.watch.append(ctx.watch[0].expired())
+        return grad, None
+
+
+class _ProbedNet(nn.Module):
+    """x -> tanh(l1) -> probe -> tanh(l2) = h2 -> l3. h2's storage is saved by
+    tanh (its result) and by l3 (its input), both above the probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.watch: list = []
+        self.pre_activation: weakref.ref | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        h1 = _StorageProbe.apply(torch.tanh(self.l1(x)), self.watch)
+        a2 = self.l2(h1)
+        self.pre_activation = weakref.ref(a2)
+        h2 = torch.tanh(a2)
+        self.watch[:] = [StorageWeakRef(h2.untyped_storage())]
+        return self.l3(h2)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["autograd", "ar_exact"])
+def test_saved_values_freed_layer_by_layer(wrapped, torch_ar):
+    """Like autograd, the exact sweep frees a layer's saved values once it has
+    run, not at the end of the backward."""
+    net = _ProbedNet()
+    model = torch_ar.ARBackward(net) if wrapped else net
+    model(torch.randn(5, 4)).square().sum().backward()
+    assert net.watch[1:] == [True], "values saved above the probe were still held"
+
+
+def test_forward_values_kept_only_for_states(torch_ar):
+    """init="forward" keeps the states' forward values until backward, and
+    nothing else made in forward (a pre-activation dies as in autograd)."""
+    net = _ProbedNet()
+    x = torch.randn(5, 4)
+    ar = torch_ar.ARBackward(net, eta=0.5, steps=3)
+    out = ar(x)
+    assert net.pre_activation() is None, "a pre-activation outlived the forward"
+    out.square().sum().backward()
+    forward_init = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    zero = torch_ar.ARBackward(net, eta=0.5, steps=3, init="zero")
+    zero(x).square().sum().backward()
+    # The states did start from their forward values: the transients differ.
+    assert any(not torch.allclose(a, p.grad) for a, p in zip(forward_init, net.parameters()))
