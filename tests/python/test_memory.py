@@ -220,12 +220,12 @@ class _StorageProbe(torch.autograd.Function):
     """Identity whose backward records whether a watched storage is freed."""
 
     @staticmethod
-    def forward(ctx, x, watch):  # noqa: ANN001, ANN205
+    def forward(ctx, x, watch):
         ctx.watch = watch
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         ctx.watch.append(ctx.watch[0].expired())
         return grad, None
 
