@@ -9,6 +9,7 @@
 
 #include "engine/step_graph.h"
 
+#include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
@@ -42,6 +43,14 @@ class CudaStepGraph final : public StepGraph {
     // Work already queued must not be recorded, and memory it frees must be
     // free before the graph's pool is set up.
     c10::cuda::device_synchronize();
+    // Autocast's cache of cast weights must not hand out tensors of the
+    // graph's pool to later eager code (a backward run inside autocast).
+    const bool autocast_cache = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(false);
+    struct RestoreCache {
+      bool enabled;
+      ~RestoreCache() { at::autocast::set_autocast_cache_enabled(enabled); }
+    } restore_cache{autocast_cache};
     // Thread-local mode: other threads (a data loader, say) may keep calling
     // the CUDA runtime while this thread records.
     graph_.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);

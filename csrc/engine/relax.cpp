@@ -421,7 +421,8 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   if (want_graph) {
     const std::string node = uncapturable_node();
     if (!node.empty()) {
-      TORCH_WARN_ONCE(
+      // Python shows a repeated warning once per place it comes from.
+      TORCH_WARN(
           "torch_ar: cuda_graph=True, but node '", node, "' runs its own backward during "
           "relaxation, which may synchronise with the host and cannot be recorded; "
           "relaxing without a CUDA graph.");

@@ -113,3 +113,22 @@ def test_graph_memory_is_released_across_batches(torch_ar) -> None:
     assert ar.last_stats.graph_steps == 9
     # One graph pool per backward, freed with it: memory does not grow.
     assert peaks[-1] <= peaks[1] * 1.05
+
+
+@CUDA_ONLY
+def test_replayed_steps_under_bfloat16_autocast(torch_ar) -> None:
+    """bfloat16 activations (float32 states, cast for each VJP) in the graph."""
+    torch.manual_seed(0)
+    net = cnn().cuda()
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    grads = {}
+    for graph in (False, True):
+        ar = torch_ar.ARBackward(net, eta=0.1, steps=20, cuda_graph=graph)
+        net.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ar(x).float().logsumexp(1).sum()
+        loss.backward()
+        grads[graph] = [p.grad.clone() for p in net.parameters()]
+        assert ar.last_stats.graph_steps == (19 if graph else 0)
+    for g, e in zip(grads[True], grads[False]):
+        torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-3 * e.abs().max().item())
