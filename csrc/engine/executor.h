@@ -61,6 +61,7 @@ class Executor {
   void contribute_leaf(int leaf, const at::Tensor& grad);
   void contribute_param_side(const EdgeTarget& t, const at::Tensor& grad);
   void begin_step();
+  void fill_missing_target(int slot);
   void fill_missing_targets();
   void propagate_param_side();
   std::vector<at::Tensor> finish_leaf_gradients();

@@ -187,13 +187,16 @@ void Executor::contribute_state(int s, at::Tensor grad) {
   }
 }
 
+void Executor::fill_missing_target(int s) {
+  // A state no consumer wrote this step: its target is the loss term alone.
+  if (fresh_[s]) return;
+  if (plan_.slots[s].ext.defined()) target_[s].copy_(plan_.slots[s].ext);
+  else target_[s].zero_();
+  fresh_[s] = 1;
+}
+
 void Executor::fill_missing_targets() {
-  for (int s : relaxing_) {
-    if (fresh_[s]) continue;
-    if (plan_.slots[s].ext.defined()) target_[s].copy_(plan_.slots[s].ext);
-    else target_[s].zero_();
-    fresh_[s] = 1;
-  }
+  for (int s : relaxing_) fill_missing_target(s);
 }
 
 VjpRule Executor::rule_for(const Layer& layer, size_t q, Pass pass) const {
@@ -359,11 +362,7 @@ at::Tensor Executor::relax_step(bool sweep) {
   for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) {
     for (int s : plan_.layers[L].out_slots) {
       if (s < 0 || plan_.slots[s].clamped || !plan_.slots[s].needed) continue;
-      if (!fresh_[s]) {
-        if (plan_.slots[s].ext.defined()) target_[s].copy_(plan_.slots[s].ext);
-        else target_[s].zero_();
-        fresh_[s] = 1;
-      }
+      fill_missing_target(s);
       parts[s] = update({s});
     }
     run_layer(L, Pass::Relax);

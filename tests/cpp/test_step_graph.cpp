@@ -108,14 +108,28 @@ TEST(StepGraph, NoneIsRegisteredForCpu) {
   EXPECT_EQ(r.stats.steps, 12);
 }
 
+// The same relaxation without and with the stand-in recorder.
+struct EagerAndGraphed {
+  torch_ar::EngineResult eager;
+  torch_ar::EngineResult graphed;
+};
+
+EagerAndGraphed run_both(torch_ar::Schedule schedule, int64_t steps, int64_t check_every) {
+  EngineInputs in = mlp();
+  EngineConfig c = paper_mode(schedule);
+  c.steps = steps;
+  c.check_every = check_every;
+  EagerAndGraphed r;
+  r.eager = torch_ar::run_engine(in, c);
+  CpuStepGraphScope scope;
+  c.cuda_graph = true;
+  r.graphed = torch_ar::run_engine(in, c);
+  return r;
+}
+
 TEST(StepGraph, RecordsStepOneAndReplaysTheRest) {
   for (auto schedule : {torch_ar::Schedule::Jacobi, torch_ar::Schedule::Sweep}) {
-    EngineInputs in = mlp();
-    EngineConfig c = paper_mode(schedule);
-    auto eager = torch_ar::run_engine(in, c);
-    CpuStepGraphScope scope;
-    c.cuda_graph = true;
-    auto graphed = torch_ar::run_engine(in, c);
+    auto [eager, graphed] = run_both(schedule, 12, 1);
     EXPECT_EQ(captures, 1);
     EXPECT_EQ(replays, 11);
     EXPECT_EQ(graphed.stats.graph_steps, 11);
@@ -128,14 +142,7 @@ TEST(StepGraph, BlocksOfCheckEverySteps) {
   // 11 steps read back every 5: step 0 as is, steps 1-10 as two replays of a
   // recorded 5-step block.
   for (auto schedule : {torch_ar::Schedule::Jacobi, torch_ar::Schedule::Sweep}) {
-    EngineInputs in = mlp();
-    EngineConfig c = paper_mode(schedule);
-    c.steps = 11;
-    c.check_every = 5;
-    auto eager = torch_ar::run_engine(in, c);
-    CpuStepGraphScope scope;
-    c.cuda_graph = true;
-    auto graphed = torch_ar::run_engine(in, c);
+    auto [eager, graphed] = run_both(schedule, 11, 5);
     EXPECT_EQ(captures, 1);
     EXPECT_EQ(replays, 2);
     EXPECT_EQ(graphed.stats.graph_steps, 10);
