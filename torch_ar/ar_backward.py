@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,10 +11,13 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torch_ar.capture import ForwardValueRecorder, make_input_leaf
+from torch_ar.checkpointing import inline_checkpoints
 from torch_ar.config import RelaxConfig
 from torch_ar.variants import get_variant
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The engine's codes for RelaxationStats.evaluation (csrc/engine/config.h).
+_EVALUATION_NAMES = {1: "exact_sweep", 2: "closed_form", 3: "literal"}
 
 
 class RelaxationDivergedError(RuntimeError):
@@ -25,14 +29,21 @@ class RelaxationStats:
     """What the last backward's relaxation did.
 
     steps: relaxation steps taken (D for the exact single sweep, which is
-        identical to D literal Jacobi steps at eta 1).
+        identical to D literal Jacobi steps at eta 1), or evaluated in closed form.
+    evaluation: how: "exact_sweep" (eta 1: each layer once), "closed_form"
+        (the outcome of `steps` literal steps by Horner's rule) or "literal".
+    sweeps: passes over the layers that applied the relaxation's linear map
+        J: 1 for the exact sweep, min(steps, D) - 1 or so for the closed form,
+        one per step for the literal steps.
     depth: D, the longest path in layers from a relaxing state to an output.
     converged: tol met, or exact by construction (eta 1 and enough steps), or
         the last update below 1e-6 relative.
     exact_shortcut: the states were computed by one reverse sweep instead of
         simulated steps (eta 1, no trace); the result is the same fixed point.
-    max_residual / residuals: final relative residual |x_new - x| / |target|,
-        overall and per state.
+    max_residual / residuals: final relative residual |target - x| / |target|,
+        overall and per state: of the last step taken (literal), of the
+        returned states (closed form: what step steps + 1 would measure), or
+        zero (exact sweep).
     nonfinite: a state became NaN/Inf and was let through to the gradients
         (nonfinite="propagate", or "auto" under autocast).
     residual_trace: [steps, num_states] residuals per step (trace=True).
@@ -41,6 +52,14 @@ class RelaxationStats:
     graph_steps: steps replayed from a recorded CUDA graph (cuda_graph=True).
     fused_activations: states whose activation derivative the update kernel
         applied (fuse_activations=True, literal steps).
+    relaxing_states: states that relax (num_states also counts the outputs,
+        which are clamped to the loss gradient).
+    params_outside_relaxation: parameters whose gradient depends on no
+        relaxing state (the output layer's; every parameter when the model
+        has no relaxing state, where AR is backprop).
+    inlined_checkpoints: torch.utils.checkpoint regions that the forward ran
+        as plain code so that their layers could relax (see
+        torch_ar.checkpointing).
     """
 
     steps: int
@@ -55,6 +74,11 @@ class RelaxationStats:
     cosine_trace: dict[str, torch.Tensor] | None = None
     graph_steps: int = 0
     fused_activations: int = 0
+    relaxing_states: int = 0
+    params_outside_relaxation: int = 0
+    inlined_checkpoints: int = 0
+    evaluation: str = "literal"
+    sweeps: int = 0
     num_states: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +103,12 @@ class _ForwardRun:
             i for i, v in enumerate(self.flat)
             if isinstance(v, torch.Tensor) and v.is_floating_point()
         ]
+        # Integer inputs (token ids): a lookup by them makes a neuron.
+        self.data_indices = [
+            v for v in self.flat
+            if isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex()
+        ]
+        self.inlined_checkpoints = 0
         for i, v in enumerate(self.flat):
             if isinstance(v, torch.Tensor):
                 _check_supported_tensor(v, f"input {i}")
@@ -114,7 +144,9 @@ class _ForwardRun:
         for pos, leaf in zip(self.input_positions, self.input_leaves):
             flat[pos] = leaf
         args, kwargs = tree_unflatten(flat, self.spec)
-        with torch.enable_grad():
+        with torch.enable_grad(), inline_checkpoints(
+            self.config.calls_layers_repeatedly
+        ) as inlined:
             if self.config.needs_forward_values:
                 recorder = ForwardValueRecorder()
                 with recorder:
@@ -122,6 +154,7 @@ class _ForwardRun:
                 self.forward_values = recorder.values
             else:
                 out = self.owner.module(*args, **kwargs)
+        self.inlined_checkpoints = inlined[0]
         self.out_flat, self.out_spec = tree_flatten(out)
         self.tensor_positions = [
             i for i, v in enumerate(self.out_flat) if isinstance(v, torch.Tensor)
@@ -155,6 +188,7 @@ class _ForwardRun:
                 [False] * len(self.params) + [True] * len(self.input_leaves),
                 self.forward_values,
                 self.config.granularity,
+                self.data_indices,
             ).tolist()
             self.forward_values = [v for v, k in zip(self.forward_values, keep) if k]
         return [self.out_flat[pos].detach() for pos in self.tensor_positions]
@@ -251,13 +285,25 @@ class _ARFunction(torch.autograd.Function):
                 run.raise_on_nonfinite,
                 bool(cfg.fuse_activations),
                 bool(cfg.cuda_graph),
+                run.data_indices,
+                cfg.evaluation,
             )
         except RuntimeError as err:
             if "relaxation diverged" in str(err):
                 raise RelaxationDivergedError(str(err).split("\n")[0]) from None
+            if type(err).__name__ == "CheckpointError":
+                raise RuntimeError(
+                    "ARBackward: a checkpointed region inside the module can be unpacked only "
+                    "once per backward, but the relaxation evaluates its layers several times. "
+                    "Regions made with torch.utils.checkpoint.checkpoint run as plain code "
+                    "inside ARBackward; this one came from another checkpoint implementation "
+                    f"({err}). Use torch.utils.checkpoint.checkpoint, or relax with the exact "
+                    "sweep (eta=1, exact variant, no steps/tol/trace)."
+                ) from err
             raise
         leaf_grads, defined, summary, residuals, residual_trace, cosine_trace, names = result
         run.owner._record_stats(run, summary, residuals, residual_trace, cosine_trace, names)
+        run.owner._warn_if_degenerate(summary)
         if summary[5].item() == 0.0:
             run.release()
         out = [g if bool(d) else None for g, d in zip(leaf_grads, defined.tolist())]
@@ -322,6 +368,7 @@ class ARBackward(nn.Module):
         nonfinite: str = "auto",
         fuse_activations: bool = True,
         cuda_graph: bool = False,
+        evaluation: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -344,11 +391,13 @@ class ARBackward(nn.Module):
             nonfinite=nonfinite,
             fuse_activations=fuse_activations,
             cuda_graph=cuda_graph,
+            evaluation=evaluation,
         )
         # Raw results of the last backward; last_stats builds the dataclass
         # only when asked (it is off the training loop's hot path).
         self._last_raw: tuple | None = None
         self._last_stats: RelaxationStats | None = None
+        self._warned_degenerate = False
         # psi per linear/conv weight, registered so that state_dict(),
         # parameters() and optimizers see it; keys are the weight's name with
         # "." replaced by "__".
@@ -432,8 +481,28 @@ class ARBackward(nn.Module):
         names: list[str],
     ) -> None:
         leaf_names = run.param_names + [f"input{i}" for i in range(len(run.input_leaves))]
-        self._last_raw = (leaf_names, summary, residuals, residual_trace, cosine_trace, names)
+        self._last_raw = (
+            leaf_names, summary, residuals, residual_trace, cosine_trace, names,
+            run.inlined_checkpoints,
+        )
         self._last_stats = None
+
+    def _warn_if_degenerate(self, summary: torch.Tensor) -> None:
+        """Warn once when nothing relaxes although the settings ask for relaxation."""
+        if self._warned_degenerate or summary[9].item() > 0:
+            return
+        c = self.config
+        if c.variant == "exact" and c.eta == 1.0 and c.steps is None and c.tol is None:
+            return  # the exact sweep: nothing to relax, nothing lost
+        self._warned_degenerate = True
+        warnings.warn(
+            f"ARBackward: the wrapped module has no relaxing state, so eta={c.eta}, "
+            f"steps={c.steps} and variant={c.variant!r} change nothing: AR gradients are "
+            f"backprop's here ({int(summary[10].item())} parameters differentiated outside the "
+            "relaxation). States live on layer outputs that depend on a floating input or on "
+            "a lookup by the module's integer inputs; pass the data as an input of the module.",
+            stacklevel=4,
+        )
 
     @property
     def last_stats(self) -> RelaxationStats | None:
@@ -450,6 +519,7 @@ class ARBackward(nn.Module):
         residual_trace: torch.Tensor,
         cosine_trace: torch.Tensor,
         names: list[str],
+        inlined_checkpoints: int,
     ) -> RelaxationStats:
         s = summary.tolist()
         cosines = None
@@ -472,4 +542,9 @@ class ARBackward(nn.Module):
             cosine_trace=cosines,
             graph_steps=int(s[7]),
             fused_activations=int(s[8]),
+            relaxing_states=int(s[9]),
+            params_outside_relaxation=int(s[10]),
+            evaluation=_EVALUATION_NAMES[int(s[11])],
+            sweeps=int(s[12]),
+            inlined_checkpoints=inlined_checkpoints,
         )

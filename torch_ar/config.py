@@ -10,6 +10,7 @@ from torch_ar.variants import get_variant
 INIT_MODES = ("forward", "zero")
 SCHEDULES = ("jacobi", "sweep")
 GRANULARITIES = ("layer", "op")
+EVALUATIONS = ("auto", "closed_form", "literal")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,12 @@ class RelaxConfig:
         and replay it for the remaining literal steps (fewer kernel launches).
         Graphs whose relaxation runs an op's own backward (not in the op
         table's specialised list) relax without one, with a warning.
+    evaluation: how the steps are computed. "auto" (default): the exact
+        sweep at eta 1 with enough steps; with explicit steps and no trace,
+        tol or cuda_graph, the closed form (the outcome of the T literal
+        steps from min(T, D) - 1 input-VJP sweeps, README "Closed form");
+        otherwise the literal steps. "closed_form" insists on it (an error
+        where it cannot give the literal outcome); "literal" always steps.
     """
 
     eta: float = 1.0
@@ -69,6 +76,7 @@ class RelaxConfig:
     nonfinite: str = "auto"
     fuse_activations: bool = True
     cuda_graph: bool = False
+    evaluation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.nonfinite not in ("auto", "raise", "propagate"):
@@ -131,8 +139,36 @@ class RelaxConfig:
         for name in ("fuse_activations", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")  # noqa: TRY004
+        if self.evaluation not in EVALUATIONS:
+            raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {self.evaluation!r}")
+        if self.evaluation == "closed_form":
+            literal_only = [
+                name for name, on in (
+                    ("trace", self.trace), ("trace_cosine", self.trace_cosine),
+                    ("tol", self.tol is not None), ("cuda_graph", self.cuda_graph),
+                ) if on
+            ]
+            if literal_only:
+                raise ValueError(
+                    "evaluation='closed_form' gives the outcome of the steps, not each step: "
+                    f"{', '.join(literal_only)} needs the literal steps (evaluation='literal' "
+                    "or 'auto')"
+                )
         if not isinstance(self.check_every, int) or self.check_every < 1:
             raise ValueError(f"check_every must be a positive integer, got {self.check_every!r}")
+
+    @property
+    def calls_layers_repeatedly(self) -> bool:
+        """Whether the relaxation may evaluate a layer's VJP more than once.
+
+        Only the exact sweep (eta 1, the exact variant, no steps, tol or
+        trace) evaluates each node once, as autograd does.
+        """
+        exact_sweep = (
+            self.eta == 1.0 and self.variant == "exact" and self.steps is None
+            and self.tol is None and not self.trace and not self.trace_cosine
+        )
+        return not exact_sweep
 
     @property
     def needs_forward_values(self) -> bool:

@@ -10,6 +10,11 @@ namespace torch_ar {
 enum class InitMode { Forward, Zero };
 enum class Schedule { Jacobi, Sweep };
 enum class Granularity { Layer, Op };
+// How the relaxation is evaluated. Auto: the exact sweep where it is exact
+// (eta 1, enough steps), the closed form of the literal steps where it gives
+// their outcome (explicit steps, no trace, tol or CUDA graph), else the
+// literal steps.
+enum class Evaluation { Auto, ExactSweep, ClosedForm, Literal };
 
 struct EngineConfig {
   double eta = 1.0;
@@ -34,6 +39,7 @@ struct EngineConfig {
   // kernel; record one step as a CUDA graph and replay it (CUDA tensors).
   bool fuse_activations = true;
   bool cuda_graph = false;
+  Evaluation evaluation = Evaluation::Auto;
 
   bool exact_rule() const { return !use_backward_weights && !drop_activation_derivative; }
 };
@@ -41,5 +47,6 @@ struct EngineConfig {
 InitMode parse_init(const std::string& name);
 Schedule parse_schedule(const std::string& name);
 Granularity parse_granularity(const std::string& name);
+Evaluation parse_evaluation(const std::string& name);
 
 } // namespace torch_ar

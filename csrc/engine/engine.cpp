@@ -22,15 +22,36 @@ bool can_take_exact_sweep(const EngineConfig& c, int64_t depth) {
   return c.schedule == Schedule::Sweep ? c.steps >= 1 : c.steps >= depth;
 }
 
+Evaluation choose_evaluation(const EngineConfig& c, int64_t depth) {
+  if (c.evaluation == Evaluation::Literal) return Evaluation::Literal;
+  // The exact sweep is the closed form's special case (eta 1, T >= D).
+  if (c.evaluation != Evaluation::ExactSweep && can_take_exact_sweep(c, depth))
+    return Evaluation::ExactSweep;
+  if (c.evaluation == Evaluation::ExactSweep) {
+    TORCH_CHECK(can_take_exact_sweep(c, depth),
+                "torch_ar: the exact sweep needs eta=1, no trace or tol, and at least D steps");
+    return Evaluation::ExactSweep;
+  }
+  const bool closed_form_gives_it =
+      c.steps >= 1 && !c.trace && !c.trace_cosine && c.tol <= 0 && !c.cuda_graph;
+  TORCH_CHECK(
+      closed_form_gives_it || c.evaluation != Evaluation::ClosedForm,
+      "torch_ar: evaluation='closed_form' needs explicit steps and no trace, trace_cosine, "
+      "tol or cuda_graph (those need the literal steps)");
+  return closed_form_gives_it ? Evaluation::ClosedForm : Evaluation::Literal;
+}
+
 std::vector<bool> relaxing_state_values(
     const std::vector<at::Tensor>& outputs,
     const std::vector<at::Tensor>& leaves,
     const std::vector<bool>& leaf_is_input,
     const std::vector<at::Tensor>& values,
-    Granularity granularity) {
+    Granularity granularity,
+    const std::vector<at::Tensor>& data_indices) {
   at::NoGradGuard no_grad;
   const std::vector<bool> every_leaf(leaves.size(), true);
-  CapturedGraph graph = capture_graph(outputs, leaves, leaf_is_input, every_leaf);
+  CapturedGraph graph =
+      capture_graph(outputs, leaves, leaf_is_input, every_leaf, data_indices);
   Plan plan = make_plan(graph, std::vector<at::Tensor>(graph.roots.size()), granularity);
   std::unordered_map<const torch::autograd::Node*, std::vector<bool>> relaxing;
   for (const auto& slot : plan.slots) {
@@ -79,7 +100,7 @@ std::vector<at::Tensor> match_forward_values(
 EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
   at::NoGradGuard no_grad;
   CapturedGraph graph =
-      capture_graph(in.outputs, in.leaves, in.leaf_is_input, in.leaf_needs_grad);
+      capture_graph(in.outputs, in.leaves, in.leaf_is_input, in.leaf_needs_grad, in.data_indices);
   Plan plan = make_plan(graph, in.output_grads, config.granularity);
 
   // Release the saved forward values on every exit path unless asked to keep them.
@@ -94,7 +115,12 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
 
   EngineResult result;
   Executor executor(plan, config, in.backward_weights);
-  if (can_take_exact_sweep(config, plan.depth)) {
+  const Evaluation evaluation = choose_evaluation(config, plan.depth);
+  if (evaluation == Evaluation::ClosedForm) {
+    result.leaf_grads = executor.closed_form(
+        match_forward_values(plan, in.forward_values), /*release_saved=*/!config.keep_graph,
+        result.stats);
+  } else if (evaluation == Evaluation::ExactSweep) {
     result.leaf_grads = executor.exact_sweep(/*release_saved=*/!config.keep_graph);
     RelaxStats& st = result.stats;
     st.depth = plan.depth;
@@ -103,6 +129,8 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
     st.nonfinite = executor.sweep_nonfinite();
     st.converged = !st.nonfinite;
     st.exact_shortcut = true;
+    st.evaluation = Evaluation::ExactSweep;
+    st.sweeps = 1;
     st.residuals = at::zeros({static_cast<int64_t>(plan.slots.size())}, at::kDouble);
   } else {
     std::vector<at::Tensor> reference;
@@ -119,6 +147,8 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
     result.leaf_grads = executor.leaf_gradients();
   }
   for (const auto& slot : plan.slots) result.stats.state_names.push_back(slot.name);
+  result.stats.relaxing_states = plan.num_relaxing;
+  result.stats.params_outside_relaxation = plan.params_outside_relaxation;
   return result;
 }
 

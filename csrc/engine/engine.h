@@ -18,6 +18,7 @@ struct EngineInputs {
   std::vector<bool> leaf_needs_grad;
   std::vector<at::Tensor> forward_values; // recorded forward tensors (init="forward")
   std::vector<at::Tensor> backward_weights; // per leaf: psi of a linear/conv weight
+  std::vector<at::Tensor> data_indices;   // integer module inputs (token ids, ...)
 };
 
 struct EngineResult {
@@ -36,9 +37,15 @@ std::vector<bool> relaxing_state_values(
     const std::vector<at::Tensor>& leaves,
     const std::vector<bool>& leaf_is_input,
     const std::vector<at::Tensor>& values,
-    Granularity granularity);
+    Granularity granularity,
+    const std::vector<at::Tensor>& data_indices = {});
 
 // True when eta, steps, tol and tracing allow the single exact sweep.
 bool can_take_exact_sweep(const EngineConfig& config, int64_t depth);
+
+// Which evaluation runs: the exact sweep where it is exact, the closed form
+// where it gives the literal steps' outcome (explicit steps; no trace, tol
+// or CUDA graph), else the literal steps. config.evaluation forces one.
+Evaluation choose_evaluation(const EngineConfig& config, int64_t depth);
 
 } // namespace torch_ar

@@ -23,6 +23,10 @@ struct RelaxStats {
   double max_residual = 0.0;
   int64_t graph_steps = 0;    // steps replayed from a recorded (CUDA) graph
   int64_t fused_activations = 0;  // states whose f' the update kernel applied
+  Evaluation evaluation = Evaluation::Literal;  // how the states were computed
+  int64_t sweeps = 0;         // passes over the layers that applied J
+  int64_t relaxing_states = 0;    // states that relax (not clamped to the loss)
+  int64_t params_outside_relaxation = 0;  // see Plan
   at::Tensor residuals;       // [num_states] float64, final relative residual
   at::Tensor residual_trace;  // [steps, num_states] float64 (trace)
   at::Tensor cosine_trace;    // [steps, num_leaves] float64 (trace_cosine)
@@ -52,10 +56,26 @@ class Executor {
   // Parameter and input gradients from the current states.
   std::vector<at::Tensor> leaf_gradients();
 
+  // The outcome of config.steps literal steps without taking them
+  // (engine/closed_form.cpp): Horner's rule over the powers of J, one
+  // input-VJP sweep per power, then the gradients at x_T; each layer's
+  // saved values are freed once it has run when release_saved. Fills the
+  // stats (residuals of x_T, sweeps) and returns the leaf gradients.
+  std::vector<at::Tensor> closed_form(
+      const std::vector<at::Tensor>& forward_values, bool release_saved, RelaxStats& stats);
+
  private:
   // Runs layer L's VJP from the current states of its outputs; routes the
   // results to input states, leaves and param-side nodes.
   void run_layer(int L, Pass pass);
+  // Runs layer L's VJP chain on `grads` (one per top output), from the
+  // fused activation's place when `fused` >= 0, and routes the results.
+  // record_constant: remember the state contributions (constant layers).
+  void propagate(int L, Pass pass, variable_list grads, int fused = -1,
+                 bool record_constant = false);
+  // Closed form: the grads of layer L from x_ (relaxing outputs) and the
+  // loss gradients (clamped outputs), each as the VJP expects it.
+  variable_list layer_grads(int L, bool relaxing, bool clamped) const;
   VjpRule rule_for(const Layer& layer, size_t q, Pass pass) const;
   void contribute_state(int slot, at::Tensor grad);
   void contribute_leaf(int leaf, const at::Tensor& grad);
@@ -87,6 +107,13 @@ class Executor {
   bool persistent_targets_ = false;  // literal steps: reuse buffers in place
 
   std::vector<at::Tensor> x_;       // per slot
+  std::vector<at::ScalarType> state_dtype_;  // per slot: the dtype a relaxing state has
+  // Closed form: where contribute_state accumulates (nullptr: the literal
+  // targets), and the fewest levels of relaxing states below a state for
+  // its contributions to be kept.
+  std::vector<at::Tensor>* sink_ = nullptr;
+  int sink_min_below_ = 0;
+  std::vector<int> below_;  // per slot: longest chain of relaxing states beneath it
   std::vector<at::ScalarType> vjp_dtype_;  // per slot: the dtype its VJPs expect
   std::vector<at::Tensor> target_;  // per slot: ext + sum of consumer VJPs
   std::vector<char> fresh_;         // target_ written this step

@@ -1,4 +1,5 @@
 #include "engine/graph.h"
+#include "engine/op_table.h"
 
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/variable.h>
@@ -14,13 +15,29 @@ bool is_accumulate_grad(const Node* n) {
   return dynamic_cast<const torch::autograd::AccumulateGrad*>(n) != nullptr;
 }
 
+// A lookup node reading by one of the data index tensors (or a view of one).
+bool looks_up_data(Node& node, const std::vector<at::Tensor>& data_indices) {
+  if (data_indices.empty()) return false;
+  const OpInfo* op = find_op(node.name());
+  if (!op || !op->index_tensors) return false;
+  std::vector<at::Tensor> indices;
+  if (!op->index_tensors(node, indices)) return false;
+  for (const auto& idx : indices) {
+    if (!idx.defined() || !idx.has_storage()) continue;
+    for (const auto& d : data_indices)
+      if (d.defined() && d.has_storage() && idx.is_alias_of(d)) return true;
+  }
+  return false;
+}
+
 } // namespace
 
 CapturedGraph capture_graph(
     const std::vector<at::Tensor>& outputs,
     const std::vector<at::Tensor>& leaves,
     const std::vector<bool>& leaf_is_input,
-    const std::vector<bool>& leaf_needs_grad) {
+    const std::vector<bool>& leaf_needs_grad,
+    const std::vector<at::Tensor>& data_indices) {
   TORCH_INTERNAL_ASSERT(leaves.size() == leaf_is_input.size());
   TORCH_INTERNAL_ASSERT(leaves.size() == leaf_needs_grad.size());
   CapturedGraph g;
@@ -105,6 +122,7 @@ CapturedGraph capture_graph(
       if (g.activation[j]) g.activation[i] = true;
       if (g.needed[j]) g.needed[i] = true;
     }
+    if (!g.activation[i] && looks_up_data(*g.nodes[i], data_indices)) g.activation[i] = true;
   }
   return g;
 }

@@ -25,8 +25,9 @@ struct CapturedGraph {
   // Autograd nodes, consumers before producers (reverse topological order).
   std::vector<NodePtr> nodes;
   std::unordered_map<const Node*, int> node_index;
-  // activation[i]: node i depends on a module input (its outputs are neurons);
-  // otherwise it only transforms parameters (e.g. W.t()).
+  // activation[i]: node i depends on a module input (its outputs are neurons):
+  // through a floating input, or as a lookup by data indices; otherwise it
+  // only transforms parameters (e.g. W.t()).
   std::vector<bool> activation;
   // needed[i]: some leaf that wants a gradient lies below node i.
   std::vector<bool> needed;
@@ -49,12 +50,15 @@ struct CapturedGraph {
 };
 
 // outputs: the module outputs (with grad_fn); leaves: parameters and inputs in
-// the order their gradients are returned.
+// the order their gradients are returned. data_indices: the module's integer
+// inputs (token ids, say); a lookup whose indices are one of them, or a view
+// of one, depends on data even when the table it reads is a parameter.
 CapturedGraph capture_graph(
     const std::vector<at::Tensor>& outputs,
     const std::vector<at::Tensor>& leaves,
     const std::vector<bool>& leaf_is_input,
-    const std::vector<bool>& leaf_needs_grad);
+    const std::vector<bool>& leaf_needs_grad,
+    const std::vector<at::Tensor>& data_indices = {});
 
 // For each output: does its graph reach one of `leaves` (as autograd would
 // need for the output to be differentiable with respect to them)?

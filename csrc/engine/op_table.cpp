@@ -21,6 +21,13 @@ std::vector<OpInfo> build_table() {
       {"AddBackward0", "add", R::Structural, vjp::add, false},
       {"SubBackward0", "sub", R::Structural, vjp::sub, false},
       {"CatBackward0", "cat", R::Structural, vjp::cat, false},
+      // Lookups by index: a neuron when the indices are data (graph.cpp).
+      {"EmbeddingBackward0", "embedding", R::Lookup, nullptr, false, -1, nullptr, nullptr, vjp::embedding_indices},
+      {"EmbeddingBagBackward0", "embedding_bag", R::Lookup, nullptr, false, -1, nullptr, nullptr, vjp::embedding_bag_indices},
+      {"IndexSelectBackward0", "index_select", R::Lookup, nullptr, false, -1, nullptr, nullptr, vjp::index_select_indices},
+      {"IndexBackward0", "indexing (tensor[indices])", R::Lookup, nullptr, false, -1, nullptr, nullptr, vjp::index_indices},
+      {"GatherBackward0", "gather", R::Lookup, nullptr, false, -1, nullptr, nullptr, vjp::gather_indices},
+      {"TakeBackward0", "take", R::Lookup, nullptr, false, -1, nullptr, nullptr, vjp::take_indices},
       // Specialised elementwise activations.
       {"ReluBackward0", "relu", R::Elementwise, vjp::relu, true, -1, nullptr, vjp::relu_derivative},
       {"LeakyReluBackward0", "leaky_relu", R::Elementwise, vjp::leaky_relu, true, -1, nullptr, vjp::leaky_relu_derivative},
@@ -71,6 +78,7 @@ std::vector<std::string> supported_op_rows() {
   for (const OpInfo& info : op_table()) {
     const char* role = info.role == OpRole::Structural ? "structural"
         : info.role == OpRole::Elementwise             ? "elementwise"
+        : info.role == OpRole::Lookup                  ? "lookup"
                                                        : "view";
     rows.push_back(
         std::string(info.node_name) + "|" + info.op + "|" + role + "|" +

@@ -15,6 +15,7 @@ enum class OpRole {
   Structural,  // parametrised or structural: starts a layer (linear, conv, add, ...)
   Elementwise, // joins the layer it follows (activations, dropout, scaling)
   View,        // joins the layer it follows (view, reshape, flatten, permute)
+  Lookup,      // starts a layer; reads a table by index (embedding, index_select, ...)
 };
 
 struct OpInfo {
@@ -28,7 +29,17 @@ struct OpInfo {
   // The derivative the fused state update applies in place of this node's
   // VJP (elementwise activations at the top of a layer); nullptr: none.
   vjp::FusedDerivativeFn fused_derivative = nullptr;
+  // Lookups: the index tensors the node saved. When one of them is data (a
+  // module input, or a view of one), the lookup's output is a neuron even if
+  // the table it reads is a parameter (token embeddings).
+  vjp::IndexTensorsFn index_tensors = nullptr;
 };
+
+// True for ops that start a layer of their own (everything but elementwise
+// and view ops).
+inline bool starts_layer(const OpInfo* op) {
+  return !op || op->role == OpRole::Structural || op->role == OpRole::Lookup;
+}
 
 // nullptr when the node is not in the table.
 const OpInfo* find_op(const std::string& node_name);
@@ -36,7 +47,7 @@ const OpInfo* find_op(const std::string& node_name);
 // The whole table, for documentation and tests.
 const std::vector<OpInfo>& op_table();
 
-// The table as text rows "node|op|role|specialised|activation|backward-weight"
+// The table as text rows "node|op|role|specialised|activation|backward-weight|fused"
 // (behind torch.ops.torch_ar.supported_ops).
 std::vector<std::string> supported_op_rows();
 

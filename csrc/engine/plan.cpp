@@ -103,7 +103,7 @@ Plan make_plan(
     if (g.nodes[n]->num_inputs() != 1 || ext[n][k].defined()) return false;
     if (uses[n][k].size() != 1) return false;
     int m = uses[n][k][0].node;
-    return op[m] && op[m]->role != OpRole::Structural && activation_edges[m] == 1;
+    return !starts_layer(op[m]) && activation_edges[m] == 1;
   };
 
   // Layers, in node order (consumers first), and their output states.
@@ -266,6 +266,44 @@ Plan make_plan(
     if (!slot.clamped && slot.needed) {
       plan.depth = std::max(plan.depth, slot.level);
       ++plan.num_relaxing;
+    }
+  }
+
+  // Which parameter gradients depend on a relaxing state: layers whose
+  // outputs relax pass that on through param-side nodes to the leaves.
+  {
+    const size_t num_leaves = g.leaf_kind.size();
+    std::vector<char> reached(num_leaves, 0), relaxed(num_leaves, 0);
+    std::vector<char> side_reached(N, 0), side_relaxed(N, 0);
+    auto reach = [&](const EdgeTarget& t, bool from_relaxation) {
+      if (t.kind == TargetKind::Leaf) {
+        reached[t.index] = 1;
+        relaxed[t.index] = relaxed[t.index] || from_relaxation;
+      } else if (t.kind == TargetKind::ParamSide) {
+        side_reached[t.index] = 1;
+        side_relaxed[t.index] = side_relaxed[t.index] || from_relaxation;
+      }
+    };
+    const int gp = static_cast<int>(Pass::Gradient);
+    for (const auto& layer : plan.layers) {
+      if (!layer.needed) continue;
+      bool from_relaxation = false;
+      for (int s : layer.out_slots)
+        from_relaxation = from_relaxation || (s >= 0 && !plan.slots[s].clamped && plan.slots[s].needed);
+      for (size_t q = 0; q < layer.chain.size(); ++q)
+        for (size_t j = 0; j < layer.targets[q].size(); ++j)
+          if (layer.masks[gp][q][j]) reach(layer.targets[q][j], from_relaxation);
+    }
+    for (const auto& [t, grad] : plan.param_side_ext) reach(t, false);
+    for (int n : plan.param_side_nodes) {
+      if (!side_reached[n]) continue;
+      for (size_t j = 0; j < plan.param_side_targets[n].size(); ++j)
+        if (plan.param_side_masks[n][j]) reach(plan.param_side_targets[n][j], side_relaxed[n]);
+    }
+    for (size_t l = 0; l < num_leaves; ++l) {
+      if (plan.leaf_direct[l].defined()) reached[l] = 1;
+      if (g.leaf_kind[l] == LeafKind::Parameter && g.leaf_needs_grad[l] && reached[l] && !relaxed[l])
+        ++plan.params_outside_relaxation;
     }
   }
 

@@ -90,6 +90,10 @@ struct Plan {
   std::vector<std::pair<EdgeTarget, at::Tensor>> param_side_ext;
   int depth = 0;
   int num_relaxing = 0;
+  // Parameters whose gradient depends on no relaxing state: those of layers
+  // whose outputs are all clamped (the output layer), and every parameter
+  // when the graph has no relaxing state at all.
+  int params_outside_relaxation = 0;
 };
 
 Plan make_plan(

@@ -31,6 +31,14 @@ Executor::Executor(
     vjp_dtype_[s] = c10::typeMetaToScalarType(
         graph_.nodes[slot.node]->input_metadata(slot.output_nr).options().dtype());
   }
+  state_dtype_.resize(S);
+  for (size_t s = 0; s < S; ++s) {
+    // Reduced-precision activations relax in float32: a bfloat16 state would
+    // round away increments below half an ulp and stall.
+    const bool reduced = vjp_dtype_[s] == at::kBFloat16 || vjp_dtype_[s] == at::kHalf;
+    state_dtype_[s] = reduced ? at::kFloat : vjp_dtype_[s];
+  }
+  below_.assign(S, 0);
   for (size_t s = 0; s < S; ++s)
     if (!plan_.slots[s].clamped && plan_.slots[s].needed) relaxing_.push_back(static_cast<int>(s));
   leaf_grad_.resize(graph_.leaf_kind.size());
@@ -139,6 +147,10 @@ void Executor::init_states(const std::vector<at::Tensor>& forward_values) {
       options = options.dtype(at::kFloat);
     if (config_.init == InitMode::Forward && fv.defined()) {
       x_[s] = fv.detach().to(options, /*non_blocking=*/false, /*copy=*/true).contiguous();
+      // A masked score (-inf before a softmax, say) starts from zero: its
+      // gradient is what the relaxation has to find, and an infinite start
+      // would never decay.
+      at::nan_to_num_(x_[s], 0.0, 0.0, 0.0);
     } else {
       x_[s] = at::zeros_symint(meta.shape_as_dim_vector(), options);
     }
@@ -156,6 +168,23 @@ double Executor::flush_below() const {
 void Executor::begin_step() { std::fill(fresh_.begin(), fresh_.end(), 0); }
 
 void Executor::contribute_state(int s, at::Tensor grad) {
+  if (sink_) {
+    // Closed form: accumulate into the stage's sink where the next stage
+    // needs the state at all.
+    if (below_[s] < sink_min_below_) return;
+    at::Tensor& acc = (*sink_)[s];
+    if (acc.defined()) {
+      acc.add_(grad);
+      return;
+    }
+    const auto dtype = state_dtype_[s];
+    // Take over a fresh VJP result nobody else holds: the stage writes into it.
+    const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
+        grad.scalar_type() == dtype && grad.is_contiguous() && grad.is_non_overlapping_and_dense();
+    acc = owned ? std::move(grad)
+                : grad.to(dtype, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+    return;
+  }
   if (persistent_targets_) {
     if (!fresh_[s]) {
       const at::Tensor& ext = plan_.slots[s].ext;
@@ -255,9 +284,15 @@ void Executor::run_layer(int L, Pass pass) {
     }
   }
   if (!any) return;
-
   // A fused layer starts at its activation, with f'(a) * x from the update.
   const int fused = pass == Pass::Relax ? fused_of_layer_[L] : -1;
+  propagate(L, pass, std::move(grads), fused, /*record_constant=*/pass == Pass::Relax && layer.constant);
+}
+
+void Executor::propagate(int L, Pass pass, variable_list grads, int fused, bool record_constant) {
+  const Layer& layer = plan_.layers[L];
+  const int p = static_cast<int>(pass);
+  if (!layer.has_work[p]) return;
   const size_t first = fused >= 0 ? fused_[fused].chain_index : 0;
   for (size_t q = first; q < layer.chain.size(); ++q) {
     const auto& mask = layer.masks[p][q];
@@ -278,8 +313,7 @@ void Executor::run_layer(int L, Pass pass) {
           grads.assign(1, out[j]);
           break;
         case TargetKind::State:
-          if (pass == Pass::Relax && layer.constant)
-            constant_contrib_[L].emplace_back(t.index, out[j]);
+          if (record_constant) constant_contrib_[L].emplace_back(t.index, out[j]);
           contribute_state(t.index, std::move(out[j]));
           break;
         case TargetKind::Leaf:
@@ -509,6 +543,8 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
     }
   }
   stats.steps = done;
+  stats.evaluation = Evaluation::Literal;
+  stats.sweeps = done;
   if (config_.tol <= 0) {
     // Without a tolerance, "converged" means the last update moved nothing
     // beyond rounding, or the schedule is exact by construction.

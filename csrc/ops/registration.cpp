@@ -19,6 +19,12 @@ TORCH_LIBRARY(torch_ar, m) {
       "float eta, float flush_below, int[] activation_states, "
       "int[] activation_kinds, float[] activation_params, "
       "Tensor[] activation_inputs, Tensor(b!)[] activation_grads) -> Tensor");
+  // One Horner stage of the closed-form relaxation over a list of states,
+  // with its norms; see ops/horner_update.h.
+  m.def(
+      "horner_update_(Tensor(a!)[] out, Tensor?[] initial, Tensor?[] loss_terms, "
+      "Tensor?[] targets, Tensor?[] residual_targets, float alpha, float beta, "
+      "float flush_below, bool residual) -> Tensor");
   // The whole engine for one backward call: capture the graph behind
   // `outputs`, relax, and return the gradients of `leaves`; see ops/relax.cpp.
   // The supported-op table (engine/op_table.cpp), one "|"-separated row per
@@ -30,7 +36,7 @@ TORCH_LIBRARY(torch_ar, m) {
   // ones init="forward" needs kept until backward.
   m.def(
       "relaxing_state_values(Tensor[] outputs, Tensor[] leaves, bool[] leaf_is_input, "
-      "Tensor[] values, str granularity) -> Tensor");
+      "Tensor[] values, str granularity, Tensor[] data_indices) -> Tensor");
   m.def(
       "relax(Tensor[] outputs, Tensor?[] output_grads, Tensor[] leaves, "
       "bool[] leaf_is_input, bool[] leaf_needs_grad, Tensor[] forward_values, "
@@ -38,7 +44,8 @@ TORCH_LIBRARY(torch_ar, m) {
       "str granularity, bool trace, bool trace_cosine, int keep_graph, "
       "int check_every, Tensor?[] backward_weights, bool use_backward_weights, "
       "bool drop_activation_derivative, bool weight_update_derivative, "
-      "bool raise_on_nonfinite, bool fuse_activations, bool cuda_graph) -> "
+      "bool raise_on_nonfinite, bool fuse_activations, bool cuda_graph, "
+      "Tensor[] data_indices, str evaluation) -> "
       "(Tensor[] leaf_grads, Tensor grad_defined, "
       "Tensor summary, Tensor residuals, Tensor residual_trace, "
       "Tensor cosine_trace, str[] state_names)");

@@ -39,7 +39,9 @@ RelaxResult relax_op(
     bool weight_update_derivative,
     bool raise_on_nonfinite,
     bool fuse_activations,
-    bool cuda_graph) {
+    bool cuda_graph,
+    at::TensorList data_indices,
+    c10::string_view evaluation) {
   TORCH_CHECK(outputs.size() == output_grads.size(),
               "torch_ar.relax: ", outputs.size(), " outputs but ", output_grads.size(), " output grads");
   TORCH_CHECK(leaves.size() == leaf_is_input.size() && leaves.size() == leaf_needs_grad.size(),
@@ -66,6 +68,7 @@ RelaxResult relax_op(
   config.raise_on_nonfinite = raise_on_nonfinite;
   config.fuse_activations = fuse_activations;
   config.cuda_graph = cuda_graph;
+  config.evaluation = parse_evaluation(std::string(evaluation));
 
   EngineInputs in;
   in.outputs = outputs.vec();
@@ -84,6 +87,8 @@ RelaxResult relax_op(
     in.backward_weights.push_back(opt.has_value() ? *opt : at::Tensor());
   }
 
+  in.data_indices = data_indices.vec();
+
   EngineResult r = run_engine(in, config);
 
   std::vector<at::Tensor> grads;
@@ -101,7 +106,10 @@ RelaxResult relax_op(
       {static_cast<double>(st.steps), static_cast<double>(st.depth),
        st.converged ? 1.0 : 0.0, st.exact_shortcut ? 1.0 : 0.0, st.max_residual,
        config.keep_graph ? 1.0 : 0.0, st.nonfinite ? 1.0 : 0.0,
-       static_cast<double>(st.graph_steps), static_cast<double>(st.fused_activations)},
+       static_cast<double>(st.graph_steps), static_cast<double>(st.fused_activations),
+       static_cast<double>(st.relaxing_states),
+       static_cast<double>(st.params_outside_relaxation),
+       static_cast<double>(static_cast<int>(st.evaluation)), static_cast<double>(st.sweeps)},
       at::kDouble);
   auto empty = at::empty({0}, at::kDouble);
   return {grads, defined, summary,
@@ -123,14 +131,15 @@ at::Tensor relaxing_state_values_op(
     at::TensorList leaves,
     const c10::List<bool>& leaf_is_input,
     at::TensorList values,
-    c10::string_view granularity) {
+    c10::string_view granularity,
+    at::TensorList data_indices) {
   TORCH_CHECK(leaves.size() == leaf_is_input.size(),
               "torch_ar.relaxing_state_values: leaves and leaf_is_input differ in length");
   std::vector<bool> is_input;
   for (bool b : leaf_is_input) is_input.push_back(b);
   std::vector<bool> keep = relaxing_state_values(
       outputs.vec(), leaves.vec(), is_input, values.vec(),
-      parse_granularity(std::string(granularity)));
+      parse_granularity(std::string(granularity)), data_indices.vec());
   auto flags = at::zeros({static_cast<int64_t>(keep.size())}, at::kBool);
   auto acc = flags.accessor<bool, 1>();
   for (size_t i = 0; i < keep.size(); ++i) acc[i] = keep[i];

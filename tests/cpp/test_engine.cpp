@@ -193,6 +193,7 @@ TEST(Engine, NanStateIsReportedWithNodeAndStep) {
   EngineConfig c;
   c.eta = 0.5;
   c.steps = 5;
+  c.evaluation = torch_ar::Evaluation::Literal;  // step by step (the closed form: test_closed_form)
   try {
     torch_ar::run_engine(k.in, keep(c));
     FAIL() << "expected an error";

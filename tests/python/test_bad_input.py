@@ -278,6 +278,9 @@ def _int_loss(out: torch.Tensor) -> torch.Tensor:
 _INPLACE = r"modified by an inplace operation"
 _NO_GRAD = r"does not require grad"
 _DIVERGED = ("RelaxationDivergedError", "backward", (r"step \d+", r"node '[^']+'"))
+_DIVERGED_CLOSED_FORM = (
+    "RelaxationDivergedError", "backward", (r"closed form of 30 steps", r"node '[^']+'")
+)
 
 
 CASES = [
@@ -359,9 +362,19 @@ CASES = [
             lambda: Diverging().double(),
             _x(5, 4),
             Raises(*_DIVERGED),
-            ar_kwargs={"eta": 0.5, "steps": 30},
+            ar_kwargs={"eta": 0.5, "steps": 30, "evaluation": "literal"},
         ),
         id="diverging_relaxation_eta0.5",
+    ),
+    pytest.param(
+        BadCase(
+            "diverging_closed_form",
+            lambda: Diverging().double(),
+            _x(5, 4),
+            Raises(*_DIVERGED_CLOSED_FORM),
+            ar_kwargs={"eta": 0.5, "steps": 30},
+        ),
+        id="diverging_relaxation_closed_form",
     ),
     pytest.param(
         BadCase(

@@ -10,9 +10,13 @@ fewest, simplest ops. Two families:
   convolutions, channel concatenation of an earlier (adaptively pooled) node,
   a shared convolution, bare activations; then a linear head.
 
-Activations: relu, tanh, sigmoid, gelu, silu, leaky_relu. Some graphs have a
-second output read from an earlier node, and some take an input that requires
-grad.
+- tokens: integer ids through an embedding (the data enters only as
+  indices), then the vector ops.
+
+The vector ops include a linear layer run under ``torch.utils.checkpoint``
+(reentrant or not). Activations: relu, tanh, sigmoid, gelu, silu,
+leaky_relu. Some graphs have a second output read from an earlier node, and
+some take an input that requires grad.
 
 At eta 1 every relaxation mode (the single exact sweep, literal Jacobi steps,
 the Gauss-Seidel sweep, per-op states, zero initial states) must equal
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from zoo import F64_MAX_REL_ERR, load_torch_ar, rel_err
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu", "leaky_relu")
@@ -78,7 +83,7 @@ def normalize(name: str, h: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    family: str  # "vector" or "image"
+    family: str  # "vector", "image" or "tokens"
     ops: tuple[tuple, ...]
     seed: int
     second_output: int | None  # index (from the end) of a node read by a second head
@@ -102,6 +107,8 @@ class GraphNet(nn.Module):
         self.plan: list[tuple] = []
         image = spec.family == "image"
         shapes = [(2, 6) if image else (5,)]  # (channels, size) or (width,)
+        # Token ids (one per sample) enter through an embedding of width 5.
+        self.embed = nn.Embedding(10, 5) if spec.family == "tokens" else None
         for op in spec.ops:
             kind = op[0]
             cur = shapes[-1]
@@ -115,6 +122,11 @@ class GraphNet(nn.Module):
                     self.layers.append(nn.Linear(cur[0], width))
                     new = (width,)
                 self.plan.append(("layer", len(self.layers) - 1, act))
+            elif kind == "checkpoint":
+                _, width, act, reentrant = op
+                self.layers.append(nn.Linear(cur[0], width))
+                self.plan.append(("checkpoint", len(self.layers) - 1, act, reentrant))
+                new = (width,)
             elif kind == "residual":
                 act = op[1]
                 self.layers.append(
@@ -206,12 +218,26 @@ class GraphNet(nn.Module):
 
     def forward(self, x: torch.Tensor):
         image = self.spec.family == "image"
+        if self.embed is not None:
+            x = self.embed(x)
         nodes = [x]
+        # Whether a node depends on a parameter: autograd gives the parameters
+        # in a reentrant checkpoint no gradient when its input does not.
+        learned = [self.embed is not None]
         for step in self.plan:
             h = nodes[-1]
             kind = step[0]
             if kind == "layer":
                 h = activate(step[2], self.layers[step[1]](h))
+            elif kind == "checkpoint":
+                layer, act, reentrant = self.layers[step[1]], step[2], step[3]
+
+                def region(inp, layer=layer, act=act):
+                    return activate(act, layer(inp))
+
+                # A reentrant region needs an input that requires grad (autograd
+                # gives its parameters no gradient otherwise).
+                h = checkpoint(region, h, use_reentrant=reentrant and learned[-1])
             elif kind == "residual":
                 h = h + activate(step[2], self.layers[step[1]](h))
             elif kind == "shared":
@@ -251,6 +277,12 @@ class GraphNet(nn.Module):
             elif kind == "scale":
                 h = h * self.scales[step[1]]
             nodes.append(h)
+            learned.append(
+                learned[-1]
+                or kind in ("layer", "residual", "shared", "checkpoint", "scale")
+                or (kind in ("cat", "add", "mul") and learned[step[1]])
+                or (kind in ("add", "mul") and step[2] is not None)
+            )
         y = self.head(nodes[-1].flatten(1))
         if self.second is None:
             return y
@@ -264,7 +296,10 @@ def build(
     model = GraphNet(spec).double()
     gen = torch.Generator().manual_seed(spec.seed + 1)
     shape = (3, 2, 6, 6) if spec.family == "image" else (4, 5)
-    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if spec.family == "tokens":
+        x = torch.randint(0, 10, (4,), generator=gen)
+    else:
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
     t1 = torch.randn(shape[0], 3, generator=gen, dtype=torch.float64)
     t2 = torch.randn(shape[0], 2, generator=gen, dtype=torch.float64)
     return model, x, t1, (t2 if spec.second_output is not None else None)
@@ -348,6 +383,7 @@ vector_op = st.one_of(
     st.tuples(st.just("cat"), back_st),
     st.tuples(st.just("add"), back_st),
     st.tuples(st.just("mul"), back_st),
+    st.tuples(st.just("checkpoint"), st.integers(2, 8), act_st, st.booleans()),
 )
 
 # Beyond the core list: views, indexing with repeats, normalisations, a
@@ -377,7 +413,7 @@ image_op = st.one_of(
 
 @st.composite
 def graph_specs(draw, max_ops: int = 8, extended: bool = False) -> GraphSpec:
-    family = "vector" if extended else draw(st.sampled_from(("vector", "image")))
+    family = "vector" if extended else draw(st.sampled_from(("vector", "image", "tokens")))
     if family == "image":
         op_st = image_op
     else:
@@ -388,7 +424,8 @@ def graph_specs(draw, max_ops: int = 8, extended: bool = False) -> GraphSpec:
         ops=tuple(ops),
         seed=draw(st.integers(0, 2**16)),
         second_output=draw(st.one_of(st.none(), st.integers(0, 8))),
-        input_grad=draw(st.booleans()),
+        # Token ids are integers: nothing to differentiate.
+        input_grad=family != "tokens" and draw(st.booleans()),
     )
 
 
@@ -418,6 +455,19 @@ SHARED_RESIDUAL = GraphSpec(
     second_output=4,
     input_grad=True,
 )
+TOKENS_CHECKPOINTED = GraphSpec(
+    "tokens",
+    (
+        ("linear", 6, "tanh"),
+        ("checkpoint", 6, "gelu", True),
+        ("residual", "relu"),
+        ("checkpoint", 4, "sigmoid", False),
+        ("cat", 2),
+    ),
+    seed=3,
+    second_output=2,
+    input_grad=False,
+)
 POOLED_IMAGE = GraphSpec(
     "image",
     (
@@ -444,6 +494,7 @@ POOLED_IMAGE = GraphSpec(
 )
 @given(spec=graph_specs(), mode=st.sampled_from(sorted(EXACT_MODES)))
 @example(spec=SHARED_RESIDUAL, mode="literal_jacobi")
+@example(spec=TOKENS_CHECKPOINTED, mode="literal_jacobi")
 @example(spec=POOLED_IMAGE, mode="exact_sweep")
 @example(spec=POOLED_IMAGE, mode="per_op_states")
 def test_random_graph_exact_at_eta_one(spec: GraphSpec, mode: str):
@@ -481,12 +532,18 @@ def test_random_graph_more_ops_exact_at_eta_one(spec: GraphSpec, mode: str):
     init=st.sampled_from(("forward", "zero")),
 )
 @example(spec=SHARED_RESIDUAL, schedule="jacobi", init="forward")
-def test_random_graph_literal_steps_converge(spec: GraphSpec, schedule: str, init: str):
+@example(spec=TOKENS_CHECKPOINTED, schedule="sweep", init="forward")
+@pytest.mark.parametrize("evaluation", ["literal", "closed_form"])
+def test_random_graph_relaxation_converges(
+    spec: GraphSpec, schedule: str, init: str, evaluation: str
+):
     few, _ = gradient_errors(
-        spec, {"eta": 0.5, "steps": 3, "schedule": schedule, "init": init}
+        spec, {"eta": 0.5, "steps": 3, "schedule": schedule, "init": init,
+               "evaluation": evaluation}
     )
     many, ar = gradient_errors(
-        spec, {"eta": 0.5, "steps": 200, "schedule": schedule, "init": init}
+        spec, {"eta": 0.5, "steps": 200, "schedule": schedule, "init": init,
+               "evaluation": evaluation}
     )
     bad = {k: e for k, e in many.items() if not e <= 1e-9}
     assert not bad, (
@@ -495,6 +552,64 @@ def test_random_graph_literal_steps_converge(spec: GraphSpec, schedule: str, ini
     # More steps never leave it worse off than 3 steps (up to rounding).
     worse = {k: (few[k], e) for k, e in many.items() if e > few[k] + 1e-12}
     assert not worse, f"200 steps worse than 3: {worse}"
-    # These are literal steps, not the eta 1 shortcut.
+    # These are the steps asked for, not the eta 1 shortcut.
     assert ar.last_stats is not None and not ar.last_stats.exact_shortcut
     assert ar.last_stats.steps == 200
+    assert ar.last_stats.evaluation == evaluation
+
+
+def ar_gradients(spec: GraphSpec, ar_kwargs: dict) -> tuple[dict[str, torch.Tensor], object]:
+    """AR gradients of the spec's model (backward weights drawn from one seed)."""
+    torch_ar = load_torch_ar()
+    model, x, t1, t2 = build(spec)
+    torch.manual_seed(99)
+    ar = torch_ar.ARBackward(model, **ar_kwargs)
+    xa = x.clone().requires_grad_(spec.input_grad)
+    loss_of(ar(xa), t1, t2).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if spec.input_grad:
+        grads["input"] = xa.grad
+    return grads, ar.last_stats
+
+
+VARIANTS = (
+    "exact", "learned_backward_weights", "feedback_alignment",
+    "no_nonlinear_derivative", "combined",
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    spec=graph_specs(max_ops=6),
+    schedule=st.sampled_from(("jacobi", "sweep")),
+    init=st.sampled_from(("forward", "zero")),
+    eta=st.sampled_from((0.05, 0.1, 0.5, 0.9)),
+    steps=st.sampled_from(("1", "2", "D-1", "D", "D+1", "100", "1000")),
+    variant=st.sampled_from(VARIANTS),
+)
+@example(
+    spec=TOKENS_CHECKPOINTED, schedule="jacobi", init="forward", eta=0.1, steps="100",
+    variant="feedback_alignment",
+)
+def test_random_graph_closed_form_equals_literal_steps(spec, schedule, init, eta, steps, variant):
+    """The closed form gives the literal steps' outcome (float64, 1e-10 relative)."""
+    base = {"eta": eta, "schedule": schedule, "init": init, "variant": variant}
+    _, probe = ar_gradients(spec, {**base, "steps": 1})
+    depth = probe.depth
+    relative = {"D-1": depth - 1, "D": depth, "D+1": depth + 1}
+    count = max(1, relative[steps] if steps in relative else int(steps))
+    literal, lit_stats = ar_gradients(spec, {**base, "steps": count, "evaluation": "literal"})
+    closed, cf_stats = ar_gradients(spec, {**base, "steps": count, "evaluation": "closed_form"})
+    assert lit_stats.evaluation == "literal"
+    assert cf_stats.evaluation == "closed_form"
+    assert cf_stats.sweeps <= max(depth - 1, 0) + 1
+    assert set(literal) == set(closed)
+    errs = {k: rel_err(closed[k], literal[k]) for k in literal}
+    bad = {k: e for k, e in errs.items() if not e <= F64_MAX_REL_ERR}
+    assert not bad, f"T={count} (D={depth}): closed form differs from the literal steps: {bad}"

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 FORWARD_SEED = 1234
 F64_MAX_REL_ERR = 1e-10
@@ -399,6 +400,93 @@ class NaNGradNet(nn.Module):
         return self.out(NaNGrad.apply(torch.relu(self.inp(x))))
 
 
+class Checkpointed(nn.Module):
+    """A block under ``torch.utils.checkpoint`` between plain layers (both forms)."""
+
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.pre = nn.Linear(10, 16)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.pre(x))
+        h = checkpoint(self.block, h, use_reentrant=self.use_reentrant)
+        return self.head(torch.tanh(h))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block from ``nn.Linear`` projections (so every
+    linear has a backward weight in the psi variants). Masked scores are -inf
+    before the softmax: causal, or where ``key_padding`` is True."""
+
+    def __init__(self, width: int, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.norm1 = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        # A key bias shifts each score row by a constant that softmax cancels.
+        self.k = nn.Linear(width, width, bias=False)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.ff1 = nn.Linear(width, 2 * width)
+        self.ff2 = nn.Linear(2 * width, width)
+
+    def forward(self, h: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.norm1(h)
+        scores = self.q(a) @ self.k(a).transpose(-2, -1) / math.sqrt(a.shape[-1])
+        length = h.shape[1]
+        if self.causal:
+            future = torch.ones(length, length, dtype=torch.bool, device=h.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        if key_padding is not None:
+            scores = scores.masked_fill(key_padding[:, None, :], float("-inf"))
+        h = h + self.out(torch.softmax(scores, dim=-1) @ self.v(a))
+        return h + self.ff2(F.gelu(self.ff1(self.norm2(h))))
+
+
+class TinyCausalLM(nn.Module):
+    """GPT-like: token and position embeddings, a causal block, an output head
+    tied to the token embedding. Data enters only as token ids."""
+
+    def __init__(self, vocab: int = 20, width: int = 8, length: int = 6) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(length, width)
+        self.block = AttentionBlock(width, causal=True)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        where = torch.arange(ids.shape[1], device=ids.device)
+        h = self.tokens(ids) + self.positions(where)
+        return self.head(self.norm(self.block(h)))
+
+
+class TinyEncoder(nn.Module):
+    """BERT-like: token, position and segment embeddings, a padded
+    bidirectional block, a pooled classification head."""
+
+    def __init__(self, vocab: int = 20, width: int = 8, length: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width, padding_idx=0)
+        self.positions = nn.Embedding(length, width)
+        self.segments = nn.Embedding(2, width)
+        self.norm = nn.LayerNorm(width)
+        self.block = AttentionBlock(width, causal=False)
+        self.pool = nn.Linear(width, width)
+        self.classify = nn.Linear(width, classes)
+
+    def forward(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        where = torch.arange(ids.shape[1], device=ids.device)
+        h = self.norm(self.tokens(ids) + self.positions(where) + self.segments(segments))
+        h = self.block(h, key_padding=ids == 0)
+        return self.classify(torch.tanh(self.pool(h[:, 0])))
+
+
 class Outer(nn.Module):
     """A plain model with an inner block that may be wrapped in ARBackward."""
 
@@ -529,6 +617,28 @@ def _token_batch(n: int = 6):
     return batch
 
 
+def _language_batch(n: int = 3, vocab: int = 20, length: int = 6):
+    def batch(gen: torch.Generator):
+        ids = torch.randint(0, vocab, (n, length), generator=gen)
+        return (ids,), {}, torch.randint(0, vocab, (n, length), generator=gen)
+
+    return batch
+
+
+def _encoder_batch(n: int = 4, vocab: int = 20, length: int = 6):
+    def batch(gen: torch.Generator):
+        ids = torch.randint(1, vocab, (n, length), generator=gen)
+        ids[1:, length - 2:] = 0  # padding at the end of all but the first sequence
+        segments = (torch.arange(length) >= length // 2).long().expand(n, -1).clone()
+        return (ids, segments), {}, _labels(gen, n, 3)
+
+    return batch
+
+
+def _token_ce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, 1), target.flatten())
+
+
 def _loss_inside_batch(n: int = 8):
     def batch(gen: torch.Generator):
         return (_randn(gen, n, 10), _labels(gen, n, 4)), {}, None
@@ -628,6 +738,34 @@ CASES: dict[str, Case] = {
             tags=frozenset({"core"}),
         ),
         Case("embedding", EmbeddingBag, _token_batch(), _ce),
+        Case(
+            "checkpoint_reentrant",
+            lambda: Checkpointed(use_reentrant=True),
+            _vector_ce_batch(10, 4),
+            _ce,
+            tags=frozenset({"core"}),
+        ),
+        Case(
+            "checkpoint_non_reentrant",
+            lambda: Checkpointed(use_reentrant=False),
+            _vector_ce_batch(10, 4),
+            _ce,
+            tags=frozenset({"core"}),
+        ),
+        Case(
+            "causal_lm",
+            TinyCausalLM,
+            _language_batch(),
+            _token_ce,
+            tags=frozenset({"core", "tokens"}),
+        ),
+        Case(
+            "bert_encoder",
+            TinyEncoder,
+            _encoder_batch(),
+            _ce,
+            tags=frozenset({"tokens"}),
+        ),
         Case("loss_inside", LossInside, _loss_inside_batch(), _loss_is_output),
         Case(
             "same_tensor_twice",

@@ -41,6 +41,16 @@ struct FusedDerivative {
 // False when the node does not have the saved values expected.
 using FusedDerivativeFn = bool (*)(Node& node, FusedDerivative& out);
 
+// The index tensors a lookup node saved (lookups.cpp); false when the node
+// is not of the expected type.
+using IndexTensorsFn = bool (*)(Node& node, std::vector<at::Tensor>& out);
+bool embedding_indices(Node&, std::vector<at::Tensor>&);
+bool embedding_bag_indices(Node&, std::vector<at::Tensor>&);
+bool index_select_indices(Node&, std::vector<at::Tensor>&);
+bool index_indices(Node&, std::vector<at::Tensor>&);
+bool gather_indices(Node&, std::vector<at::Tensor>&);
+bool take_indices(Node&, std::vector<at::Tensor>&);
+
 // activations.cpp
 bool relu_derivative(Node&, FusedDerivative&);
 bool leaky_relu_derivative(Node&, FusedDerivative&);

@@ -1,0 +1,296 @@
+// The closed form of T relaxation steps (engine/coefficients.h): Horner's
+// rule over the powers of J, y_K = a_K x0 + c_K b, then
+//   y_k = a_k x0 + c_k b + J y_{k+1},   k = K-1 .. 0,   x_T = y_0,
+// where a J application is one input-VJP sweep (the literal step's VJPs).
+//
+// Layers are visited level by level (consumers first): when a level's turn
+// comes, its states' stage targets are complete, so each state's buffer is
+// replaced by the next stage's value as soon as its own layer has read it.
+// States hold one buffer each (no separate targets of all states at once),
+// and y_k is kept only where stage k-1 needs it: at states with at least k
+// relaxing states beneath them (the deepest, widest layers of a CNN only
+// ever hold y_0). The last stage takes each layer's gradients as soon as
+// x_T is final there and frees the layer's saved values, as the exact sweep
+// does. One horner_update_ launch per level and stage updates all of the
+// level's states.
+#include "engine/coefficients.h"
+#include "engine/executor.h"
+#include "ops/horner_update.h"
+
+#include <ATen/ATen.h>
+
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+namespace torch_ar {
+
+variable_list Executor::layer_grads(int L, bool relaxing, bool clamped) const {
+  const Layer& layer = plan_.layers[L];
+  variable_list grads(layer.out_slots.size());
+  for (size_t k = 0; k < layer.out_slots.size(); ++k) {
+    const int s = layer.out_slots[k];
+    if (s < 0) continue;
+    const bool is_clamped = plan_.slots[s].clamped;
+    const at::Tensor& v = is_clamped ? plan_.slots[s].ext : x_[s];
+    if (!v.defined() || (is_clamped ? !clamped : !relaxing)) continue;
+    grads[k] = v.scalar_type() == vjp_dtype_[s] ? v : v.to(vjp_dtype_[s]);
+  }
+  return grads;
+}
+
+std::vector<at::Tensor> Executor::closed_form(
+    const std::vector<at::Tensor>& forward_values, bool release_saved, RelaxStats& stats) {
+  const size_t S = plan_.slots.size();
+  const int num_layers = static_cast<int>(plan_.layers.size());
+  const int relax_pass = static_cast<int>(Pass::Relax);
+  persistent_targets_ = false;
+  reset_gradients();
+
+  // How many relaxing states lie beneath each layer's outputs (producers
+  // first): y_k is needed at a state only when k <= that number.
+  std::vector<int> layer_below(num_layers, 0);
+  std::vector<char> has_clamped(num_layers, 0), has_relaxing(num_layers, 0);
+  for (int L = num_layers - 1; L >= 0; --L) {
+    const Layer& layer = plan_.layers[L];
+    int b = 0;
+    for (size_t q = 0; q < layer.chain.size(); ++q)
+      for (size_t j = 0; j < layer.targets[q].size(); ++j) {
+        const EdgeTarget& t = layer.targets[q][j];
+        if (t.kind == TargetKind::State && layer.masks[relax_pass][q][j])
+          b = std::max(b, below_[t.index] + 1);
+      }
+    layer_below[L] = b;
+    for (int s : layer.out_slots) {
+      if (s < 0) continue;
+      below_[s] = b;
+      if (plan_.slots[s].clamped) has_clamped[L] = 1;
+      else if (plan_.slots[s].needed) has_relaxing[L] = 1;
+    }
+  }
+  int max_below = 0;
+  for (int s : relaxing_) max_below = std::max(max_below, below_[s]);
+  const bool sweep = config_.schedule == Schedule::Sweep;
+  const HornerCoefficients coef =
+      horner_coefficients(config_.schedule, config_.eta, config_.steps, max_below);
+  const int K = static_cast<int>(coef.initial.size()) - 1;
+
+  // Initial states (forward values, non-finite elements read as zero by the
+  // kernel) in each state's dtype.
+  std::vector<at::Tensor> initial(S);
+  if (config_.init == InitMode::Forward && !forward_values.empty()) {
+    for (int s : relaxing_) {
+      const at::Tensor& fv = forward_values[s];
+      if (!fv.defined()) continue;
+      initial[s] = fv.detach().scalar_type() == state_dtype_[s] ? fv.detach()
+                                                                : fv.detach().to(state_dtype_[s]);
+    }
+  }
+
+  // b: the loss gradients entering the relaxing states, directly (outputs
+  // also used inside the module) and through layers with clamped outputs.
+  std::vector<at::Tensor> loss(S);
+  sink_ = &loss;
+  sink_min_below_ = 0;
+  for (int L = 0; L < num_layers; ++L) {
+    if (!has_clamped[L] || !plan_.layers[L].has_work[relax_pass]) continue;
+    propagate(L, Pass::Relax, layer_grads(L, /*relaxing=*/false, /*clamped=*/true));
+  }
+  for (int s : relaxing_) {
+    const at::Tensor& ext = plan_.slots[s].ext;
+    if (ext.defined()) contribute_state(s, ext);
+  }
+
+  std::vector<std::vector<int>> by_level;
+  for (int L = 0; L < num_layers; ++L) {
+    if (!plan_.layers[L].needed) continue;
+    const size_t level = static_cast<size_t>(plan_.layers[L].level);
+    if (by_level.size() <= level) by_level.resize(level + 1);
+    by_level[level].push_back(L);
+  }
+
+  const double flush = [&] {
+    bool reduced = false;
+    for (int s : relaxing_) reduced = reduced || state_dtype_[s] != at::kDouble;
+    return reduced ? static_cast<double>(FLT_MIN) : DBL_MIN;
+  }();
+  std::vector<at::Tensor> residual(S);  // J x_T, accumulated in the last stage
+  bool on_cpu = true;
+  for (int s : relaxing_) {
+    const auto& slot = plan_.slots[s];
+    on_cpu = graph_.nodes[slot.node]->input_metadata(slot.output_nr).device().is_cpu();
+    break;
+  }
+  // Norms are checked when they are read: at once on the CPU (free), at the
+  // end elsewhere (one device sync).
+  struct Pending {
+    at::Tensor norms;
+    std::vector<int> slots;
+    int stage;
+  };
+  std::vector<Pending> pending;
+  std::vector<double> final_residual(S, 0.0);
+  std::vector<std::pair<double, double>> dn(S, {0.0, 0.0});  // (|target - x_T|, |target|)
+  bool nonfinite = false;
+  // Reads one launch's norms: divergence from the non-finite counts (a norm
+  // may overflow for finite float64 values), residuals of x_T in stage 0,
+  // recomputed with scaling where their sums of squares overflowed (CPU:
+  // the tensors are still there; elsewhere the residual is left unknown).
+  auto settle = [&](const at::Tensor& norms, const std::vector<int>& slots, int stage,
+                    const std::vector<at::Tensor>* outs) {
+    const at::Tensor host = norms.to(at::kCPU).contiguous();
+    auto acc = host.accessor<double, 2>();
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const int s = slots[i];
+      if (acc[i][3] > 0.0) {
+        if (!nonfinite && config_.raise_on_nonfinite) {
+          std::ostringstream msg;
+          msg << "torch_ar: relaxation diverged in the closed form of " << config_.steps
+              << " steps (stage " << stage << " of " << K << "): the state of node '"
+              << plan_.slots[s].name << "' became NaN or infinite (eta=" << config_.eta
+              << "). Check the inputs and the loss for NaN/Inf, or use a smaller eta.";
+          TORCH_CHECK(false, msg.str());
+        }
+        nonfinite = true;
+        continue;
+      }
+      if (stage != 0) continue;
+      double d = acc[i][1], t = acc[i][2];
+      if (!std::isfinite(d) || !std::isfinite(t)) {
+        if (outs) {
+          auto scaled_norm = [](const at::Tensor& v) {
+            at::Tensor w = v.to(at::kDouble);
+            const double scale = w.abs().max().item<double>();
+            return scale == 0.0 ? 0.0 : (w / scale).norm().item<double>() * scale;
+          };
+          at::Tensor target = at::zeros_like((*outs)[i]);
+          if (loss[s].defined()) target.add_(loss[s]);
+          if (residual[s].defined()) target.add_(residual[s]);
+          d = scaled_norm(target - (*outs)[i]);
+          t = scaled_norm(target);
+        } else {
+          d = t = std::numeric_limits<double>::quiet_NaN();
+        }
+      }
+      dn[s] = {d, t};
+    }
+  };
+
+  for (int k = K; k >= 0; --k) {
+    const bool last = k == 0;
+    for (size_t level = 0; level < by_level.size(); ++level) {
+      const auto& layers = by_level[level];
+      // J y_{k+1}: the level's layers read their states before they move on.
+      if (k < K) {
+        sink_ = &target_;
+        sink_min_below_ = k;
+        for (int L : layers) {
+          if (!has_relaxing[L] || layer_below[L] < k + 1) continue;
+          if (!plan_.layers[L].has_work[relax_pass]) continue;
+          propagate(L, Pass::Relax, layer_grads(L, /*relaxing=*/true, /*clamped=*/false));
+        }
+      }
+      // y_k = a_k x0 + c_k b + J y_{k+1} for the level's states that need it.
+      std::vector<int> slots;
+      for (int L : layers)
+        for (int s : plan_.layers[L].out_slots)
+          if (s >= 0 && !plan_.slots[s].clamped && plan_.slots[s].needed && below_[s] >= k)
+            slots.push_back(s);
+      if (!slots.empty()) {
+        std::vector<at::Tensor> out, x0, b, t, r;
+        for (int s : slots) {
+          at::Tensor& acc = target_[s];
+          if (!acc.defined()) {
+            const auto& meta = graph_.nodes[plan_.slots[s].node]->input_metadata(plan_.slots[s].output_nr);
+            acc = at::empty_symint(meta.shape_as_dim_vector(), meta.options().dtype(state_dtype_[s]));
+            t.emplace_back();  // nothing arrived: J y_{k+1} is zero here
+          } else {
+            t.push_back(acc);
+          }
+          out.push_back(acc);
+          x0.push_back(initial[s]);
+          b.push_back(loss[s]);
+          r.push_back(last ? residual[s] : at::Tensor());
+        }
+        at::Tensor norms = horner_update_(
+            out, x0, b, t, r, coef.initial[k], coef.loss[k], flush, /*residual=*/last);
+        if (on_cpu) settle(norms, slots, k, &out);
+        for (size_t i = 0; i < slots.size(); ++i) {
+          const int s = slots[i];
+          x_[s] = std::move(out[i]);
+          target_[s] = at::Tensor();
+          residual[s] = at::Tensor();
+        }
+        if (!on_cpu) pending.push_back({std::move(norms), std::move(slots), k});
+      }
+      if (!last) continue;
+      // x_T is final on this level: gradients, and the residual's J x_T.
+      sink_ = &residual;
+      sink_min_below_ = 0;
+      for (int L : layers) {
+        const Layer& layer = plan_.layers[L];
+        if (config_.exact_rule()) {
+          if (!has_clamped[L]) {
+            propagate(L, Pass::Full, layer_grads(L, true, true));
+          } else {
+            // The loss gradients' share of the states' targets is in b.
+            propagate(L, Pass::Gradient, layer_grads(L, true, true));
+            if (has_relaxing[L] && layer.has_work[relax_pass])
+              propagate(L, Pass::Relax, layer_grads(L, true, false));
+          }
+        } else {
+          if (!has_clamped[L]) {
+            propagate(L, Pass::Propagate, layer_grads(L, true, true));
+          } else {
+            propagate(L, Pass::InputGrad, layer_grads(L, true, true));
+            if (has_relaxing[L] && layer.has_work[relax_pass])
+              propagate(L, Pass::Relax, layer_grads(L, true, false));
+          }
+          propagate(L, Pass::WeightGrad, layer_grads(L, true, true));
+        }
+        for (int s : layer.out_slots)
+          if (s >= 0 && !plan_.slots[s].clamped) x_[s] = at::Tensor();
+        if (release_saved)
+          for (int n : layer.chain) graph_.nodes[n]->release_variables();
+      }
+    }
+  }
+  sink_ = nullptr;
+
+  if (!pending.empty()) {
+    // One read of every norm.
+    std::vector<at::Tensor> all;
+    for (const auto& p : pending) all.push_back(p.norms);
+    const at::Tensor host = at::cat(all).to(at::kCPU);
+    int64_t row = 0;
+    for (const auto& p : pending) {
+      const int64_t n = static_cast<int64_t>(p.slots.size());
+      settle(host.narrow(0, row, n), p.slots, p.stage, nullptr);
+      row += n;
+    }
+  }
+  double scale = 0.0;
+  for (int s : relaxing_) scale = std::max(scale, dn[s].second);
+  const double floor = std::max(scale * 1e-6, 1e-300);
+  double worst = 0.0;
+  for (int s : relaxing_) {
+    final_residual[s] = dn[s].first / std::max(dn[s].second, floor);
+    worst = std::max(worst, final_residual[s]);  // NaN (unknown) is skipped
+  }
+  stats.evaluation = Evaluation::ClosedForm;
+  stats.depth = plan_.depth;
+  stats.steps = config_.steps;
+  stats.sweeps = K;
+  stats.nonfinite = nonfinite;
+  stats.max_residual = nonfinite ? std::numeric_limits<double>::infinity() : worst;
+  const bool exact_by_depth = config_.eta == 1.0 &&
+      (sweep ? config_.steps >= 1 : config_.steps >= plan_.depth);
+  stats.converged = !nonfinite && (exact_by_depth || worst <= 1e-6);
+  stats.residuals = at::tensor(final_residual, at::kDouble);
+
+  propagate_param_side();
+  return finish_leaf_gradients();
+}
+
+} // namespace torch_ar
