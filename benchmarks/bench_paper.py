@@ -6,10 +6,13 @@ paper, the median over interleaved repeats (after warm-up; CUDA synchronised
 around every timed region) of:
 
 - backward time at the paper's settings: ``loss.backward()`` through
-  ``ARBackward(model, eta, steps)`` vs the plain-PyTorch AR of
+  ``ARBackward(model, eta, steps)`` (the closed form, the default) and with
+  ``evaluation="literal"`` (the steps one by one) vs the plain-PyTorch AR of
   ``benchmarks/plain_ar.py`` (a Python loop over steps and layers: explicit
   Jacobians for the MLP, ``torch.autograd.grad`` per layer for any
-  Sequential), and autograd's own backward for scale;
+  Sequential), and autograd's own backward and forward + backward for scale;
+  the closed form against the plain loop is the algorithmic gain (the same
+  outcome without the steps), the literal steps against it the engine's;
 - cost of one relaxation step, ``(T(steps) - T(lo_steps)) / (steps - lo_steps)``
   (fixed costs, such as capture and weight gradients, cancel), against one
   input-only VJP sweep: ``torch.autograd.grad(loss, layer_outputs,
@@ -126,17 +129,19 @@ class Case:
         )
         self.mlp_layers = plain_ar.mlp_layers(self.model) if self.is_mlp else None
         self.ar_exact = torch_ar.ARBackward(self.model)
-        self.ar_paper = torch_ar.ARBackward(self.model, eta=eta, steps=steps)
-        self.ar_lo = torch_ar.ARBackward(self.model, eta=eta, steps=lo_steps)
-        # The speed features, each against the default path: the activation
-        # derivative applied by its own VJP instead of the update kernel, and
-        # (CUDA) one step recorded as a CUDA graph and replayed.
+        self.ar_closed = torch_ar.ARBackward(self.model, eta=eta, steps=steps)
+        literal = {"evaluation": "literal"}
+        self.ar_paper = torch_ar.ARBackward(self.model, eta=eta, steps=steps, **literal)
+        self.ar_lo = torch_ar.ARBackward(self.model, eta=eta, steps=lo_steps, **literal)
+        # The speed features of the literal steps, each against their default
+        # path: the activation derivative applied by its own VJP instead of
+        # the update kernel, and (CUDA) steps recorded as a CUDA graph.
         self.variants = {
             "unfused": {"fuse_activations": False},
             **({"graph": {"cuda_graph": True}} if device.type == "cuda" else {}),
         }
         self.ar_feature = {
-            (name, n): torch_ar.ARBackward(self.model, eta=eta, steps=n, **kw)
+            (name, n): torch_ar.ARBackward(self.model, eta=eta, steps=n, **literal, **kw)
             for name, kw in self.variants.items()
             for n in (steps, lo_steps)
         }
@@ -204,6 +209,7 @@ class Case:
             "autograd": lambda: self.run_module(self.model),
             "vjp_sweep": self.run_vjp_sweep,
             "ar_exact": lambda: self.run_module(self.ar_exact),
+            "ar_closed": lambda: self.run_module(self.ar_closed),
             "ar_paper": lambda: self.run_module(self.ar_paper),
             "ar_lo": lambda: self.run_module(self.ar_lo),
             "plain_paper": lambda: self.run_plain(self.steps),
@@ -229,8 +235,10 @@ class Case:
     def correctness(self) -> dict:
         ref = self.module_grads(self.model)
         ar_paper = self.module_grads(self.ar_paper)
+        ar_closed = self.module_grads(self.ar_closed)
         depth = self.ar_paper.last_stats.depth
         states = self.ar_paper.last_stats.num_states
+        sweeps = self.ar_closed.last_stats.sweeps
         blocks = plain_ar.ar_gradients_blocks(
             self.model, self.x, self.target, self.loss_fn, self.eta, self.steps)
         blocks_exact = plain_ar.ar_gradients_blocks(
@@ -239,8 +247,11 @@ class Case:
             "torch_ar_depth": depth,
             "torch_ar_states": states,
             "plain_states": len(self.blocks),
+            "closed_form_sweeps": sweeps,
             "cos_ar_exact": cosine(self.module_grads(self.ar_exact), ref),
             "cos_ar_paper": cosine(ar_paper, ref),
+            "cos_ar_closed": cosine(ar_closed, ref),
+            "closed_vs_literal_rel_err": max_rel_err(ar_closed, ar_paper),
             "cos_plain_autograd_paper": cosine(blocks, ref),
             "plain_autograd_eta1_rel_err": max_rel_err(blocks_exact, ref),
         }
@@ -287,6 +298,7 @@ class Case:
         runs = {
             "autograd": module(self.model),
             "ar_exact": module(self.ar_exact),
+            "ar_closed": module(self.ar_closed),
             "ar_paper": module(self.ar_paper),
             **({"ar_paper_graph": module(self.ar_feature[("graph", self.steps)])}
                if "graph" in self.variants else {}),
@@ -352,6 +364,14 @@ def summarise(case: Case, t: dict[str, dict[str, float]]) -> dict:
         "autograd_backward_ms": bw["autograd"],
         "vjp_sweep_ms": bw["vjp_sweep"],
         "ar_exact_backward_ms": bw["ar_exact"],
+        "ar_closed_backward_ms": bw["ar_closed"],
+        "autograd_total_ms": t["autograd"]["total_ms"],
+        "ar_closed_total_ms": t["ar_closed"]["total_ms"],
+        "ar_closed_over_autograd_backward": bw["ar_closed"] / bw["autograd"],
+        "ar_closed_over_autograd_total": t["ar_closed"]["total_ms"] / t["autograd"]["total_ms"],
+        "plain_over_closed_backward": bw["plain_paper"] / bw["ar_closed"],
+        "plain_over_closed_total": t["plain_paper"]["total_ms"] / t["ar_closed"]["total_ms"],
+        "literal_over_closed_backward": bw["ar_paper"] / bw["ar_closed"],
         "ar_paper_backward_ms": bw["ar_paper"],
         "plain_paper_backward_ms": bw["plain_paper"],
         "ar_step_ms": ar_step,
@@ -401,13 +421,39 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"CUDA {meta['cuda'] or 'n/a'}; models from {meta['models_from']}; MSE loss on one-hot "
         f"targets, float32; median of {a['repeats']} interleaved repeats after "
         f"{a['warmup']} warm-up round(s). Per-step cost = (T({a['steps']}) - "
-        f"T({a['lo_steps']})) / {a['steps'] - a['lo_steps']} of the backward times. "
+        f"T({a['lo_steps']})) / {a['steps'] - a['lo_steps']} of the literal backward times. "
         "Ratios plain / torch_ar above 1: torch_ar is faster."),
         "",
-        "## Backward time at the paper's settings",
+        "## The closed form (default) at the paper's settings",
         "",
-        ("| model | batch | autograd backward | torch_ar (eta 1) | torch_ar paper | plain AR paper "
-        "| plain / torch_ar (backward) | plain / torch_ar (fwd+bwd) | torch_ar paper / autograd |"),
+        ("The closed form gives the outcome of the literal steps (max. relative difference "
+        "below) from a few input-VJP sweeps: against the plain loop, which takes the "
+        f"{a['steps']} steps, this is the algorithmic gain."),
+        "",
+        ("| model | batch | autograd bwd | autograd fwd+bwd | closed form bwd (sweeps) "
+        "| closed / autograd bwd | closed / autograd fwd+bwd | plain AR paper bwd "
+        "| plain / closed (bwd) | plain / closed (fwd+bwd) | literal / closed |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        c = r["correctness"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {fmt(r['autograd_backward_ms'], ' ms')} "
+            f"| {fmt(r['autograd_total_ms'], ' ms')} "
+            f"| {fmt(r['ar_closed_backward_ms'], ' ms')} ({c['closed_form_sweeps']}) "
+            f"| {fmt(r['ar_closed_over_autograd_backward'], 'x')} "
+            f"| {fmt(r['ar_closed_over_autograd_total'], 'x')} "
+            f"| {fmt(r['plain_paper_backward_ms'], ' ms')} ({r['plain_kind']}) "
+            f"| {fmt(r['plain_over_closed_backward'], 'x', 1)} "
+            f"| {fmt(r['plain_over_closed_total'], 'x', 1)} "
+            f"| {fmt(r['literal_over_closed_backward'], 'x', 1)} |"
+        )
+    lines += [
+        "",
+        "## The literal steps at the paper's settings",
+        "",
+        ("| model | batch | autograd backward | torch_ar (eta 1) | torch_ar literal | plain AR paper "
+        "| plain / torch_ar (backward) | plain / torch_ar (fwd+bwd) | torch_ar literal / autograd |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -472,16 +518,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             ("CUDA: `torch.cuda.max_memory_allocated`; CPU: the CPU allocator's running "
             "total as the profiler records it (`profile_memory=True`)."),
             "",
-            ("| model | batch | autograd | torch_ar eta 1 | torch_ar paper "
-            "| torch_ar paper, graph | plain AR paper |"),
-            "|---|---:|---:|---:|---:|---:|---:|",
+            ("| model | batch | autograd | torch_ar eta 1 | torch_ar closed form "
+            "| torch_ar literal | torch_ar literal, graph | plain AR paper |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             m = r["memory_mib"]
             base = m["autograd"]
             cells = [
                 f"{fmt(m[k], ' MiB', 1)} ({fmt(m[k] / base, 'x')})" if k in m else "n/a"
-                for k in ("ar_exact", "ar_paper", "ar_paper_graph", "plain_paper")
+                for k in ("ar_exact", "ar_closed", "ar_paper", "ar_paper_graph", "plain_paper")
             ]
             lines.append(f"| {r['model']} | {r['batch']} | {fmt(base, ' MiB', 1)} | " + " | ".join(cells) + " |")
     else:
@@ -491,8 +537,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "## Gradients (cosine to autograd's)",
         "",
         ("| model | torch_ar states (D) | torch_ar eta 1 | torch_ar paper | plain AR paper "
-        "| plain AR eta 1, D steps: max rel. error | torch_ar paper vs plain paper: max rel. error |"),
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| plain AR eta 1, D steps: max rel. error | torch_ar paper vs plain paper: max rel. error "
+        "| closed form vs literal: max rel. error |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         c = r["correctness"]
@@ -502,7 +549,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {c['torch_ar_states']} ({c['torch_ar_depth']}) "
             f"| {c['cos_ar_exact']:.6f} | {c['cos_ar_paper']:.6f} | {plain_cos:.6f} "
-            f"| {plain_err:.1e} | {'n/a (different states)' if agree is None else f'{agree:.1e}'} |"
+            f"| {plain_err:.1e} | {'n/a (different states)' if agree is None else f'{agree:.1e}'} "
+            f"| {c['closed_vs_literal_rel_err']:.1e} |"
         )
     lines += [
         "",
@@ -567,7 +615,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(
             f"{name} batch {row['batch']}: backward autograd {row['autograd_backward_ms']:.2f} ms | "
-            f"torch_ar paper {row['ar_paper_backward_ms']:.2f} ms | plain AR "
+            f"closed form {row['ar_closed_backward_ms']:.2f} ms "
+            f"(plain / closed {row['plain_over_closed_backward']:.1f}x) | "
+            f"torch_ar literal {row['ar_paper_backward_ms']:.2f} ms | plain AR "
             f"{row['plain_paper_backward_ms']:.2f} ms ({row['plain_over_ar_backward']:.2f}x) | "
             f"step {row['ar_step_ms']:.3f} ms vs VJP sweep {row['vjp_sweep_ms']:.3f} ms "
             f"({row['ar_step_over_vjp_sweep']:.2f}x; plain {row['plain_step_over_vjp_sweep']:.2f}x) "

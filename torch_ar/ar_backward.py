@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,20 @@ from torch_ar.variants import get_variant
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # The engine's codes for RelaxationStats.evaluation (csrc/engine/config.h).
 _EVALUATION_NAMES = {1: "exact_sweep", 2: "closed_form", 3: "literal"}
+
+# Counts parameter and submodule registrations in any module: a wrapper
+# re-lists its module's parameters only when this moved. (Replacing a
+# parameter without registering it, through module._parameters, is not
+# seen: the capture then refuses the unknown tensor with a clear error.)
+_registrations = [0]
+
+
+def _count_registration(*_: Any) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 class RelaxationDivergedError(RuntimeError):
@@ -98,7 +113,7 @@ class _ForwardRun:
     def __init__(self, owner: ARBackward, args: tuple, kwargs: dict) -> None:
         self.owner = owner
         self.config = owner.config
-        self.flat, self.spec = tree_flatten((args, kwargs))
+        self.flat, self.spec = _flatten_inputs(args, kwargs)
         self.input_positions = [
             i for i, v in enumerate(self.flat)
             if isinstance(v, torch.Tensor) and v.is_floating_point()
@@ -112,11 +127,14 @@ class _ForwardRun:
         for i, v in enumerate(self.flat):
             if isinstance(v, torch.Tensor):
                 _check_supported_tensor(v, f"input {i}")
-        named = [(n, p) for n, p in owner.module.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in owner._named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         # Backward weights, one per parameter that has one (else None).
-        self.psis: list[torch.Tensor | None] = [owner._backward_weight_of(n) for n in self.param_names]
+        self.psis: list[torch.Tensor | None] = (
+            [owner._backward_weight_of(n) for n in self.param_names]
+            if owner._psi_layout else [None] * len(self.params)
+        )
         self.psi_tensors = [p for p in self.psis if p is not None]
         self.input_leaves: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []       # differentiable inner outputs
@@ -124,7 +142,8 @@ class _ForwardRun:
         self.out_flat: list[Any] = []
         self.out_spec = None
         self.tensor_positions: list[int] = []
-        self.forward_values: list[torch.Tensor] = []
+        self.forward_values: list[torch.Tensor] = []  # recorded, until stashed
+        self.forward_values_handle = 0
         self.released = False
         # Under autocast a GradScaler may be in use: it expects inf/NaN
         # gradients (to skip the step), not an exception.
@@ -143,7 +162,7 @@ class _ForwardRun:
         self.input_leaves = [make_input_leaf(t) for t in inputs]
         for pos, leaf in zip(self.input_positions, self.input_leaves):
             flat[pos] = leaf
-        args, kwargs = tree_unflatten(flat, self.spec)
+        args, kwargs = (tuple(flat), {}) if self.spec is None else tree_unflatten(flat, self.spec)
         with torch.enable_grad(), inline_checkpoints(
             self.config.calls_layers_repeatedly
         ) as inlined:
@@ -155,7 +174,10 @@ class _ForwardRun:
             else:
                 out = self.owner.module(*args, **kwargs)
         self.inlined_checkpoints = inlined[0]
-        self.out_flat, self.out_spec = tree_flatten(out)
+        if isinstance(out, torch.Tensor):  # the common case, without pytree's cost
+            self.out_flat, self.out_spec = [out], None
+        else:
+            self.out_flat, self.out_spec = tree_flatten(out)
         self.tensor_positions = [
             i for i, v in enumerate(self.out_flat) if isinstance(v, torch.Tensor)
         ]
@@ -191,19 +213,38 @@ class _ForwardRun:
                 self.data_indices,
             ).tolist()
             self.forward_values = [v for v, k in zip(self.forward_values, keep) if k]
+        if self.forward_values:
+            # Kept on the C++ side under a handle: the engine frees each value
+            # as soon as its state is done, not when the backward returns.
+            self.forward_values_handle = torch.ops.torch_ar.stash_forward_values(
+                self.forward_values
+            )
+            weakref.finalize(self, torch.ops.torch_ar.drop_forward_values,
+                             self.forward_values_handle)
+        self.forward_values = []
         return [self.out_flat[pos].detach() for pos in self.tensor_positions]
 
     def rebuild(self, tensors: tuple[torch.Tensor, ...]) -> Any:
         flat = list(self.out_flat)
         for pos, t in zip(self.tensor_positions, tensors):
             flat[pos] = t
-        return tree_unflatten(flat, self.out_spec)
+        return flat[0] if self.out_spec is None else tree_unflatten(flat, self.out_spec)
 
     def release(self) -> None:
         self.released = True
         self.outputs = []
         self.input_leaves = []
-        self.forward_values = []
+        if self.forward_values_handle:
+            torch.ops.torch_ar.drop_forward_values(self.forward_values_handle)
+            self.forward_values_handle = 0
+
+
+def _flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
+    """(flat list, spec) of the forward's arguments; spec None for plain tensor
+    positional arguments (the common case, without pytree's cost)."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return list(args), None
+    return tree_flatten((args, kwargs))
 
 
 def _check_supported_tensor(t: torch.Tensor, what: str) -> None:
@@ -266,7 +307,7 @@ class _ARFunction(torch.autograd.Function):
                 leaves,
                 [False] * n_params + [True] * len(run.input_leaves),
                 needs,
-                run.forward_values,
+                run.forward_values_handle,
                 float(cfg.eta),
                 -1 if cfg.steps is None else int(cfg.steps),
                 -1.0 if cfg.tol is None else float(cfg.tol),
@@ -301,12 +342,11 @@ class _ARFunction(torch.autograd.Function):
                     "sweep (eta=1, exact variant, no steps/tol/trace)."
                 ) from err
             raise
-        leaf_grads, defined, summary, residuals, residual_trace, cosine_trace, names = result
+        out, summary, residuals, residual_trace, cosine_trace, names = result
         run.owner._record_stats(run, summary, residuals, residual_trace, cosine_trace, names)
         run.owner._warn_if_degenerate(summary)
-        if summary[5].item() == 0.0:
+        if summary[5] == 0.0:  # the graph was not kept for another backward
             run.release()
-        out = [g if bool(d) else None for g, d in zip(leaf_grads, defined.tolist())]
         param_grads, input_grads = out[:n_params], out[n_params:]
         psi_grads = []
         decay = float(cfg.backward_weight_decay)
@@ -398,6 +438,7 @@ class ARBackward(nn.Module):
         self._last_raw: tuple | None = None
         self._last_stats: RelaxationStats | None = None
         self._warned_degenerate = False
+        self._param_cache: tuple[int, list[tuple[str, nn.Parameter]]] | None = None
         # psi per linear/conv weight, registered so that state_dict(),
         # parameters() and optimizers see it; keys are the weight's name with
         # "." replaced by "__".
@@ -427,6 +468,18 @@ class ARBackward(nn.Module):
                 init, requires_grad=learned
             )
             self._psi_layout[name] = "transposed" if transposed else "same"
+
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The module's named parameters, re-listed only after a module anywhere
+        registered a parameter or submodule (walking the module tree on every
+        forward is a visible share of a small model's step)."""
+        generation = _registrations[0]
+        if self._param_cache is None or self._param_cache[0] != generation:
+            # object.__setattr__: nn.Module's own is slow and this is no submodule.
+            object.__setattr__(
+                self, "_param_cache", (generation, list(self.module.named_parameters()))
+            )
+        return self._param_cache[1]
 
     def _backward_weight_of(self, param_name: str) -> torch.Tensor | None:
         key = param_name.replace(".", "__")
@@ -474,22 +527,24 @@ class ARBackward(nn.Module):
     def _record_stats(
         self,
         run: _ForwardRun,
-        summary: torch.Tensor,
+        summary: list[float],
         residuals: torch.Tensor,
         residual_trace: torch.Tensor,
         cosine_trace: torch.Tensor,
         names: list[str],
     ) -> None:
-        leaf_names = run.param_names + [f"input{i}" for i in range(len(run.input_leaves))]
-        self._last_raw = (
-            leaf_names, summary, residuals, residual_trace, cosine_trace, names,
-            run.inlined_checkpoints,
+        # Leaf names are built only if the stats are read.
+        raw = (
+            (run.param_names, len(run.input_leaves)), summary, residuals, residual_trace,
+            cosine_trace, names, run.inlined_checkpoints,
         )
-        self._last_stats = None
+        # object.__setattr__: nn.Module's own costs more than the rest of this.
+        object.__setattr__(self, "_last_raw", raw)
+        object.__setattr__(self, "_last_stats", None)
 
-    def _warn_if_degenerate(self, summary: torch.Tensor) -> None:
+    def _warn_if_degenerate(self, summary: list[float]) -> None:
         """Warn once when nothing relaxes although the settings ask for relaxation."""
-        if self._warned_degenerate or summary[9].item() > 0:
+        if self._warned_degenerate or summary[9] > 0:
             return
         c = self.config
         if c.variant == "exact" and c.eta == 1.0 and c.steps is None and c.tol is None:
@@ -498,7 +553,7 @@ class ARBackward(nn.Module):
         warnings.warn(
             f"ARBackward: the wrapped module has no relaxing state, so eta={c.eta}, "
             f"steps={c.steps} and variant={c.variant!r} change nothing: AR gradients are "
-            f"backprop's here ({int(summary[10].item())} parameters differentiated outside the "
+            f"backprop's here ({int(summary[10])} parameters differentiated outside the "
             "relaxation). States live on layer outputs that depend on a floating input or on "
             "a lookup by the module's integer inputs; pass the data as an input of the module.",
             stacklevel=4,
@@ -508,20 +563,22 @@ class ARBackward(nn.Module):
     def last_stats(self) -> RelaxationStats | None:
         """What the last backward's relaxation did (None before the first backward)."""
         if self._last_stats is None and self._last_raw is not None:
-            self._last_stats = self._build_stats(*self._last_raw)
+            object.__setattr__(self, "_last_stats", self._build_stats(*self._last_raw))
         return self._last_stats
 
     def _build_stats(
         self,
-        leaf_names: list[str],
-        summary: torch.Tensor,
+        leaves: tuple[list[str], int],
+        summary: list[float],
         residuals: torch.Tensor,
         residual_trace: torch.Tensor,
         cosine_trace: torch.Tensor,
         names: list[str],
         inlined_checkpoints: int,
     ) -> RelaxationStats:
-        s = summary.tolist()
+        s = summary
+        param_names, num_inputs = leaves
+        leaf_names = param_names + [f"input{i}" for i in range(num_inputs)]
         cosines = None
         if self.config.trace_cosine and cosine_trace.numel():
             cosines = {

@@ -16,9 +16,11 @@
 #include "engine/coefficients.h"
 #include "engine/executor.h"
 #include "ops/horner_update.h"
+#include "ops/relax_update.h"
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <limits>
@@ -40,8 +42,74 @@ variable_list Executor::layer_grads(int L, bool relaxing, bool clamped) const {
   return grads;
 }
 
+namespace {
+
+// grad <- f'(a) * grad in place, with ATen's own backward kernels (the same
+// arithmetic as the activation node's VJP).
+void apply_derivative_inplace(at::Tensor& g, const vjp::FusedDerivative& d) {
+  switch (d.kind) {
+    case kReluResult:
+      at::threshold_backward_out(g, g, d.input, 0);
+      break;
+    case kLeakyReluInput:
+      at::leaky_relu_backward_out(g, g, d.input, d.p0, false);
+      break;
+    case kTanhResult:
+      at::tanh_backward_out(g, g, d.input);
+      break;
+    case kSigmoidResult:
+      at::sigmoid_backward_out(g, g, d.input);
+      break;
+    case kHardtanhInput:
+      at::hardtanh_backward_out(g, g, d.input, d.p0, d.p1);
+      break;
+    default:  // kScale: d.input is f'(a)
+      g.mul_(d.input);
+      break;
+  }
+}
+
+} // namespace
+
+void Executor::propagate_consuming(int L, Pass pass, variable_list grads) {
+  if (inplace_at_.empty()) inplace_at_.assign(plan_.layers.size(), -2);
+  if (inplace_derivative_.empty()) inplace_derivative_.resize(plan_.layers.size());
+  const Layer& layer = plan_.layers[L];
+  const int p = static_cast<int>(pass);
+  if (inplace_at_[L] == -2) {
+    // An activation at the top of the layer (under reshapes at most) whose
+    // VJP is the one specialised formula, with f' kept by this variant.
+    inplace_at_[L] = -1;
+    size_t k = 0;
+    while (k < layer.chain.size() && layer.ops[k] && layer.ops[k]->role == OpRole::View &&
+           layer.ops[k]->vjp == &vjp::view)
+      ++k;
+    const OpInfo* op = k < layer.chain.size() ? layer.ops[k] : nullptr;
+    if (op && op->fused_derivative && !config_.drop_activation_derivative &&
+        layer.out_slots.size() == 1 &&
+        op->fused_derivative(*graph_.nodes[layer.chain[k]], inplace_derivative_[L]) &&
+        inplace_derivative_[L].input.defined())
+      inplace_at_[L] = static_cast<int>(k);
+  }
+  const int k = inplace_at_[L];
+  bool single_edges = k >= 0 && layer.has_work[p];
+  for (int q = 0; single_edges && q <= k; ++q)
+    single_edges = layer.masks[p][q].size() == 1 && layer.masks[p][q][0];
+  const vjp::FusedDerivative& d = inplace_derivative_[L];
+  if (!single_edges || grads.size() != 1 || !grads[0].defined() || !grads[0].is_contiguous() ||
+      grads[0].scalar_type() != d.input.scalar_type() || grads[0].numel() != d.input.numel() ||
+      grads[0].device() != d.input.device()) {
+    propagate(L, pass, std::move(grads));
+    return;
+  }
+  at::Tensor g = grads[0].view(d.input.sizes());
+  grads.clear();
+  apply_derivative_inplace(g, d);
+  propagate_from(L, pass, static_cast<size_t>(k), {std::move(g)});
+}
+
 std::vector<at::Tensor> Executor::closed_form(
-    const std::vector<at::Tensor>& forward_values, bool release_saved, RelaxStats& stats) {
+    std::vector<at::Tensor> forward_values, bool release_saved, RelaxStats& stats) {
   const size_t S = plan_.slots.size();
   const int num_layers = static_cast<int>(plan_.layers.size());
   const int relax_pass = static_cast<int>(Pass::Relax);
@@ -81,12 +149,12 @@ std::vector<at::Tensor> Executor::closed_form(
   std::vector<at::Tensor> initial(S);
   if (config_.init == InitMode::Forward && !forward_values.empty()) {
     for (int s : relaxing_) {
-      const at::Tensor& fv = forward_values[s];
+      at::Tensor fv = std::move(forward_values[s]);
       if (!fv.defined()) continue;
-      initial[s] = fv.detach().scalar_type() == state_dtype_[s] ? fv.detach()
-                                                                : fv.detach().to(state_dtype_[s]);
+      initial[s] = fv.scalar_type() == state_dtype_[s] ? fv.detach() : fv.detach().to(state_dtype_[s]);
     }
   }
+  forward_values.clear();
 
   // b: the loss gradients entering the relaxing states, directly (outputs
   // also used inside the module) and through layers with clamped outputs.
@@ -177,83 +245,155 @@ std::vector<at::Tensor> Executor::closed_form(
     }
   };
 
-  for (int k = K; k >= 0; --k) {
+  // y_k = a_k x0 + c_k b + J y_{k+1} for `slots` (their J y_{k+1}, if any,
+  // complete in target_), in one launch; x_ takes the result.
+  auto update_states = [&](const std::vector<int>& slots, int k) {
+    if (slots.empty()) return;
     const bool last = k == 0;
-    for (size_t level = 0; level < by_level.size(); ++level) {
-      const auto& layers = by_level[level];
-      // J y_{k+1}: the level's layers read their states before they move on.
-      if (k < K) {
-        sink_ = &target_;
-        sink_min_below_ = k;
-        for (int L : layers) {
-          if (!has_relaxing[L] || layer_below[L] < k + 1) continue;
-          if (!plan_.layers[L].has_work[relax_pass]) continue;
-          propagate(L, Pass::Relax, layer_grads(L, /*relaxing=*/true, /*clamped=*/false));
-        }
+    std::vector<at::Tensor> out, x0, b, t, r;
+    for (int s : slots) {
+      at::Tensor& acc = target_[s];
+      if (!acc.defined()) {
+        const auto& slot = plan_.slots[s];
+        const auto& meta = graph_.nodes[slot.node]->input_metadata(slot.output_nr);
+        acc = at::empty_symint(meta.shape_as_dim_vector(), meta.options().dtype(state_dtype_[s]));
+        t.emplace_back();  // nothing arrived: J y_{k+1} is zero here
+      } else {
+        t.push_back(acc);
       }
-      // y_k = a_k x0 + c_k b + J y_{k+1} for the level's states that need it.
-      std::vector<int> slots;
-      for (int L : layers)
-        for (int s : plan_.layers[L].out_slots)
-          if (s >= 0 && !plan_.slots[s].clamped && plan_.slots[s].needed && below_[s] >= k)
-            slots.push_back(s);
-      if (!slots.empty()) {
-        std::vector<at::Tensor> out, x0, b, t, r;
-        for (int s : slots) {
-          at::Tensor& acc = target_[s];
-          if (!acc.defined()) {
-            const auto& meta = graph_.nodes[plan_.slots[s].node]->input_metadata(plan_.slots[s].output_nr);
-            acc = at::empty_symint(meta.shape_as_dim_vector(), meta.options().dtype(state_dtype_[s]));
-            t.emplace_back();  // nothing arrived: J y_{k+1} is zero here
-          } else {
-            t.push_back(acc);
-          }
-          out.push_back(acc);
-          x0.push_back(initial[s]);
-          b.push_back(loss[s]);
-          r.push_back(last ? residual[s] : at::Tensor());
-        }
-        at::Tensor norms = horner_update_(
-            out, x0, b, t, r, coef.initial[k], coef.loss[k], flush, /*residual=*/last);
-        if (on_cpu) settle(norms, slots, k, &out);
-        for (size_t i = 0; i < slots.size(); ++i) {
-          const int s = slots[i];
-          x_[s] = std::move(out[i]);
-          target_[s] = at::Tensor();
-          residual[s] = at::Tensor();
-        }
-        if (!on_cpu) pending.push_back({std::move(norms), std::move(slots), k});
+      out.push_back(acc);
+      x0.push_back(initial[s]);
+      b.push_back(loss[s]);
+      r.push_back(last ? residual[s] : at::Tensor());
+    }
+    at::Tensor norms =
+        horner_update_(out, x0, b, t, r, coef.initial[k], coef.loss[k], flush, /*residual=*/last);
+    if (on_cpu) settle(norms, slots, k, &out);
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const int s = slots[i];
+      x_[s] = std::move(out[i]);
+      target_[s] = at::Tensor();
+      residual[s] = at::Tensor();
+      if (last) {  // x0 and b have done their work here
+        initial[s] = at::Tensor();
+        loss[s] = at::Tensor();
       }
-      if (!last) continue;
-      // x_T is final on this level: gradients, and the residual's J x_T.
-      sink_ = &residual;
+    }
+    if (!on_cpu) pending.push_back({std::move(norms), slots, k});
+  };
+
+  // The relaxing states each layer's relaxation VJP reaches, once each.
+  std::vector<std::vector<int>> relax_inputs(num_layers);
+  for (int L = 0; L < num_layers; ++L) {
+    const Layer& layer = plan_.layers[L];
+    auto& inputs = relax_inputs[L];
+    for (size_t q = 0; q < layer.chain.size(); ++q)
+      for (size_t j = 0; j < layer.targets[q].size(); ++j) {
+        const EdgeTarget& t = layer.targets[q][j];
+        if (t.kind == TargetKind::State && layer.masks[relax_pass][q][j] &&
+            std::find(inputs.begin(), inputs.end(), t.index) == inputs.end())
+          inputs.push_back(t.index);
+      }
+  }
+  auto needs_state = [&](int s, int k) {
+    return s >= 0 && !plan_.slots[s].clamped && plan_.slots[s].needed && below_[s] >= k;
+  };
+
+  // Stages K .. 1, producers first: a layer reads y_{k+1} of its states
+  // before their consumers have sent anything for y_k, so no state holds its
+  // old and its new value at once; a state moves on once its last consumer
+  // has sent its share.
+  for (int k = K; k >= 1; --k) {
+    auto runs = [&](int L) {
+      return k < K && has_relaxing[L] && layer_below[L] >= k + 1 &&
+          plan_.layers[L].has_work[relax_pass];
+    };
+    std::vector<int> remaining(S, 0);
+    std::vector<char> own_done(S, 1);
+    for (int L = 0; L < num_layers; ++L) {
+      if (!plan_.layers[L].needed || !runs(L)) continue;
+      for (int u : relax_inputs[L]) ++remaining[u];
+      for (int s : plan_.layers[L].out_slots)
+        if (s >= 0) own_done[s] = 0;
+    }
+    auto ready = [&](int s) { return needs_state(s, k) && remaining[s] == 0 && own_done[s]; };
+    std::vector<char> updated(S, 0);
+    std::vector<int> batch;
+    for (int s : relaxing_)
+      if (ready(s)) batch.push_back(s);
+    update_states(batch, k);
+    for (int s : batch) updated[s] = 1;
+    sink_ = &target_;
+    sink_min_below_ = k;
+    for (int L = num_layers - 1; L >= 0; --L) {
+      if (!plan_.layers[L].needed || !runs(L)) continue;
+      // y_{k+1} dies with this pass: its buffer may take f' in place.
+      propagate_consuming(L, Pass::Relax, layer_grads(L, /*relaxing=*/true, /*clamped=*/false));
+      batch.clear();
+      for (int s : plan_.layers[L].out_slots) {
+        if (s < 0) continue;
+        own_done[s] = 1;
+        if (!updated[s] && ready(s)) batch.push_back(s);
+      }
+      for (int u : relax_inputs[L]) {
+        --remaining[u];
+        if (!updated[u] && ready(u)) batch.push_back(u);
+      }
+      update_states(batch, k);
+      for (int s : batch) updated[s] = 1;
+    }
+    for (int s : relaxing_)
+      TORCH_INTERNAL_ASSERT(!needs_state(s, k) || updated[s], "closed form: state ", s,
+                            " missed stage ", k);
+  }
+
+  // Stage 0, consumers first, level by level: y_0 = x_T is final on a level
+  // once the levels above have sent J y_1; then the level's layers take
+  // their gradients and send J x_T for the residuals below.
+  for (size_t level = 0; level < by_level.size(); ++level) {
+    const auto& layers = by_level[level];
+    if (K > 0) {
+      sink_ = &target_;
       sink_min_below_ = 0;
       for (int L : layers) {
-        const Layer& layer = plan_.layers[L];
-        if (config_.exact_rule()) {
-          if (!has_clamped[L]) {
-            propagate(L, Pass::Full, layer_grads(L, true, true));
-          } else {
-            // The loss gradients' share of the states' targets is in b.
-            propagate(L, Pass::Gradient, layer_grads(L, true, true));
-            if (has_relaxing[L] && layer.has_work[relax_pass])
-              propagate(L, Pass::Relax, layer_grads(L, true, false));
-          }
-        } else {
-          if (!has_clamped[L]) {
-            propagate(L, Pass::Propagate, layer_grads(L, true, true));
-          } else {
-            propagate(L, Pass::InputGrad, layer_grads(L, true, true));
-            if (has_relaxing[L] && layer.has_work[relax_pass])
-              propagate(L, Pass::Relax, layer_grads(L, true, false));
-          }
-          propagate(L, Pass::WeightGrad, layer_grads(L, true, true));
-        }
-        for (int s : layer.out_slots)
-          if (s >= 0 && !plan_.slots[s].clamped) x_[s] = at::Tensor();
-        if (release_saved)
-          for (int n : layer.chain) graph_.nodes[n]->release_variables();
+        if (!has_relaxing[L] || layer_below[L] < 1) continue;
+        if (!plan_.layers[L].has_work[relax_pass]) continue;
+        propagate_consuming(L, Pass::Relax, layer_grads(L, /*relaxing=*/true, /*clamped=*/false));
       }
+    }
+    std::vector<int> slots;
+    for (int L : layers)
+      for (int s : plan_.layers[L].out_slots)
+        if (needs_state(s, 0)) slots.push_back(s);
+    update_states(slots, 0);
+    // x_T is final on this level: gradients, and the residual's J x_T.
+    sink_ = &residual;
+    sink_min_below_ = 0;
+    for (int L : layers) {
+      const Layer& layer = plan_.layers[L];
+      if (config_.exact_rule()) {
+        if (!has_clamped[L]) {
+          propagate_consuming(L, Pass::Full, layer_grads(L, true, true));
+        } else {
+          // The loss gradients' share of the states' targets is in b.
+          propagate(L, Pass::Gradient, layer_grads(L, true, true));
+          if (has_relaxing[L] && layer.has_work[relax_pass])
+            propagate(L, Pass::Relax, layer_grads(L, true, false));
+        }
+      } else {
+        if (!has_clamped[L]) {
+          propagate(L, Pass::Propagate, layer_grads(L, true, true));
+        } else {
+          propagate(L, Pass::InputGrad, layer_grads(L, true, true));
+          if (has_relaxing[L] && layer.has_work[relax_pass])
+            propagate(L, Pass::Relax, layer_grads(L, true, false));
+        }
+        propagate(L, Pass::WeightGrad, layer_grads(L, true, true));
+      }
+      for (int s : layer.out_slots)
+        if (s >= 0 && !plan_.slots[s].clamped) x_[s] = at::Tensor();
+      if (release_saved)
+        for (int n : layer.chain) graph_.nodes[n]->release_variables();
     }
   }
   sink_ = nullptr;

@@ -97,7 +97,7 @@ std::vector<at::Tensor> match_forward_values(
   return result;
 }
 
-EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
+EngineResult run_here(EngineInputs& in, const EngineConfig& config) {
   at::NoGradGuard no_grad;
   CapturedGraph graph =
       capture_graph(in.outputs, in.leaves, in.leaf_is_input, in.leaf_needs_grad, in.data_indices);
@@ -116,10 +116,12 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
   EngineResult result;
   Executor executor(plan, config, in.backward_weights);
   const Evaluation evaluation = choose_evaluation(config, plan.depth);
+  // From here on the per-state list holds the only references we keep.
+  std::vector<at::Tensor> initial = match_forward_values(plan, in.forward_values);
+  in.forward_values.clear();
   if (evaluation == Evaluation::ClosedForm) {
     result.leaf_grads = executor.closed_form(
-        match_forward_values(plan, in.forward_values), /*release_saved=*/!config.keep_graph,
-        result.stats);
+        std::move(initial), /*release_saved=*/!config.keep_graph, result.stats);
   } else if (evaluation == Evaluation::ExactSweep) {
     result.leaf_grads = executor.exact_sweep(/*release_saved=*/!config.keep_graph);
     RelaxStats& st = result.stats;
@@ -142,7 +144,8 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
       Executor exact(plan, exact_config);
       reference = exact.exact_sweep();
     }
-    executor.init_states(match_forward_values(plan, in.forward_values));
+    executor.init_states(initial);
+    initial.clear();
     result.stats = executor.relax(reference);
     result.leaf_grads = executor.leaf_gradients();
   }
@@ -154,7 +157,7 @@ EngineResult run_here(const EngineInputs& in, const EngineConfig& config) {
 
 } // namespace
 
-EngineResult run_engine(const EngineInputs& in, const EngineConfig& config) {
+EngineResult run_engine(EngineInputs in, const EngineConfig& config) {
   const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
   if (!exec_info || exec_info->empty()) return run_here(in, config);
 

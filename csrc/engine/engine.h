@@ -27,8 +27,10 @@ struct EngineResult {
 };
 
 // Runs on a private thread when an outer autograd graph task is current, so
-// that task's exec_info cannot hide inner nodes' gradients.
-EngineResult run_engine(const EngineInputs& inputs, const EngineConfig& config);
+// that task's exec_info cannot hide inner nodes' gradients. Takes the inputs
+// by value: the forward values are dropped one by one as the relaxation
+// finishes with them (move them in to let them go).
+EngineResult run_engine(EngineInputs inputs, const EngineConfig& config);
 
 // Which of `values` (tensors recorded during forward) are relaxing states of
 // the graph behind `outputs`: only those need keeping for init="forward".

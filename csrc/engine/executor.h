@@ -61,8 +61,9 @@ class Executor {
   // input-VJP sweep per power, then the gradients at x_T; each layer's
   // saved values are freed once it has run when release_saved. Fills the
   // stats (residuals of x_T, sweeps) and returns the leaf gradients.
+  // forward_values (per state) are dropped as soon as each state is final.
   std::vector<at::Tensor> closed_form(
-      const std::vector<at::Tensor>& forward_values, bool release_saved, RelaxStats& stats);
+      std::vector<at::Tensor> forward_values, bool release_saved, RelaxStats& stats);
 
  private:
   // Runs layer L's VJP from the current states of its outputs; routes the
@@ -73,9 +74,16 @@ class Executor {
   // record_constant: remember the state contributions (constant layers).
   void propagate(int L, Pass pass, variable_list grads, int fused = -1,
                  bool record_constant = false);
+  // The chain from node `first` on, whose VJP result `out` is already known.
+  void propagate_from(int L, Pass pass, size_t first, variable_list out,
+                      bool record_constant = false);
   // Closed form: the grads of layer L from x_ (relaxing outputs) and the
   // loss gradients (clamped outputs), each as the VJP expects it.
   variable_list layer_grads(int L, bool relaxing, bool clamped) const;
+  // Closed form: layer L's VJP in one pass over states that die with it, so
+  // an activation at the top of the layer applies f' in place in the state's
+  // buffer (no allocation of its own).
+  void propagate_consuming(int L, Pass pass, variable_list grads);
   VjpRule rule_for(const Layer& layer, size_t q, Pass pass) const;
   void contribute_state(int slot, at::Tensor grad);
   void contribute_leaf(int leaf, const at::Tensor& grad);
@@ -140,6 +148,10 @@ class Executor {
   std::vector<FusedActivation> fused_;
   std::vector<int> fused_of_slot_;   // per slot: index into fused_, -1
   std::vector<int> fused_of_layer_;  // per layer: index into fused_, -1
+  // Closed form, per layer: the chain index of an activation whose f' can be
+  // applied in place (-1: none, -2: not looked at yet), and that f'.
+  std::vector<int> inplace_at_;
+  std::vector<vjp::FusedDerivative> inplace_derivative_;
 };
 
 } // namespace torch_ar

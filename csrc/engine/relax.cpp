@@ -290,17 +290,31 @@ void Executor::run_layer(int L, Pass pass) {
 }
 
 void Executor::propagate(int L, Pass pass, variable_list grads, int fused, bool record_constant) {
+  if (fused >= 0) {
+    // The update kernel wrote the activation's VJP: the chain goes on from there.
+    propagate_from(L, pass, fused_[fused].chain_index, {fused_[fused].grad_for_node},
+                   record_constant);
+    return;
+  }
   const Layer& layer = plan_.layers[L];
   const int p = static_cast<int>(pass);
   if (!layer.has_work[p]) return;
-  const size_t first = fused >= 0 ? fused_[fused].chain_index : 0;
+  auto& node = *graph_.nodes[layer.chain[0]];
+  variable_list out =
+      node_vjp(node, layer.ops[0], std::move(grads), layer.masks[p][0], rule_for(layer, 0, pass));
+  propagate_from(L, pass, 0, std::move(out), record_constant);
+}
+
+void Executor::propagate_from(int L, Pass pass, size_t first, variable_list out,
+                              bool record_constant) {
+  const Layer& layer = plan_.layers[L];
+  const int p = static_cast<int>(pass);
+  if (!layer.has_work[p]) return;
+  variable_list grads;
   for (size_t q = first; q < layer.chain.size(); ++q) {
     const auto& mask = layer.masks[p][q];
-    auto& node = *graph_.nodes[layer.chain[q]];
-    variable_list out;
-    if (fused >= 0 && q == first) {
-      out.assign(1, fused_[fused].grad_for_node);
-    } else {
+    if (q > first) {
+      auto& node = *graph_.nodes[layer.chain[q]];
       out = node_vjp(node, layer.ops[q], std::move(grads), mask, rule_for(layer, q, pass));
     }
     grads.clear();

@@ -3,10 +3,15 @@
 // own files (cpu/, kernels/, ...). Add new operators here with one m.def line.
 
 #include "engine/op_table.h"
+#include "ops/forward_values.h"
 
 #include <torch/library.h>
 
 TORCH_LIBRARY(torch_ar, m) {
+  // The recorded forward values of one forward, kept under a handle until
+  // its backward takes them; see ops/forward_values.h.
+  m.def("stash_forward_values(Tensor[] values) -> int");
+  m.def("drop_forward_values(int handle) -> ()", &torch_ar::drop_forward_values);
   // One Euler step of the relaxation for a list of states, fused with the
   // residual norms; see ops/relax_update.h.
   m.def(
@@ -39,14 +44,13 @@ TORCH_LIBRARY(torch_ar, m) {
       "Tensor[] values, str granularity, Tensor[] data_indices) -> Tensor");
   m.def(
       "relax(Tensor[] outputs, Tensor?[] output_grads, Tensor[] leaves, "
-      "bool[] leaf_is_input, bool[] leaf_needs_grad, Tensor[] forward_values, "
+      "bool[] leaf_is_input, bool[] leaf_needs_grad, int forward_values, "
       "float eta, int steps, float tol, int max_steps, str init, str schedule, "
       "str granularity, bool trace, bool trace_cosine, int keep_graph, "
       "int check_every, Tensor?[] backward_weights, bool use_backward_weights, "
       "bool drop_activation_derivative, bool weight_update_derivative, "
       "bool raise_on_nonfinite, bool fuse_activations, bool cuda_graph, "
       "Tensor[] data_indices, str evaluation) -> "
-      "(Tensor[] leaf_grads, Tensor grad_defined, "
-      "Tensor summary, Tensor residuals, Tensor residual_trace, "
+      "(Tensor?[] leaf_grads, float[] summary, Tensor residuals, Tensor residual_trace, "
       "Tensor cosine_trace, str[] state_names)");
 }

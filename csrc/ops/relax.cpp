@@ -3,16 +3,19 @@
 // CompositeExplicitAutograd kernel serves CPU and CUDA.
 #include "engine/engine.h"
 #include "engine/graph.h"
+#include "ops/forward_values.h"
 
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
+
+#include <utility>
 
 namespace torch_ar {
 
 namespace {
 
 using RelaxResult = std::tuple<
-    std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+    c10::List<std::optional<at::Tensor>>, std::vector<double>, at::Tensor, at::Tensor,
     at::Tensor, std::vector<std::string>>;
 
 RelaxResult relax_op(
@@ -21,7 +24,7 @@ RelaxResult relax_op(
     at::TensorList leaves,
     const c10::List<bool>& leaf_is_input,
     const c10::List<bool>& leaf_needs_grad,
-    at::TensorList forward_values,
+    int64_t forward_values,
     double eta,
     int64_t steps,
     double tol,
@@ -79,7 +82,9 @@ RelaxResult relax_op(
   in.leaves = leaves.vec();
   for (bool b : leaf_is_input) in.leaf_is_input.push_back(b);
   for (bool b : leaf_needs_grad) in.leaf_needs_grad.push_back(b);
-  in.forward_values = forward_values.vec();
+  // Taken, not copied: each value is freed once its state no longer needs it
+  // (kept when the graph is kept for another backward).
+  in.forward_values = take_forward_values(forward_values, config.keep_graph);
   TORCH_CHECK(backward_weights.size() == 0 || backward_weights.size() == leaves.size(),
               "torch_ar.relax: backward_weights must be empty or one per leaf");
   for (const auto& w : backward_weights) {
@@ -89,30 +94,26 @@ RelaxResult relax_op(
 
   in.data_indices = data_indices.vec();
 
-  EngineResult r = run_engine(in, config);
+  EngineResult r = run_engine(std::move(in), config);
 
-  std::vector<at::Tensor> grads;
-  auto defined = at::zeros({static_cast<int64_t>(r.leaf_grads.size())}, at::kBool);
-  for (size_t i = 0; i < r.leaf_grads.size(); ++i) {
-    if (r.leaf_grads[i].defined()) {
-      grads.push_back(r.leaf_grads[i]);
-      defined[i] = true;
-    } else {
-      grads.push_back(at::empty({0}, leaves[i].options()));
-    }
+  // Plain lists, not tensors: the Python side reads them without an op each.
+  c10::List<std::optional<at::Tensor>> grads;
+  grads.reserve(r.leaf_grads.size());
+  for (auto& g : r.leaf_grads) {
+    if (g.defined()) grads.push_back(std::move(g));
+    else grads.push_back(std::nullopt);
   }
   const RelaxStats& st = r.stats;
-  auto summary = at::tensor(
-      {static_cast<double>(st.steps), static_cast<double>(st.depth),
-       st.converged ? 1.0 : 0.0, st.exact_shortcut ? 1.0 : 0.0, st.max_residual,
-       config.keep_graph ? 1.0 : 0.0, st.nonfinite ? 1.0 : 0.0,
-       static_cast<double>(st.graph_steps), static_cast<double>(st.fused_activations),
-       static_cast<double>(st.relaxing_states),
-       static_cast<double>(st.params_outside_relaxation),
-       static_cast<double>(static_cast<int>(st.evaluation)), static_cast<double>(st.sweeps)},
-      at::kDouble);
+  std::vector<double> summary = {
+      static_cast<double>(st.steps), static_cast<double>(st.depth),
+      st.converged ? 1.0 : 0.0, st.exact_shortcut ? 1.0 : 0.0, st.max_residual,
+      config.keep_graph ? 1.0 : 0.0, st.nonfinite ? 1.0 : 0.0,
+      static_cast<double>(st.graph_steps), static_cast<double>(st.fused_activations),
+      static_cast<double>(st.relaxing_states),
+      static_cast<double>(st.params_outside_relaxation),
+      static_cast<double>(static_cast<int>(st.evaluation)), static_cast<double>(st.sweeps)};
   auto empty = at::empty({0}, at::kDouble);
-  return {grads, defined, summary,
+  return {std::move(grads), std::move(summary),
           st.residuals.defined() ? st.residuals : empty,
           st.residual_trace.defined() ? st.residual_trace : empty,
           st.cosine_trace.defined() ? st.cosine_trace : empty,

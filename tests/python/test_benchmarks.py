@@ -163,17 +163,24 @@ def test_bench_paper_smoke_cpu(tmp_path: Path) -> None:
     assert set(rows) == {"paper", "CIFAR"}
     for r in rows.values():
         for key in ("ar_paper_backward_ms", "plain_paper_backward_ms", "vjp_sweep_ms",
-                    "ar_step_ms", "plain_step_ms", "ar_step_over_vjp_sweep"):
+                    "ar_step_ms", "plain_step_ms", "ar_step_over_vjp_sweep",
+                    "ar_closed_backward_ms", "plain_over_closed_backward",
+                    "ar_closed_over_autograd_total"):
             assert isinstance(r[key], float), key
         # On CPU through the profiler; no CUDA graph there.
-        assert set(r["memory_mib"]) == {"autograd", "ar_exact", "ar_paper", "plain_paper"}
+        assert set(r["memory_mib"]) == {
+            "autograd", "ar_exact", "ar_closed", "ar_paper", "plain_paper"
+        }
         assert all(v > 0 for v in r["memory_mib"].values())
         assert set(r["features"]) == {"unfused"}
         assert r["correctness"]["cos_ar_exact"] > 0.9999
+        # The closed form is the literal steps' outcome (float32 rounding apart).
+        assert r["correctness"]["closed_vs_literal_rel_err"] < 1e-4
     # Same states, same updates: torch_ar and the explicit plain AR agree (float32).
     assert rows["paper"]["correctness"]["ar_paper_vs_plain_paper_rel_err"] < 1e-4
     text = (tmp_path / "paper_cpu.md").read_text()
     assert "torch_ar step / sweep" in text and "cpu" in text
+    assert "closed form" in text
     assert "Peak memory" in text and "Not measured" not in text
 
 
