@@ -1,29 +1,38 @@
 """Reproduce the paper's experiments with ``python -m torch_ar train`` and summarise them.
 
-Fashion-MNIST (the paper's setting): MLP 784-300-300-100-10, ReLU, summed MSE,
-SGD lr 5e-4, batch 64, one row per method:
+Fashion-MNIST, the paper's setting as its code had it: MLP 784-300-300-100-10,
+ReLU, N(0, 0.05) init, summed MSE, SGD lr 5e-4, batch 64, raw [0, 1] pixels
+(``--normalize none``), eta 0.1 and 100 steps, 30 epochs, 3 seeds:
 
 - backprop
-- AR eta 0.1, 100 steps (the paper's relaxation)
-- AR eta 1, default steps (exact: equal to backprop)
-- each variant at eta 1, default steps (reaches the variant's own fixed point exactly):
-  learned_backward_weights, feedback_alignment, no_nonlinear_derivative, combined
+- AR, sweep schedule (the original training loop relaxes top-down)
+- AR, Jacobi schedule (the paper's parallel phase)
+- each variant at the same relaxation settings (sweep): learned backward
+  weights, feedback alignment, no nonlinear derivative, combined
 
-CIFAR-10, short CPU runs (a limited number of batches, labelled as such):
-backprop vs exact AR on the small CNN and on ResNet-18.
+CIFAR-10, the small CNN with augmentation (random crop and flip), cross-entropy,
+SGD lr 0.05 momentum 0.9, batch 64, standardised inputs, full epochs:
+backprop (3 seeds); AR eta 1 (exact); AR eta 0.1 with the step count that
+``compare --recommend`` finds for the CNN (3 seeds) and with 100 steps; each
+variant at eta 0.1 with that step count; learned backward weights with
+Kolen-Pollack decay.
 
-Plus the cosine of AR gradients to autograd against relaxation step for eta
-0.1/0.5/1 on the paper MLP (``python -m torch_ar compare``).
+Compare figures (cosine to autograd against relaxation step): the paper MLP
+on one Fashion-MNIST batch (literal steps, eta 0.1/0.5/1), and the CIFAR CNN
+and ResNet-18 on one CIFAR-10 batch (closed form up to 1000 steps, eta
+0.1/0.5, forward and zero initial states, with the recommended step counts).
 
 Every run writes ``<results>/<name>/`` (the train ``--out`` folder, its log and
-wall time); runs whose metrics are complete are skipped, so an interrupted
-invocation resumes. At the end: ``<results>/summary.md`` (mean ± std over
-seeds, machine, epochs, wall time) and ``<results>/figures/*.png``.
+wall time); training runs save a checkpoint after every epoch and are resumed
+from it (``train --resume``), so an interrupted invocation loses at most one
+epoch; finished runs are skipped. At the end: ``<results>/summary.md`` (mean ±
+std over seeds, machine, epochs, wall time) and ``<results>/figures/*.png``.
 
 Usage::
 
     python benchmarks/run_experiments.py --measure          # one epoch per method: timing
-    python benchmarks/run_experiments.py --epochs 5         # everything, resumable
+    python benchmarks/run_experiments.py                    # everything, resumable
+    python benchmarks/run_experiments.py --only fashion     # one part
     python benchmarks/run_experiments.py --summarize        # summary and figures only
     python benchmarks/run_experiments.py --dry-run          # list the runs
 """
@@ -57,10 +66,12 @@ VARIANT_NAMES = (
     "no_nonlinear_derivative",
     "combined",
 )
-# The paper's problem: data, model, loss and batch (shared by train and compare).
+# The paper's problem: data, preprocessing, model, loss and batch (shared by train and compare).
 FASHION_PROBLEM = [
     "--dataset",
     "fashion-mnist",
+    "--normalize",
+    "none",
     "--model",
     "mlp",
     "--loss",
@@ -77,28 +88,61 @@ FASHION_COMMON = [
     "--cosine-every",
     "50",
 ]
-CIFAR_COMMON = [
+PAPER_RELAXATION = ["--eta", "0.1", "--steps", "100"]
+# Methods of the Fashion-MNIST table: (name, train arguments, relative cost for scheduling).
+FASHION_METHODS = [
+    ("backprop", ["--method", "backprop"], 1.0),
+    ("ar-sweep", ["--method", "ar", *PAPER_RELAXATION, "--schedule", "sweep"], 2.0),
+    ("ar-jacobi", ["--method", "ar", *PAPER_RELAXATION, "--schedule", "jacobi"], 2.0),
+] + [
+    (f"ar-{v}", ["--method", "ar", *PAPER_RELAXATION, "--schedule", "sweep", "--variant", v], 2.0)
+    for v in VARIANT_NAMES
+]
+CIFAR_PROBLEM = [
     "--dataset",
     "cifar10",
+    "--normalize",
+    "standard",
     "--loss",
     "cross-entropy",
+    "--batch-size",
+    "64",
+]
+CIFAR_COMMON = [
+    *CIFAR_PROBLEM,
+    "--model",
+    "cnn",
+    "--augment",
     "--optimizer",
     "sgd",
     "--lr",
     "0.05",
     "--momentum",
     "0.9",
-    "--batch-size",
-    "64",
     "--cosine-every",
-    "10",
+    "50",
 ]
-# Methods of the Fashion-MNIST table: (name, train arguments, relative cost for scheduling).
-FASHION_METHODS = [
-    ("backprop", ["--method", "backprop"], 1.0),
-    ("ar-eta0.1-steps100", ["--method", "ar", "--eta", "0.1", "--steps", "100"], 8.0),
-    ("ar-eta1", ["--method", "ar", "--eta", "1"], 2.0),
-] + [(f"ar-{v}", ["--method", "ar", "--eta", "1", "--variant", v], 2.0) for v in VARIANT_NAMES]
+# Kolen-Pollack decay of the CIFAR run with learned backward weights and decay.
+KOLEN_POLLACK_DECAY = "5e-3"
+
+
+def cifar_methods(steps: int) -> list[tuple[str, list[str], float, bool]]:
+    """(name, train arguments, relative cost, run on every seed) of the CIFAR-10 table."""
+    relaxed = ["--method", "ar", "--eta", "0.1", "--steps", str(steps)]
+    return [
+        ("backprop", ["--method", "backprop"], 1.0, True),
+        ("ar-eta1", ["--method", "ar", "--eta", "1"], 1.3, False),
+        (f"ar-eta0.1-steps{steps}", relaxed, 2.0, True),
+        ("ar-eta0.1-steps100", ["--method", "ar", "--eta", "0.1", "--steps", "100"], 2.0, False),
+        *[(f"ar-{v}", [*relaxed, "--variant", v], 2.0, False) for v in VARIANT_NAMES],
+        (
+            "ar-learned_backward_weights-kp",
+            [*relaxed, "--variant", "learned_backward_weights", "--backward-weight-decay",
+             KOLEN_POLLACK_DECAY],
+            2.0,
+            False,
+        ),
+    ]
 
 
 @dataclass
@@ -135,15 +179,10 @@ def plan(args: argparse.Namespace) -> list[Job]:
     jobs: list[Job] = []
     if "fashion" in args.only:
         for name, method_args, cost in FASHION_METHODS:
-            run_seeds = (
-                args.variant_seeds
-                if name.startswith("ar-") and any(v in name for v in VARIANT_NAMES)
-                else args.seeds
-            )
-            for seed in run_seeds:
+            for seed in args.seeds:
                 jobs.append(
                     Job(
-                        f"fmnist-mlp-{name}-s{seed}",
+                        f"fmnist-paper-{name}-s{seed}",
                         "fashion-mnist",
                         [
                             "train",
@@ -159,67 +198,46 @@ def plan(args: argparse.Namespace) -> list[Job]:
                     )
                 )
     if "cifar" in args.only:
-        models = [
-            ("cnn", args.cnn_train_batches, args.cnn_test_batches, args.cnn_seeds, 0.3),
-            (
-                "resnet18",
-                args.resnet_train_batches,
-                args.resnet_test_batches,
-                args.resnet_seeds,
-                10.0,
-            ),
-        ]
-        for model, batches, test_batches, model_seeds, cost in models:
-            for method, method_args in (
-                ("backprop", ["--method", "backprop"]),
-                ("ar-eta1", ["--method", "ar", "--eta", "1"]),
-            ):
-                for seed in model_seeds:
-                    command = [
-                        "train",
-                        *CIFAR_COMMON,
-                        "--model",
-                        model,
-                        "--method",
-                        method_args[1],
-                        *method_args[2:],
-                        "--epochs",
-                        str(args.cifar_epochs),
-                        "--limit-train-batches",
-                        str(batches),
-                        "--seed",
-                        str(seed),
-                    ]
-                    if test_batches:
-                        command += ["--limit-test-batches", str(test_batches)]
-                    jobs.append(
-                        Job(
-                            f"cifar10-{model}-{method}-s{seed}",
-                            f"cifar10-{model}",
-                            command,
-                            args.cifar_epochs,
-                            cost * batches / 10,
-                        )
+        for name, method_args, cost, every_seed in cifar_methods(args.cifar_steps):
+            for seed in args.cifar_seeds if every_seed else args.cifar_seeds[:1]:
+                command = [
+                    "train",
+                    *CIFAR_COMMON,
+                    *method_args,
+                    "--epochs",
+                    str(args.cifar_epochs),
+                    "--seed",
+                    str(seed),
+                ]
+                jobs.append(
+                    Job(
+                        f"cifar10-cnn-{name}-s{seed}",
+                        "cifar10-cnn",
+                        command,
+                        args.cifar_epochs,
+                        cost * args.cifar_epochs * 10,
                     )
+                )
     if "compare" in args.only:
         jobs.append(
             Job(
+                "compare-fmnist-mlp",
                 "compare",
-                "compare",
-                [
-                    "compare",
-                    *FASHION_PROBLEM,
-                    "--etas",
-                    "0.1,0.5,1",
-                    "--steps",
-                    "200",
-                    "--seed",
-                    "0",
-                ],
+                ["compare", *FASHION_PROBLEM, "--etas", "0.1,0.5,1", "--steps", "200",
+                 "--seed", "0"],
                 0,
                 1.0,
             )
         )
+        for model, batch in (("cnn", "64"), ("resnet18", "32")):
+            for init in ("forward", "zero"):
+                command = [
+                    "compare", *CIFAR_PROBLEM[:-1], batch, "--model", model,
+                    "--etas", "0.1,0.5", "--steps", "1000", "--at", "log",
+                    "--init", init, "--recommend", "0.999", "--seed", "0",
+                ]
+                jobs.append(Job(f"compare-cifar10-{model}-{init}", "compare", command, 0,
+                                5.0 if model == "cnn" else 30.0))
     return jobs
 
 
@@ -242,9 +260,10 @@ def log(message: str) -> None:
 
 def run_job(job: Job, results: Path, threads: int, device: str) -> dict:
     folder = job.folder(results)
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished run: start it again from scratch
-    folder.mkdir(parents=True)
+    training = job.command[0] == "train"
+    if folder.exists() and not training:
+        shutil.rmtree(folder)  # an unfinished comparison: start it again
+    folder.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
         "-m",
@@ -255,11 +274,12 @@ def run_job(job: Job, results: Path, threads: int, device: str) -> dict:
         "--out",
         job.name,  # relative to the results folder, so no machine path lands in the outputs
     ]
-    if job.command[0] == "train":
-        command.append("--no-progress")
+    if training:
+        # Continues from the checkpoint of the last finished epoch, if any.
+        command += ["--no-progress", "--resume"]
     log(f"start {job.name}")
     start = time.perf_counter()
-    with open(folder / "run.log", "w") as out:
+    with open(folder / "run.log", "a" if training else "w") as out:
         status = subprocess.run(
             command,
             cwd=results,
@@ -269,6 +289,9 @@ def run_job(job: Job, results: Path, threads: int, device: str) -> dict:
             check=False,
         ).returncode
     wall = time.perf_counter() - start
+    previous = folder / "wall.json"
+    if training and previous.is_file():  # a resumed run: add the earlier invocations' time
+        wall += json.loads(previous.read_text()).get("wall_s", 0.0)
     record = {
         "name": job.name,
         "command": [
@@ -575,6 +598,8 @@ def _config_of(command: list[str]) -> dict:
         ("--eta", "eta", float),
         ("--steps", "steps", int),
         ("--variant", "variant", str),
+        ("--schedule", "schedule", str),
+        ("--backward-weight-decay", "backward_weight_decay", float),
     ):
         if flag in command:
             config[key] = kind(command[command.index(flag) + 1])
@@ -589,31 +614,27 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / "results",
         help="output folder (default: results/ in the repository)",
     )
-    parser.add_argument("--epochs", type=int, default=5, help="Fashion-MNIST epochs (default: 5)")
     parser.add_argument(
-        "--seeds",
-        type=seeds,
-        default=[0, 1, 2],
-        help="seeds of backprop and AR eta 0.1 / eta 1 (default: 0,1,2)",
+        "--epochs", type=int, default=30, help="Fashion-MNIST epochs (default: 30, the paper's)"
     )
     parser.add_argument(
-        "--variant-seeds",
+        "--seeds", type=seeds, default=[0, 1, 2], help="Fashion-MNIST seeds (default: 0,1,2)"
+    )
+    parser.add_argument("--cifar-epochs", type=int, default=10, help="CIFAR-10 epochs (default: 10)")
+    parser.add_argument(
+        "--cifar-seeds",
         type=seeds,
         default=[0, 1, 2],
-        help="seeds of the variant runs (default: 0,1,2)",
+        help="CIFAR-10 seeds of backprop and AR eta 0.1 (the other rows: the first) "
+        "(default: 0,1,2)",
     )
-    parser.add_argument("--cifar-epochs", type=int, default=1)
-    parser.add_argument("--cnn-train-batches", type=int, default=100)
     parser.add_argument(
-        "--cnn-test-batches",
+        "--cifar-steps",
         type=int,
-        default=0,
-        help="test batches of 1000 for the CNN (0: the whole test set)",
+        default=252,
+        help="relaxation steps of the CIFAR-10 AR eta 0.1 rows: what `compare --recommend` "
+        "finds for the CNN (default: 252)",
     )
-    parser.add_argument("--cnn-seeds", type=seeds, default=[0, 1, 2])
-    parser.add_argument("--resnet-train-batches", type=int, default=50)
-    parser.add_argument("--resnet-test-batches", type=int, default=1)
-    parser.add_argument("--resnet-seeds", type=seeds, default=[0])
     parser.add_argument(
         "--only",
         type=lambda s: s.split(","),

@@ -54,6 +54,24 @@ def existing_dir(text: str) -> str:
 DEFAULT_HELP = " (default: %(default)s)"
 
 
+def step_counts(text: str) -> list[int] | str:
+    """``log`` or ``1,10,100`` -> [1, 10, 100] (positive, any order)."""
+    if text.strip() == "log":
+        return "log"
+    counts = []
+    for part in text.split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected 'log' or comma-separated integers, got {part!r}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"step counts must be >= 1, got {value}")
+        counts.append(value)
+    return counts
+
+
 def eta_list(text: str) -> list[float]:
     """``0.1,0.5,1`` -> [0.1, 0.5, 1.0]; each in (0, 1], no repeats."""
     etas = []
@@ -83,6 +101,13 @@ def _data_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> None
         f"{data_lib.FASHION_MNIST_SYSTEM_DIR} for Fashion-MNIST, ../shared/data)",
     )
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=DEFAULT_HELP[1:])
+    g.add_argument(
+        "--normalize",
+        choices=training.NORMALIZATIONS,
+        default=d.normalize,
+        help="input pixels: none (raw [0, 1], as the paper's code) or standard (per-channel "
+        "mean and std of the training set)" + DEFAULT_HELP,
+    )
 
 
 def _model_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> None:
@@ -216,6 +241,14 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help="on a CUDA device, replay each relaxation step from a recorded CUDA graph",
     )
     g.add_argument(
+        "--backward-weight-decay",
+        type=nonnegative_float,
+        default=None,
+        help="Kolen-Pollack decay for the variants with learned backward weights: adds "
+        "lambda * psi to psi's gradient and lambda * W to W's, so psi - W^T decays "
+        f"(default: {ar.backward_weight_decay:g})",
+    )
+    g.add_argument(
         "--cosine-every",
         type=nonnegative_int,
         default=d.cosine_every,
@@ -253,6 +286,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="tqdm progress bars (default: when stderr is a terminal)",
     )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last completed epoch (a checkpoint is "
+        "saved there after every epoch); starts afresh when there is none",
+    )
     t.set_defaults(handler=_train, subparser=t)
 
 
@@ -280,6 +319,24 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--steps", type=positive_int, default=200, help="relaxation steps per eta" + DEFAULT_HELP
+    )
+    g.add_argument(
+        "--at",
+        type=step_counts,
+        default=None,
+        help="instead of the literal steps 1..--steps, evaluate these step counts in closed "
+        "form (one backward each, whatever the count): comma-separated, or 'log' for about "
+        "eight counts per factor of ten up to --steps",
+    )
+    g.add_argument(
+        "--recommend",
+        type=positive_float,
+        nargs="?",
+        const=0.999,
+        default=None,
+        metavar="COSINE",
+        help="also find, per eta, the smallest step count with every parameter's cosine to "
+        "autograd >= COSINE on this batch (default when given: 0.999)",
     )
     _relaxation_arguments(g)
     g = c.add_argument_group("run")
@@ -345,6 +402,7 @@ def _compare(args: argparse.Namespace) -> int:
         model=args.model,
         batch_size=args.batch_size,
         loss=args.loss,
+        normalize=args.normalize,
         device=args.device,
         seed=args.seed,
         limit_train_batches=1,
@@ -361,9 +419,11 @@ def _compare(args: argparse.Namespace) -> int:
         for k in ("init", "schedule", "granularity", "variant")
         if getattr(args, k) is not None
     }
+    at = compare.log_steps(args.steps) if args.at == "log" else args.at
     try:
         traces = compare.relaxation_traces(
-            trainer.model, trainer.loss_fn, x, y, etas=args.etas, steps=args.steps, **options
+            trainer.model, trainer.loss_fn, x, y, etas=args.etas, steps=args.steps, at=at,
+            recommend=args.recommend, **options
         )
     except ValueError as e:  # options the engine refuses
         args.subparser.error(str(e))
@@ -372,6 +432,7 @@ def _compare(args: argparse.Namespace) -> int:
         "dataset": args.dataset,
         "batch": len(y),
         "loss": args.loss,
+        "normalize": args.normalize,
         "seed": args.seed,
         **options,
     }

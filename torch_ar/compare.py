@@ -3,15 +3,22 @@
 For one batch, each step size ``eta`` gets its own ``ARBackward`` with
 ``trace_cosine=True``; its ``last_stats.cosine_trace`` holds, per parameter,
 the cosine after every step of the gradient read off the current states to
-the true (autograd) gradient. For the variants the reference is still true
-autograd, so the traces show how far each variant's fixed point lies from it.
+the true (autograd) gradient. With ``at`` (a list of step counts) each count
+is instead evaluated in closed form, one backward per count, which costs the
+same whatever the count: the way to look at thousands of steps on a CNN. For
+the variants the reference is still true autograd, so the traces show how far
+each variant's fixed point lies from it.
+
+``recommend_steps`` finds the smallest step count at which every parameter's
+cosine reaches a threshold on a batch (the closed form makes the search cheap).
 
 Example::
 
-    from torch_ar.compare import relaxation_traces
+    from torch_ar.compare import relaxation_traces, recommend_steps
     traces = relaxation_traces(model, loss_fn, x, y, etas=(0.1, 0.5, 1.0), steps=200)
     print(traces.format_table())
     traces.cosine[0.1]["1.weight"][-1]   # cosine after the last step
+    steps, cosines = recommend_steps(model, loss_fn, x, y, eta=0.1)
 """
 
 from __future__ import annotations
@@ -29,8 +36,26 @@ from torch import nn
 from torch_ar.metrics import cosine
 from torch_ar.training import _replay_rng, _rng_state
 
-# Relaxation steps shown in the printed table (those up to the run's steps, and the last).
-TABLE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200)
+# Relaxation steps shown in the printed table (those recorded, and the last).
+TABLE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# A parameter whose autograd gradient is this small against the largest one
+# is zero in exact arithmetic (a key bias before a softmax): its cosine is
+# rounding noise, so the step recommendation leaves it out.
+NEGLIGIBLE_GRADIENT = 1e-6
+
+
+def log_steps(last: int, per_decade: int = 8) -> list[int]:
+    """About ``per_decade`` step counts per factor of ten from 1 to ``last`` (both
+    included), and the counts the table shows."""
+    counts = {1, last, *(s for s in TABLE_STEPS if s <= last)}
+    k = 0
+    while True:
+        value = round(10 ** (k / per_decade))
+        if value >= last:
+            break
+        counts.add(value)
+        k += 1
+    return sorted(counts)
 
 
 def _angle(c: float) -> float:
@@ -41,9 +66,12 @@ def _angle(c: float) -> float:
 class RelaxationTraces:
     """Per-step cosines of the AR gradients to autograd's, for several step sizes.
 
-    ``cosine[eta][name][t]`` is the cosine after step ``t + 1``;
-    ``final_cosine[eta][name]`` compares the gradients the backward actually
-    returned with autograd's (it equals the last traced step).
+    ``cosine[eta][name][i]`` is the cosine after ``recorded[i]`` steps (every
+    step 1..steps for the literal traces, the chosen counts for the closed
+    form); ``final_cosine[eta][name]`` compares the gradients the backward
+    actually returned with autograd's (it equals the last recorded count).
+    ``recommended`` holds, per eta, the step count ``recommend_steps`` found
+    (None: not asked, or not reached).
     """
 
     etas: list[float]
@@ -53,18 +81,31 @@ class RelaxationTraces:
     final_cosine: dict[float, dict[str, float]]
     depth: int
     settings: dict[str, Any] = field(default_factory=dict)
+    recorded: list[int] = field(default_factory=list)
+    evaluation: str = "literal"
+    recommended: dict[float, int | None] = field(default_factory=dict)
+    recommend_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.recorded:
+            self.recorded = list(range(1, self.steps + 1))
+        self._index = {step: i for i, step in enumerate(self.recorded)}
 
     def angle(self, eta: float, name: str) -> list[float]:
         """Angle in degrees to the autograd gradient after each step."""
         return [_angle(c) for c in self.cosine[eta][name]]
 
     def table_steps(self) -> list[int]:
-        shown = [s for s in TABLE_STEPS if s <= self.steps]
+        shown = [s for s in TABLE_STEPS if s in self._index]
         return shown if shown and shown[-1] == self.steps else [*shown, self.steps]
+
+    def value(self, eta: float, name: str, step: int) -> float:
+        """The cosine of one parameter after ``step`` steps (a recorded count)."""
+        return self.cosine[eta][name][self._index[step]]
 
     def at_step(self, eta: float, step: int) -> dict[str, float]:
         """min / mean cosine and max / mean angle over the parameters after ``step`` steps."""
-        values = [self.cosine[eta][n][step - 1] for n in self.parameters]
+        values = [self.value(eta, n, step) for n in self.parameters]
         angles = [_angle(c) for c in values]
         return {
             "cosine_min": min(values),
@@ -98,6 +139,15 @@ class RelaxationTraces:
                 for eta in self.etas
             )
         )
+        if self.recommended:
+            lines.append(
+                f"recommended steps (every parameter's cosine >= {self.recommend_threshold:g} "
+                "on this batch): "
+                + ", ".join(
+                    f"eta {eta:g} {'not reached' if t is None else t}"
+                    for eta, t in self.recommended.items()
+                )
+            )
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -108,8 +158,8 @@ class RelaxationTraces:
             for step in self.table_steps():
                 per_param = {
                     n: {
-                        "cosine": self.cosine[eta][n][step - 1],
-                        "angle_deg": _angle(self.cosine[eta][n][step - 1]),
+                        "cosine": self.value(eta, n, step),
+                        "angle_deg": _angle(self.value(eta, n, step)),
                     }
                     for n in self.parameters
                 }
@@ -121,8 +171,12 @@ class RelaxationTraces:
             "depth": self.depth,
             "parameters": self.parameters,
             "settings": self.settings,
+            "evaluation": self.evaluation,
+            "recorded_steps": self.recorded,
             "by_step": table,
             "final_gradient_cosine": {f"{eta:g}": self.final_cosine[eta] for eta in self.etas},
+            "recommended_steps": {f"{eta:g}": t for eta, t in self.recommended.items()},
+            "recommend_threshold": self.recommend_threshold,
         }
 
     def write_csv(self, path: str | Path) -> None:
@@ -132,8 +186,113 @@ class RelaxationTraces:
             writer.writerow(["eta", "step", "parameter", "cosine", "angle_deg"])
             for eta in self.etas:
                 for name in self.parameters:
-                    for t, c in enumerate(self.cosine[eta][name], start=1):
+                    for t, c in zip(self.recorded, self.cosine[eta][name], strict=True):
                         writer.writerow([f"{eta:g}", t, name, f"{c:.7f}", f"{_angle(c):.5f}"])
+
+
+class _Probe:
+    """AR gradients of one batch against autograd's, for any relaxation settings.
+
+    Every wrapper is built from the same random state (the variants' backward
+    weights agree) and every forward replays the same random state (dropout
+    masks agree); the model's buffers are restored after each forward.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+                 x: torch.Tensor, y: torch.Tensor) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.device = self.params[0].device if self.params else x.device
+        self.buffers = {n: b.clone() for n, b in model.named_buffers()}
+        self.construction = _rng_state(self.device)
+        self.forward = _rng_state(self.device)
+        self.reference = self.gradients(model)
+
+    def restore_buffers(self) -> None:
+        with torch.no_grad():
+            for n, b in self.model.named_buffers():
+                b.copy_(self.buffers[n])
+
+    def wrapper(self, **options: Any) -> nn.Module:
+        from torch_ar import ARBackward  # late: the engine is only needed here
+
+        with _replay_rng(self.construction, self.device):
+            return ARBackward(self.model, **options)
+
+    def gradients(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+        with _replay_rng(self.forward, self.device):
+            grads = torch.autograd.grad(
+                self.loss_fn(module(self.x), self.y), self.params, allow_unused=True
+            )
+        self.restore_buffers()
+        return grads
+
+    def cosines(self, module: nn.Module) -> dict[str, float]:
+        return {
+            n: cosine(g, r)
+            for n, g, r in zip(self.names, self.gradients(module), self.reference, strict=True)
+            if g is not None and r is not None
+        }
+
+    def relevant(self) -> list[str]:
+        """Parameters whose autograd gradient is not zero in exact arithmetic."""
+        norms = {
+            n: float(r.norm()) for n, r in zip(self.names, self.reference, strict=True)
+            if r is not None
+        }
+        largest = max(norms.values(), default=0.0)
+        return [n for n, v in norms.items() if v > NEGLIGIBLE_GRADIENT * largest]
+
+
+def recommend_steps(
+    model: nn.Module,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eta: float = 0.1,
+    threshold: float = 0.999,
+    max_steps: int = 100_000,
+    **ar_options: Any,
+) -> tuple[int | None, dict[str, float]]:
+    """The smallest step count at which every parameter's cosine to autograd is >= threshold.
+
+    On one batch, in closed form: doubling from 1 until the threshold is met,
+    then bisection between the last count that missed it and the first that
+    met it. Parameters whose autograd gradient is zero in exact arithmetic
+    (below 1e-6 of the largest) are left out. Returns (None, cosines at
+    ``max_steps``) when even ``max_steps`` misses it.
+
+    Example::
+
+        steps, cosines = recommend_steps(cnn, F.cross_entropy, x, y, eta=0.1)
+    """
+    probe = _Probe(model, loss_fn, x, y)
+    relevant = probe.relevant()
+
+    def measure(steps: int) -> tuple[bool, dict[str, float]]:
+        ar = probe.wrapper(eta=eta, steps=steps, evaluation="closed_form", **ar_options)
+        cos = probe.cosines(ar)
+        return all(cos[n] >= threshold for n in relevant if n in cos), cos
+
+    low, high = 0, 1  # low misses (0: none tried), high is the count to try
+    while True:
+        ok, cos = measure(high)
+        if ok:
+            break
+        if high >= max_steps:
+            return None, cos
+        low, high = high, min(2 * high, max_steps)
+    best = cos
+    while high - low > 1:
+        mid = (low + high) // 2
+        ok, cos = measure(mid)
+        if ok:
+            high, best = mid, cos
+        else:
+            low = mid
+    return high, best
 
 
 def relaxation_traces(
@@ -143,15 +302,26 @@ def relaxation_traces(
     y: torch.Tensor,
     etas: Sequence[float] = (0.1, 0.5, 1.0),
     steps: int = 200,
+    at: Sequence[int] | None = None,
+    recommend: float | None = None,
     **ar_options: Any,
 ) -> RelaxationTraces:
-    """Relax on one batch at each ``eta`` for ``steps`` literal steps and record the cosines.
+    """Relax on one batch at each ``eta`` and record the cosines to autograd.
 
-    ``ar_options`` go to ``ARBackward`` (``init``, ``schedule``, ``granularity``,
-    ``variant``, ...). Every wrapper starts from the same random state, so the
-    variants' backward weights and any dropout masks agree across etas and with
-    the autograd reference. The model's parameters and buffers are left as found.
+    Without ``at``: ``steps`` literal steps, the cosines after every one.
+    With ``at``: the closed form at each of those step counts (``steps`` is
+    then their largest). ``recommend``: also find, per eta, the smallest
+    step count with every parameter's cosine >= that threshold
+    (``recommend_steps``). ``ar_options`` go to ``ARBackward`` (``init``,
+    ``schedule``, ``granularity``, ``variant``, ...). The model's parameters
+    and buffers are left as found.
     """
+    if at is not None:
+        at = sorted(set(int(t) for t in at))
+        if not at or at[0] < 1:
+            raise ValueError(f"step counts must be >= 1, got {at}")
+        steps = at[-1]
+        return _closed_form_traces(model, loss_fn, x, y, etas, at, recommend, ar_options)
     from torch_ar import ARBackward  # late: the engine is only needed here
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -196,7 +366,7 @@ def relaxation_traces(
     traced = [n for n in names if all(n in traces[eta] for eta in etas)]
     if not traced:
         raise RuntimeError("the relaxation recorded no cosine trace for any parameter")
-    return RelaxationTraces(
+    result = RelaxationTraces(
         etas=list(etas),
         steps=steps,
         parameters=traced,
@@ -205,3 +375,50 @@ def relaxation_traces(
         depth=depth,
         settings=dict(ar_options),
     )
+    if recommend is not None:
+        _add_recommendations(result, model, loss_fn, x, y, recommend, ar_options)
+    return result
+
+
+def _add_recommendations(
+    traces: RelaxationTraces, model: nn.Module, loss_fn: Callable, x: torch.Tensor,
+    y: torch.Tensor, threshold: float, ar_options: dict[str, Any],
+) -> None:
+    traces.recommend_threshold = threshold
+    for eta in traces.etas:
+        traces.recommended[eta] = recommend_steps(
+            model, loss_fn, x, y, eta=eta, threshold=threshold, **ar_options
+        )[0]
+
+
+def _closed_form_traces(
+    model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+    etas: Sequence[float], at: list[int], recommend: float | None, ar_options: dict[str, Any],
+) -> RelaxationTraces:
+    probe = _Probe(model, loss_fn, x, y)
+    cosines: dict[float, dict[str, list[float]]] = {}
+    depth = 0
+    for eta in etas:
+        per_step = []
+        for steps in at:
+            ar = probe.wrapper(eta=eta, steps=steps, evaluation="closed_form", **ar_options)
+            per_step.append(probe.cosines(ar))
+            depth = ar.last_stats.depth
+        cosines[eta] = {n: [c[n] for c in per_step] for n in per_step[0]}
+    names = [n for n in probe.names if all(n in cosines[eta] for eta in etas)]
+    if not names:
+        raise RuntimeError("no parameter got an AR gradient")
+    traces = RelaxationTraces(
+        etas=list(etas),
+        steps=at[-1],
+        parameters=names,
+        cosine={eta: {n: cosines[eta][n] for n in names} for eta in etas},
+        final_cosine={eta: {n: cosines[eta][n][-1] for n in names} for eta in etas},
+        depth=depth,
+        settings=dict(ar_options),
+        recorded=at,
+        evaluation="closed_form",
+    )
+    if recommend is not None:
+        _add_recommendations(traces, model, loss_fn, x, y, recommend, ar_options)
+    return traces

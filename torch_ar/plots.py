@@ -95,6 +95,8 @@ def run_label(config: dict[str, Any], resolved: dict[str, Any] | None = None) ->
     for option in ("init", "schedule", "granularity"):
         if config.get(option) is not None:
             label += f", {option} {config[option]}"
+    if config.get("backward_weight_decay"):
+        label += f", decay {config['backward_weight_decay']:g}"
     return label
 
 
@@ -414,7 +416,7 @@ def plot_relaxation_cosine(
     panels = 1 + len(traces.etas)
     fig, axes = plt.subplots(1, panels, figsize=(4.3 * panels, 3.9), sharey=True, squeeze=False)
     axes = axes[0]
-    steps = list(range(1, traces.steps + 1))
+    steps = traces.recorded
     for i, eta in enumerate(traces.etas):
         per_step = list(zip(*(traces.cosine[eta][n] for n in traces.parameters), strict=True))
         mean = [sum(v) / len(v) for v in per_step]

@@ -1,0 +1,196 @@
+"""The experiment harness: input preprocessing, resumable runs, step recommendation,
+closed-form comparisons and backward-weight angles, on real data where it matters.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cli import needs_fashion, read_metrics, run_cli
+from zoo import paper_mlp
+
+from torch_ar import compare, data, training
+from torch_ar.compare import log_steps, recommend_steps, relaxation_traces
+
+TINY = ["--limit-train-batches", "6", "--limit-test-batches", "1", "--cosine-every", "2"]
+
+
+@needs_fashion
+@pytest.mark.parametrize("normalize", ["none", "standard"])
+def test_normalize_changes_the_inputs_as_documented(normalize: str) -> None:
+    trainer = training.Trainer(
+        training.TrainConfig(dataset="fashion-mnist", normalize=normalize, limit_train_batches=40,
+                             batch_size=256)
+    )
+    x = torch.cat([xb for xb, _ in trainer.train_batches])
+    if normalize == "none":  # raw [0, 1] pixels, as the paper's code
+        assert x.min() >= 0.0 and x.max() <= 1.0
+        assert abs(float(x.mean()) - 0.286) < 0.01
+        assert abs(float(x.std()) - 0.353) < 0.01
+    else:  # the training set's mean and std
+        assert abs(float(x.mean())) < 0.02
+        assert abs(float(x.std()) - 1.0) < 0.02
+
+
+def test_normalize_is_checked() -> None:
+    with pytest.raises(training.ConfigError, match="normalize"):
+        training.Trainer(training.TrainConfig(normalize="unit"))
+
+
+@needs_fashion
+def test_resumed_run_continues_the_same_trajectory(tmp_path: Path) -> None:
+    """Two epochs in one go, and one epoch then a resumed second: the same metrics."""
+    common = [
+        "train", "--dataset", "fashion-mnist", "--normalize", "none", "--model", "mlp",
+        "--method", "ar", "--eta", "0.1", "--steps", "50", "--schedule", "sweep",
+        "--variant", "learned_backward_weights", *TINY,
+    ]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(*common, "--epochs", "2", "--out", str(straight), cwd=tmp_path).returncode == 0
+    assert run_cli(*common, "--epochs", "1", "--out", str(split), cwd=tmp_path).returncode == 0
+    resumed = run_cli(*common, "--epochs", "2", "--resume", "--out", str(split), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed after epoch 1" in resumed.stdout
+    a, b = read_metrics(straight), read_metrics(split)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("train_loss", "test_loss", "cosine_mean"):
+            assert ra[key] == rb[key], key
+        assert ra["psi_angle"] == rb["psi_angle"]
+    cosine_lines = (split / "cosine.jsonl").read_text().splitlines()
+    assert len(cosine_lines) == len((straight / "cosine.jsonl").read_text().splitlines())
+    # Other settings refuse to resume this run.
+    changed = [("60" if a == "50" else a) for a in common]  # --steps 60
+    other = run_cli(*changed, "--epochs", "3", "--resume", "--out", str(split), cwd=tmp_path)
+    assert other.returncode != 0 and "other settings" in other.stderr
+
+
+@needs_fashion
+def test_psi_angles_and_decay_are_logged(tmp_path: Path) -> None:
+    out = tmp_path / "kp"
+    result = run_cli(
+        "train", "--dataset", "fashion-mnist", "--normalize", "none", "--model", "mlp",
+        "--method", "ar", "--eta", "0.1", "--steps", "100", "--schedule", "sweep",
+        "--variant", "learned_backward_weights", "--backward-weight-decay", "0.01",
+        *TINY, "--out", str(out), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["ar_config"]["backward_weight_decay"] == 0.01
+    assert config["resolved"]["normalize"] == "none"
+    assert config["resolved"]["ar_config"]["schedule"] == "sweep"
+    angles = read_metrics(out)[0]["psi_angle"]
+    assert set(angles) == {"1.weight", "3.weight", "5.weight", "7.weight"}
+    assert all(60.0 < a < 120.0 for a in angles.values())  # random psi, nearly orthogonal
+
+
+def _mlp_problem():
+    torch.manual_seed(0)
+    model = paper_mlp().double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 784, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,), generator=gen)
+    loss = training.make_loss("mse", 10)
+    return model, loss, x, y
+
+
+def test_recommended_steps_is_the_first_count_meeting_the_threshold() -> None:
+    model, loss, x, y = _mlp_problem()
+    steps, cosines = recommend_steps(model, loss, x, y, eta=0.5, threshold=0.9999)
+    assert steps is not None and steps > 3
+    assert min(cosines.values()) >= 0.9999
+    # One step fewer misses it (the search bisects down to the first count).
+    before = relaxation_traces(model, loss, x, y, etas=[0.5], at=[steps - 1, steps])
+    assert min(before.value(0.5, n, steps - 1) for n in before.parameters) < 0.9999
+    assert min(before.value(0.5, n, steps) for n in before.parameters) >= 0.9999
+    # At eta 1 the Jacobi relaxation is exact after D = 3 steps.
+    exact, _ = recommend_steps(model, loss, x, y, eta=1.0, threshold=0.999999)
+    assert exact is not None and exact <= 3
+
+
+def test_recommendation_not_reached_within_max_steps() -> None:
+    model, loss, x, y = _mlp_problem()
+    steps, cosines = recommend_steps(model, loss, x, y, eta=0.01, threshold=0.9999, max_steps=8)
+    assert steps is None and min(cosines.values()) < 0.9999
+
+
+def test_closed_form_traces_equal_literal_traces() -> None:
+    """compare --at (closed form per count) gives the literal trace's values."""
+    model, loss, x, y = _mlp_problem()
+    literal = relaxation_traces(model, loss, x, y, etas=[0.3], steps=40)
+    closed = relaxation_traces(model, loss, x, y, etas=[0.3], at=[1, 2, 5, 17, 40])
+    assert closed.evaluation == "closed_form" and closed.recorded == [1, 2, 5, 17, 40]
+    for name in literal.parameters:
+        for step in closed.recorded:
+            assert abs(closed.value(0.3, name, step) - literal.value(0.3, name, step)) < 1e-9
+
+
+def test_log_steps_grid() -> None:
+    grid = log_steps(1000)
+    assert grid[0] == 1 and grid[-1] == 1000
+    assert {2, 5, 10, 20, 50, 100, 200, 500} <= set(grid)
+    assert grid == sorted(set(grid)) and 20 <= len(grid) <= 40
+
+
+@needs_fashion
+def test_compare_closed_form_and_recommend_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    result = run_cli(
+        "compare", "--dataset", "fashion-mnist", "--normalize", "none", "--model", "mlp",
+        "--etas", "0.1,0.5", "--steps", "300", "--at", "log", "--init", "zero",
+        "--recommend", "--out", str(out), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "recommended steps" in result.stdout
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["evaluation"] == "closed_form"
+    assert summary["recorded_steps"] == compare.log_steps(300)
+    assert summary["settings"]["normalize"] == "none" and summary["settings"]["init"] == "zero"
+    recommended = summary["recommended_steps"]
+    assert recommended["0.5"] is not None and recommended["0.5"] <= recommended["0.1"]
+    assert (out / "compare.png").stat().st_size > 0
+
+
+def test_experiment_plan_matches_the_paper_settings() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import run_experiments
+
+    jobs = run_experiments.plan(_plan_args())
+    fashion = [j for j in jobs if j.group == "fashion-mnist"]
+    assert len(fashion) == 7 * 3
+    for job in fashion:
+        cmd = job.command
+        assert cmd[cmd.index("--normalize") + 1] == "none"
+        assert cmd[cmd.index("--epochs") + 1] == "30"
+        if cmd[cmd.index("--method") + 1] == "ar":
+            assert cmd[cmd.index("--eta") + 1] == "0.1" and cmd[cmd.index("--steps") + 1] == "100"
+            expected = "jacobi" if "ar-jacobi" in job.name else "sweep"
+            assert cmd[cmd.index("--schedule") + 1] == expected
+    cifar = [j for j in jobs if j.group == "cifar10-cnn"]
+    assert {j.name for j in cifar} >= {
+        "cifar10-cnn-backprop-s2", "cifar10-cnn-ar-eta0.1-steps252-s2",
+        "cifar10-cnn-ar-learned_backward_weights-kp-s0",
+    }
+    assert all("--augment" in j.command for j in cifar)
+
+
+def _plan_args():
+    import argparse
+
+    return argparse.Namespace(
+        only=["fashion", "cifar", "compare"], seeds=[0, 1, 2], epochs=30, cifar_epochs=10,
+        cifar_seeds=[0, 1, 2], cifar_steps=252,
+    )
+
+
+def test_recommendation_with_a_mean_loss_and_zero_init() -> None:
+    """The options reach the relaxation: zero initial states, a batch-mean loss."""
+    model, _, x, y = _mlp_problem()
+    steps, _ = recommend_steps(model, F.cross_entropy, x, y, eta=0.5, threshold=0.999,
+                               init="zero")
+    assert steps is not None
