@@ -11,6 +11,7 @@
 #include "ops/relax_math.h"
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
 
 #include <ATen/OpMathType.h>
@@ -195,12 +196,16 @@ __global__ void norms_from_chunks_kernel(
   norms[index] = column == 3 ? sum : sqrt(sum);  // the last column is a count
 }
 
-// Blocks the device holds at once for this kernel, asked once per device.
+// Blocks of the kernel the device holds at once, asked once per device: a
+// larger grid would only queue behind the resident blocks.
 template <int Capacity>
 int64_t resident_blocks() {
-  static std::vector<int64_t> cache(64, 0);
+  static std::mutex mutex;
+  static std::vector<int64_t> cache;
   const int device = at::cuda::current_device();
-  if (!cache.at(device)) {
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &per_sm, horner_update_kernel<Capacity>, kThreads, 0));

@@ -3,19 +3,24 @@
 // (pointers, sizes, fused activation) travels in the kernel's parameters, so
 // a launch needs no host-to-device copy and can be recorded into a CUDA graph
 // and replayed. Blocks stride over fixed-size chunks of all tensors, update
-// them in place, write f'(a) * x where a state has an activation, and add
-// their squared norms to an [n, 2] double buffer with atomics. Nothing waits
-// on the device.
+// them in place and write f'(a) * x where a state has an activation; each
+// chunk writes its sums of squares to a slot of its own, and a second launch
+// adds each tensor's slots in chunk order, so the norms (and a tolerance
+// stop) are the same on every run. The per-element arithmetic is
+// ops/relax_math.h, which the CPU kernel runs too: the CUDA kernel differs
+// from it only in how it walks memory and reduces. Nothing waits on the device.
 
+#include "ops/relax_math.h"
 #include "ops/relax_update.h"
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
@@ -25,12 +30,13 @@
 namespace torch_ar {
 namespace {
 
+namespace rm = relax_math;
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // 16 elements per thread per chunk: small enough that a single mid-sized
 // state still spreads over all SMs.
 constexpr int64_t kChunkElements = 4096;
-constexpr int kBlocksPerSm = 8;
 
 enum ElementType : int32_t {
   kElementFloat = 0,
@@ -81,28 +87,6 @@ int32_t element_type_of(at::ScalarType dtype) {
   return -1;
 }
 
-// f'(a) * v, as ATen's backward of each activation computes it.
-template <typename opmath_t>
-__device__ __forceinline__ opmath_t activation_vjp(
-    int32_t kind, opmath_t v, opmath_t in, opmath_t p0, opmath_t p1) {
-  const opmath_t zero(0);
-  const opmath_t one(1);
-  switch (kind) {
-    case kReluResult:
-      return in <= zero ? zero : v;
-    case kLeakyReluInput:
-      return in > zero ? v : v * p0;
-    case kTanhResult:
-      return v * (one - in * in);
-    case kSigmoidResult:
-      return v * (one - in) * in;
-    case kHardtanhInput:
-      return (in <= p0 || in >= p1) ? zero : v;
-    default:  // kScale
-      return v * in;
-  }
-}
-
 template <typename scalar_t>
 __device__ void relax_chunk(
     const TensorSlot& slot,
@@ -124,17 +108,13 @@ __device__ void relax_chunk(
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const opmath_t s = static_cast<opmath_t>(state[i]);
     const opmath_t t = static_cast<opmath_t>(target[i]);
-    const opmath_t d = t - s;
-    opmath_t updated = s + eta_c * d;
-    // Written without abs() so NaN stays NaN, as on the CPU.
-    if (updated < flush_c && updated > -flush_c) {
-      updated = opmath_t(0);
-    }
+    const opmath_t d = rm::sub(t, s);
+    const opmath_t updated = rm::flush_tiny(rm::euler_step(s, t, eta_c), flush_c);
     const scalar_t stored = static_cast<scalar_t>(updated);
     state[i] = stored;
     if (act_in != nullptr) {
       // From the stored (rounded) value, as the unfused VJP would read it.
-      act_grad[i] = static_cast<scalar_t>(activation_vjp<opmath_t>(
+      act_grad[i] = static_cast<scalar_t>(rm::activation_vjp<opmath_t>(
           slot.activation_kind, static_cast<opmath_t>(stored),
           static_cast<opmath_t>(act_in[i]), p0, p1));
     }
@@ -183,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) relax_update_multi_tensor_kernel(
     const __grid_constant__ LaunchTable<Capacity> table,
     double eta,
     double flush_below,
-    double* __restrict__ squared_norms) {
+    double* __restrict__ chunk_sums) {
   __shared__ double shared[kWarps];
   const int64_t num_chunks = table.first_chunk[table.num_tensors];
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
@@ -210,11 +190,49 @@ __global__ void __launch_bounds__(kThreads) relax_update_multi_tensor_kernel(
     }
     residual_sq = block_sum(residual_sq, shared);
     target_sq = block_sum(target_sq, shared);
-    if (threadIdx.x == 0) {
-      atomicAdd(&squared_norms[2 * t], residual_sq);
-      atomicAdd(&squared_norms[2 * t + 1], target_sq);
+    if (threadIdx.x == 0) {  // one slot per chunk: no atomics, a fixed order below
+      chunk_sums[2 * c] = residual_sq;
+      chunk_sums[2 * c + 1] = target_sq;
     }
   }
+}
+
+// One thread per (tensor, column): adds the tensor's chunk sums in chunk order.
+template <int Capacity>
+__global__ void norms_from_chunks_kernel(
+    const __grid_constant__ LaunchTable<Capacity> table,
+    const double* __restrict__ chunk_sums,
+    double* __restrict__ norms) {
+  const int index = blockIdx.x * blockDim.x + threadIdx.x;
+  if (index >= 2 * table.num_tensors) {
+    return;
+  }
+  const int t = index / 2;
+  const int column = index % 2;
+  double sum = 0.0;
+  for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
+    sum += chunk_sums[2 * c + column];
+  }
+  norms[index] = sqrt(sum);
+}
+
+// Blocks of the kernel the device holds at once, asked once per device: a
+// larger grid would only queue behind the resident blocks.
+template <int Capacity>
+int64_t resident_blocks() {
+  static std::mutex mutex;
+  static std::vector<int64_t> cache;
+  const int device = at::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, relax_update_multi_tensor_kernel<Capacity>, kThreads, 0));
+    cache[device] = int64_t(std::max(per_sm, 1)) *
+        at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  }
+  return cache[device];
 }
 
 template <int Capacity>
@@ -224,8 +242,8 @@ void launch(
     size_t count,
     double eta,
     double flush_below,
-    double* squared_norms,
-    int sm_count) {
+    double* norms,
+    const at::TensorOptions& options) {
   LaunchTable<Capacity> table{};
   table.num_tensors = static_cast<int32_t>(count);
   table.first_chunk[0] = 0;
@@ -235,13 +253,21 @@ void launch(
     table.first_chunk[k + 1] = table.first_chunk[k] + chunks;
   }
   const int64_t num_chunks = table.first_chunk[count];
-  if (num_chunks == 0) {
-    return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // From the caching allocator: inside a CUDA graph capture, from its pool.
+  at::Tensor chunk_sums = at::empty({std::max<int64_t>(num_chunks, 1), 2}, options);
+  if (num_chunks > 0) {
+    const int64_t grid = std::min<int64_t>(num_chunks, resident_blocks<Capacity>());
+    relax_update_multi_tensor_kernel<Capacity>
+        <<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(
+            table, eta, flush_below, chunk_sums.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    chunk_sums.zero_();
   }
-  const int64_t grid = std::min<int64_t>(num_chunks, int64_t(sm_count) * kBlocksPerSm);
-  relax_update_multi_tensor_kernel<Capacity>
-      <<<static_cast<unsigned int>(grid), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          table, eta, flush_below, squared_norms + 2 * first);
+  const int threads = 2 * static_cast<int>(count);
+  norms_from_chunks_kernel<Capacity><<<(threads + 127) / 128, 128, 0, stream>>>(
+      table, chunk_sums.const_data_ptr<double>(), norms + 2 * first);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -279,22 +305,21 @@ at::Tensor relax_update_cuda_impl(
     }
   }
 
-  at::Tensor squared_norms =
-      at::zeros({static_cast<int64_t>(n), 2}, states[0].options().dtype(at::kDouble));
-  double* norms = squared_norms.mutable_data_ptr<double>();
-  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const auto options = states[0].options().dtype(at::kDouble);
+  at::Tensor norms_tensor = at::empty({static_cast<int64_t>(n), 2}, options);
+  double* norms = norms_tensor.mutable_data_ptr<double>();
   if (n <= static_cast<size_t>(kSmallTable)) {
-    launch<kSmallTable>(slots, 0, n, eta, flush_below, norms, sm_count);
+    launch<kSmallTable>(slots, 0, n, eta, flush_below, norms, options);
   } else {
     for (size_t first = 0; first < n; first += kLargeTable) {
       launch<kLargeTable>(
           slots, first, std::min<size_t>(kLargeTable, n - first), eta, flush_below, norms,
-          sm_count);
+          options);
     }
   }
   relax_update_detail::write_back_states(states, work_states);
   relax_update_detail::write_back_states(activation_grads, work_grads);
-  return squared_norms.sqrt_();
+  return norms_tensor;
 }
 
 at::Tensor relax_update_cuda(

@@ -3,7 +3,8 @@
 # everything is already there. Run it (or source it) from anywhere:
 #   bash scripts/setup.sh
 # Environment: PYTHON (default python, else python3), MAX_JOBS (2),
-# TORCH_CUDA_ARCH_LIST (9.0), TORCH_AR_CPU_ONLY=1 to skip the CUDA sources.
+# TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX": A100, H100/H200, and PTX for newer GPUs),
+# TORCH_AR_CPU_ONLY=1 to skip the CUDA sources.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,7 +15,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHON
 export MAX_JOBS="${MAX_JOBS:-2}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 
 section() { printf '\n==== %s ====\n' "$*"; }
 

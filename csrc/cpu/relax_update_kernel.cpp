@@ -3,6 +3,7 @@
 // accumulates the residual norms in double; for a state with an activation,
 // f'(a) * x is then written from the same chunk while it is still in cache.
 
+#include "ops/relax_math.h"
 #include "ops/relax_update.h"
 
 #include <algorithm>
@@ -54,11 +55,8 @@ SquaredNorms relax_range_scalar(
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t s = static_cast<opmath_t>(state[i]);
     const opmath_t t = static_cast<opmath_t>(target[i]);
-    const opmath_t d = t - s;
-    opmath_t updated = s + eta_c * d;
-    if (std::abs(updated) < flush_c) {
-      updated = opmath_t(0);
-    }
+    const opmath_t d = relax_math::sub(t, s);
+    const opmath_t updated = relax_math::flush_tiny(relax_math::euler_step(s, t, eta_c), flush_c);
     state[i] = static_cast<scalar_t>(updated);
     acc.residual += static_cast<double>(d) * static_cast<double>(d);
     acc.target += static_cast<double>(t) * static_cast<double>(t);
@@ -142,45 +140,46 @@ SquaredNorms relax_range(
   }
 }
 
-// grad = f'(a) * x over one range; the formulas (and their NaN behaviour)
-// are those of ATen's threshold/leaky_relu/tanh/sigmoid/hardtanh backward.
-template <typename scalar_t>
-void activation_range(
+// grad = f'(a) * x over one range (ops/relax_math.h: the formulas, and their
+// NaN behaviour, of ATen's threshold/leaky_relu/tanh/sigmoid/hardtanh backward).
+// The kind is a template argument so each loop is a straight line.
+template <typename scalar_t, int32_t Kind>
+void activation_range_of(
     const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ input,
     scalar_t* __restrict__ grad,
     int64_t n,
-    const relax_update_detail::ActivationOf& act) {
+    double p0,
+    double p1) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t p0 = static_cast<opmath_t>(act.p0);
-  const opmath_t p1 = static_cast<opmath_t>(act.p1);
-  const opmath_t zero(0);
-  const opmath_t one(1);
-  auto apply = [&](auto f) {
-    for (int64_t i = 0; i < n; ++i) {
-      grad[i] = static_cast<scalar_t>(
-          f(static_cast<opmath_t>(x[i]), static_cast<opmath_t>(input[i])));
-    }
-  };
+  const opmath_t q0 = static_cast<opmath_t>(p0);
+  const opmath_t q1 = static_cast<opmath_t>(p1);
+  for (int64_t i = 0; i < n; ++i) {
+    grad[i] = static_cast<scalar_t>(relax_math::activation_vjp<opmath_t>(
+        Kind, static_cast<opmath_t>(x[i]), static_cast<opmath_t>(input[i]), q0, q1));
+  }
+}
+
+template <typename scalar_t>
+void activation_range(
+    const scalar_t* x,
+    const scalar_t* input,
+    scalar_t* grad,
+    int64_t n,
+    const relax_update_detail::ActivationOf& act) {
   switch (act.kind) {
     case kReluResult:
-      apply([&](opmath_t v, opmath_t r) { return r <= zero ? zero : v; });
-      break;
+      return activation_range_of<scalar_t, kReluResult>(x, input, grad, n, act.p0, act.p1);
     case kLeakyReluInput:
-      apply([&](opmath_t v, opmath_t a) { return a > zero ? v : v * p0; });
-      break;
+      return activation_range_of<scalar_t, kLeakyReluInput>(x, input, grad, n, act.p0, act.p1);
     case kTanhResult:
-      apply([&](opmath_t v, opmath_t r) { return v * (one - r * r); });
-      break;
+      return activation_range_of<scalar_t, kTanhResult>(x, input, grad, n, act.p0, act.p1);
     case kSigmoidResult:
-      apply([&](opmath_t v, opmath_t r) { return v * (one - r) * r; });
-      break;
+      return activation_range_of<scalar_t, kSigmoidResult>(x, input, grad, n, act.p0, act.p1);
     case kHardtanhInput:
-      apply([&](opmath_t v, opmath_t a) { return (a <= p0 || a >= p1) ? zero : v; });
-      break;
+      return activation_range_of<scalar_t, kHardtanhInput>(x, input, grad, n, act.p0, act.p1);
     case kScale:
-      apply([&](opmath_t v, opmath_t d) { return v * d; });
-      break;
+      return activation_range_of<scalar_t, kScale>(x, input, grad, n, act.p0, act.p1);
     default:
       TORCH_INTERNAL_ASSERT(false, "relax_update_activation_: unchecked kind ", act.kind);
   }

@@ -1,11 +1,13 @@
 #include "engine/step_graph.h"
 
 #include <array>
+#include <atomic>
 #include <mutex>
 
 namespace torch_ar {
 
 namespace {
+std::atomic<bool> refusal_requested{false};
 std::mutex factories_mutex;
 std::array<StepGraphFactory, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
     factories{};
@@ -26,5 +28,9 @@ std::unique_ptr<StepGraph> make_step_graph(const c10::Device& device) {
   }
   return factory ? factory(device) : nullptr;
 }
+
+void refuse_next_capture_for_testing() { refusal_requested.store(true); }
+
+bool take_refusal_request() { return refusal_requested.exchange(false); }
 
 } // namespace torch_ar

@@ -8,8 +8,16 @@
 
 #include <functional>
 #include <memory>
+#include <stdexcept>
 
 namespace torch_ar {
+
+// Thrown by capture() when the device itself failed (a sticky CUDA error):
+// not a refusal to record, so the relaxation must not go on without a graph.
+class StepGraphDeviceFault : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 // Lives for one relaxation loop. While it does, the loop's work (eager
 // warm-up steps, the recorded step, its replays) runs where the graph
@@ -18,7 +26,9 @@ namespace torch_ar {
 class StepGraph {
  public:
   virtual ~StepGraph() = default;
-  // Records `step` without running it; throws when the device refuses.
+  // Records `step` without running it; throws c10::Error when the device
+  // refuses to record it (the loop then runs without a graph) and
+  // StepGraphDeviceFault when the device failed.
   virtual void capture(const std::function<void()>& step) = 0;
   // Runs what was recorded.
   virtual void replay() = 0;
@@ -31,5 +41,11 @@ StepGraphFactory set_step_graph_factory(c10::DeviceType type, StepGraphFactory f
 
 // nullptr when no implementation is registered for the device's type.
 std::unique_ptr<StepGraph> make_step_graph(const c10::Device& device);
+
+// Tests of the failure path: the next capture does something the device
+// refuses while capturing (a stream synchronisation), so that the refusal and
+// its clean-up run as they would for a real one.
+void refuse_next_capture_for_testing();
+bool take_refusal_request();
 
 } // namespace torch_ar

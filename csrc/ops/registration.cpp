@@ -3,6 +3,7 @@
 // own files (cpu/, kernels/, ...). Add new operators here with one m.def line.
 
 #include "engine/op_table.h"
+#include "engine/step_graph.h"
 #include "ops/forward_values.h"
 
 #include <torch/library.h>
@@ -12,6 +13,9 @@ TORCH_LIBRARY(torch_ar, m) {
   // its backward takes them; see ops/forward_values.h.
   m.def("stash_forward_values(Tensor[] values) -> int");
   m.def("drop_forward_values(int handle) -> ()", &torch_ar::drop_forward_values);
+  // Tests only: the next CUDA graph capture is refused by the device, so the
+  // fallback and its clean-up can be exercised.
+  m.def("_refuse_next_cuda_graph_capture() -> ()", &torch_ar::refuse_next_capture_for_testing);
   // One Euler step of the relaxation for a list of states, fused with the
   // residual norms; see ops/relax_update.h.
   m.def(

@@ -4,8 +4,7 @@
 // walks memory and reduces norms; what it computes per element is here.
 //
 // Rounding: the CPU build never contracts a * b + c into a fused
-// multiply-add (the extension is built for baseline x86-64, without FMA);
-// nvcc would by default. On the device the products and sums below use the
+// multiply-add (it is compiled with -ffp-contract=off); nvcc would by default. On the device the products and sums below use the
 // round-to-nearest intrinsics, which nvcc never contracts, so a CUDA step
 // rounds exactly as the CPU step does.
 

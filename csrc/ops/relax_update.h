@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "ops/relax_math.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 
@@ -45,6 +47,15 @@ enum ActivationDerivative : int64_t {
   kScale = 6,           // input = f'(a):      x * input
   kNumActivationDerivatives = 7,
 };
+// The arithmetic of each kind lives in ops/relax_math.h, shared by the kernels.
+static_assert(
+    static_cast<int>(kReluResult) == relax_math::kActivationReluResult &&
+        static_cast<int>(kLeakyReluInput) == relax_math::kActivationLeakyReluInput &&
+        static_cast<int>(kTanhResult) == relax_math::kActivationTanhResult &&
+        static_cast<int>(kSigmoidResult) == relax_math::kActivationSigmoidResult &&
+        static_cast<int>(kHardtanhInput) == relax_math::kActivationHardtanhInput &&
+        static_cast<int>(kScale) == relax_math::kActivationScale,
+    "the activation kinds of relax_update.h and relax_math.h differ");
 
 // activation_states[k] indexes `states`; activation_params holds two values
 // per entry (p0, p1); activation_inputs[k] and activation_grads[k] have the

@@ -54,6 +54,20 @@ std::unique_ptr<torch_ar::StepGraph> make_refusing(const c10::Device&) {
   return std::make_unique<RefusingStepGraph>();
 }
 
+// A device that failed (a sticky error): not a refusal to record.
+class FaultyStepGraph final : public torch_ar::StepGraph {
+ public:
+  void capture(const std::function<void()>&) override {
+    ++captures;
+    throw torch_ar::StepGraphDeviceFault("device 0 failed while recording (illegal address)");
+  }
+  void replay() override { ++replays; }
+};
+
+std::unique_ptr<torch_ar::StepGraph> make_faulty(const c10::Device&) {
+  return std::make_unique<FaultyStepGraph>();
+}
+
 // Registers a stand-in for CPU tensors for the scope of a test.
 struct CpuStepGraphScope {
   torch_ar::StepGraphFactory previous;
@@ -233,6 +247,20 @@ TEST(FusedActivation, NotUsedWhenTheVariantDropsTheDerivative) {
   c.drop_activation_derivative = true;
   auto r = torch_ar::run_engine(in, c);
   EXPECT_EQ(r.stats.fused_activations, 0);
+}
+
+TEST(StepGraph, DeviceFaultIsAnErrorNotAFallback) {
+  EngineInputs in = mlp();
+  EngineConfig c = paper_mode(torch_ar::Schedule::Jacobi);
+  c.cuda_graph = true;
+  CpuStepGraphScope scope(&make_faulty);
+  try {
+    torch_ar::run_engine(in, c);
+    FAIL() << "a device fault must not be swallowed";
+  } catch (const torch_ar::StepGraphDeviceFault& e) {
+    EXPECT_NE(std::string(e.what()).find("illegal address"), std::string::npos);
+  }
+  EXPECT_EQ(captures, 1);
 }
 
 } // namespace

@@ -63,5 +63,29 @@ def torch_ar():
     return load_torch_ar()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA device (benchmarks/gpu_check.sh runs `-m cuda`)"
+    )
+
+
+def _needs_cuda(item: pytest.Item) -> bool:
+    if "cuda" in item.nodeid.lower():
+        return True
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", "")).lower()
+        if ("cuda" in reason or "gpu" in reason) and "without" not in reason:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks every test that needs CUDA (by its id or its skip reason) `cuda`,
+    so that a GPU host can run exactly those with `-m cuda`."""
+    for item in items:
+        if _needs_cuda(item):
+            item.add_marker(pytest.mark.cuda)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"torch_ar engine tests on devices: {', '.join(devices)}"

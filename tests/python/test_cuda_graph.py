@@ -49,7 +49,8 @@ def test_replayed_steps_equal_eager_steps(torch_ar, make, schedule, dtype, devic
     torch.manual_seed(0)
     net = make().to(dtype=dtype, device=device)
     x = torch.randn(8, 3, 16, 16, dtype=dtype, device=device)
-    settings = {"eta": 0.1, "steps": 20, "schedule": schedule}
+    # Literal steps on both sides (without a graph the default is the closed form).
+    settings = {"eta": 0.1, "steps": 20, "schedule": schedule, "evaluation": "literal"}
     eager, eager_stats = grads_and_stats(torch_ar, net, x, **settings)
     graphed, stats = grads_and_stats(torch_ar, net, x, cuda_graph=True, **settings)
     assert eager_stats.graph_steps == 0
@@ -90,7 +91,7 @@ def test_generic_node_relaxes_without_graph_and_warns(torch_ar) -> None:
     x = torch.randn(4, 10, device="cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        eager, _ = grads_and_stats(torch_ar, net, x, eta=0.2, steps=10)
+        eager, _ = grads_and_stats(torch_ar, net, x, eta=0.2, steps=10, evaluation="literal")
         graphed, stats = grads_and_stats(torch_ar, net, x, eta=0.2, steps=10, cuda_graph=True)
     assert stats.graph_steps == 0
     assert any("SoftplusBackward0" in str(w.message) for w in caught)
@@ -103,16 +104,20 @@ def test_graph_memory_is_released_across_batches(torch_ar) -> None:
     torch.manual_seed(0)
     net = cnn().cuda()
     ar = torch_ar.ARBackward(net, eta=0.1, steps=10, cuda_graph=True)
-    peaks = []
-    for _ in range(6):
+    allocated, reserved = [], []
+    for _ in range(30):
         x = torch.randn(16, 3, 16, 16, device="cuda")
         net.zero_grad()
         ar(x).logsumexp(1).sum().backward()
         torch.cuda.synchronize()
-        peaks.append(torch.cuda.memory_allocated())
+        allocated.append(torch.cuda.memory_allocated())
+        reserved.append(torch.cuda.memory_reserved())
     assert ar.last_stats.graph_steps == 9
-    # One graph pool per backward, freed with it: memory does not grow.
-    assert peaks[-1] <= peaks[1] * 1.05
+    # Every graph records into one pool per device: a destroyed graph's blocks
+    # are taken again by the next capture, so neither the live memory nor the
+    # allocator's reserve grows with the batches.
+    assert allocated[-1] <= allocated[1] * 1.05
+    assert reserved[-1] == reserved[2], reserved
 
 
 @CUDA_ONLY
@@ -123,7 +128,7 @@ def test_replayed_steps_under_bfloat16_autocast(torch_ar) -> None:
     x = torch.randn(8, 3, 16, 16, device="cuda")
     grads = {}
     for graph in (False, True):
-        ar = torch_ar.ARBackward(net, eta=0.1, steps=20, cuda_graph=graph)
+        ar = torch_ar.ARBackward(net, eta=0.1, steps=20, cuda_graph=graph, evaluation="literal")
         net.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = ar(x).float().logsumexp(1).sum()

@@ -82,6 +82,12 @@ bool max_pool2d(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool avg_pool2d(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool adaptive_avg_pool2d(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool batch_norm(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool cudnn_batch_norm(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool miopen_batch_norm(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool batch_norm_legit(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool batch_norm_legit_no_training(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool batch_norm_with_update(Node&, const variable_list&, const EdgeMask&, variable_list&);
+bool batch_norm_no_update(Node&, const variable_list&, const EdgeMask&, variable_list&);
 
 // structural.cpp
 bool add(Node&, const variable_list&, const EdgeMask&, variable_list&);
