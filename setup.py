@@ -1,20 +1,23 @@
 """Builds torch_ar._C, the native operators of torch_ar.
 
-torch must already be installed (build with `pip install --no-build-isolation
--e .` or `python setup.py build_ext --inplace`).
+torch must already be installed: `pip install --no-build-isolation .` (or
+`-e .`, or `python setup.py build_ext --inplace` for a checkout); the project's
+metadata is in pyproject.toml.
 
 CUDA sources (kernels/**/*.cu) are compiled when torch itself has CUDA and a
 CUDA toolkit is found, or when FORCE_CUDA=1; whether a GPU is visible does not
-matter. TORCH_AR_CPU_ONLY=1 skips them. TORCH_CUDA_ARCH_LIST defaults to 9.0
-and MAX_JOBS to 2.
+matter. TORCH_AR_CPU_ONLY=1 skips them. TORCH_CUDA_ARCH_LIST defaults to
+"8.0;9.0+PTX": machine code for A100 (sm_80) and H100/H200 (sm_90), and PTX
+that newer GPUs compile when the library loads; a list set by the user wins.
+MAX_JOBS defaults to 2.
 """
 
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 os.environ.setdefault("MAX_JOBS", "2")
 
 # torch reads the two variables above when it builds.
@@ -58,7 +61,9 @@ def native_extension():
     # code compiled without it. Only compiled with it: the OpenMP calls bind,
     # when the library loads, to the runtime torch itself loaded (linking our
     # own would put a second OpenMP runtime in the process).
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
+    # -ffp-contract=off: a * b + c stays two roundings even where CFLAGS allow
+    # FMA, so the CPU kernels round as the CUDA ones do (ops/relax_math.h).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wno-unknown-pragmas"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda():
         return CUDAExtension(
@@ -78,13 +83,18 @@ def native_extension():
     )
 
 
+def torch_requirement() -> str:
+    """The torch release this build is compiled against: a wheel built here
+    loads only into that minor release (the C++ ABI changes between them)."""
+    major, minor = torch.__version__.split("+", 1)[0].split(".")[:2]
+    return f"torch~={major}.{minor}.0"
+
+
+# Everything declarative is in pyproject.toml; this file holds what must be
+# code: the extension and the torch release it was built against.
 setup(
-    name="torch_ar",
-    version="0.1.0",
-    description="Gradients by Activation Relaxation for PyTorch",
-    packages=find_packages(include=["torch_ar", "torch_ar.*"]),
-    python_requires=">=3.10",
     ext_modules=[native_extension()],
     cmdclass={"build_ext": BuildExtension},
+    install_requires=[torch_requirement(), "numpy>=1.24"],
     zip_safe=False,
 )

@@ -30,7 +30,7 @@ from machine import machine_name, sync
 from torch import nn
 
 import torch_ar
-from torch_ar.models import cifar_cnn, paper_mlp
+from torch_ar.experiments.models import cifar_cnn, paper_mlp
 
 
 class PrivateGraph(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """Paper mode (eta 0.1, 100 steps): torch_ar against plain-PyTorch AR, in one run.
 
 For the paper's MLP (784-300-300-100-10, batch 64) and the CIFAR CNN
-(``torch_ar.models.cifar_cnn()``), with an MSE loss on one-hot targets as the
+(``torch_ar.experiments.models.cifar_cnn()``), with an MSE loss on one-hot targets as the
 paper, the median over interleaved repeats (after warm-up; CUDA synchronised
 around every timed region) of:
 
@@ -60,11 +60,11 @@ from machine import machine_name, sync
 import torch_ar
 
 try:
-    from torch_ar.models import cifar_cnn, paper_mlp
+    from torch_ar.experiments.models import cifar_cnn, paper_mlp
 
-    MODELS_FROM = "torch_ar.models"
-except ImportError:  # torch_ar.models needs torchvision; the two models do not.
-    MODELS_FROM = "local copies (torch_ar.models not importable: torchvision missing?)"
+    MODELS_FROM = "torch_ar.experiments.models"
+except ImportError:  # torch_ar.experiments.models needs torchvision; the two models do not.
+    MODELS_FROM = "local copies (torch_ar.experiments.models not importable: torchvision missing?)"
 
     def paper_mlp() -> nn.Sequential:
         layers: list[nn.Module] = [nn.Flatten()]

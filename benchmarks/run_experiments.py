@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model
 
-from torch_ar import plots  # after the path set-up above
+from torch_ar.experiments import plots  # after the path set-up above
 
 VARIANT_NAMES = (
     "learned_backward_weights",

@@ -19,10 +19,27 @@ generator=()
 if [[ ! -f build/cpp/CMakeCache.txt ]] && command -v ninja >/dev/null 2>&1; then
   generator=(-G Ninja)
 fi
+# The tests link the extension setup.py just built (csrc/ is compiled once);
+# its module init refers to libpython, so that takes a shared libpython. Without
+# one, CMake compiles csrc/ into a static library of its own.
+EXTENSION="$(compgen -G "$ROOT/torch_ar/_C.*.so" | head -n 1 || true)"
+PYTHON_LIBRARY="$("$PYTHON" - <<'PY'
+import os, sysconfig
+name = sysconfig.get_config_var("LDLIBRARY") or ""
+path = os.path.join(sysconfig.get_config_var("LIBDIR") or "", name)
+print(path if name.endswith(".so") and os.path.isfile(path) else "")
+PY
+)"
+if [[ -z "$PYTHON_LIBRARY" ]]; then
+  echo "no shared libpython: the C++ tests compile csrc/ themselves"
+  EXTENSION=""
+fi
 cmake -S . -B build/cpp "${generator[@]}" \
   -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$TORCH_CMAKE_PREFIX" \
-  -DTORCH_AR_CXX11_ABI="$TORCH_CXX11_ABI"
+  -DTORCH_AR_CXX11_ABI="$TORCH_CXX11_ABI" \
+  -DTORCH_AR_EXTENSION="$EXTENSION" \
+  -DTORCH_AR_PYTHON_LIBRARY="$PYTHON_LIBRARY"
 cmake --build build/cpp --parallel "$MAX_JOBS"
 echo "C++ test build took $((SECONDS - cmake_start)) s"
 

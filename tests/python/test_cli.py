@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import torch_ar
-from torch_ar import cli, data, training
+from torch_ar.experiments import cli, data, training
 
 FASHION_AVAILABLE = data.FASHION_MNIST_SYSTEM_DIR.is_dir()
 needs_fashion = pytest.mark.skipif(
@@ -483,7 +483,7 @@ def test_plot_end_to_end(tmp_path: Path) -> None:
 
 @needs_fashion
 def test_plot_tables_group_seeds(tmp_path: Path) -> None:
-    from torch_ar import plots
+    from torch_ar.experiments import plots
 
     runs = plots.load_runs(tiny_runs(tmp_path).values())
     table = {row["label"]: row for row in plots.accuracy_table(runs)}

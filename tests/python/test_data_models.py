@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_ar import data, models
+from torch_ar.experiments import data, models
 
 FASHION_AVAILABLE = data.FASHION_MNIST_SYSTEM_DIR.is_dir()
 CIFAR_TARBALL = data.source_data_dir() / data.CIFAR10_TARBALL

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from test_cli import needs_fashion, read_metrics, run_cli
 from zoo import paper_mlp
 
-from torch_ar import compare, data, training
-from torch_ar.compare import log_steps, recommend_steps, relaxation_traces
+from torch_ar.experiments import compare, training
+from torch_ar.experiments.compare import log_steps, recommend_steps, relaxation_traces
 
 TINY = ["--limit-train-batches", "6", "--limit-test-batches", "1", "--cosine-every", "2"]
 

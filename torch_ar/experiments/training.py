@@ -2,7 +2,7 @@
 
 Example::
 
-    from torch_ar.training import TrainConfig, train
+    from torch_ar.experiments.training import TrainConfig, train
     history = train(TrainConfig(dataset="fashion-mnist", model="mlp", method="ar",
                                 epochs=1, limit_train_batches=300))
     print(history[-1]["test_acc"], history[-1]["cosine_mean"])
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_ar import data as data_lib
+from torch_ar.experiments import data as data_lib
+from torch_ar.experiments.models import build_model
 from torch_ar.metrics import cosine
-from torch_ar.models import build_model
 
 try:
     from tqdm import tqdm

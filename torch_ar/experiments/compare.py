@@ -14,7 +14,7 @@ cosine reaches a threshold on a batch (the closed form makes the search cheap).
 
 Example::
 
-    from torch_ar.compare import relaxation_traces, recommend_steps
+    from torch_ar.experiments.compare import relaxation_traces, recommend_steps
     traces = relaxation_traces(model, loss_fn, x, y, etas=(0.1, 0.5, 1.0), steps=200)
     print(traces.format_table())
     traces.cosine[0.1]["1.weight"][-1]   # cosine after the last step
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch_ar.experiments.training import _replay_rng, _rng_state
 from torch_ar.metrics import cosine
-from torch_ar.training import _replay_rng, _rng_state
 
 # Relaxation steps shown in the printed table (those recorded, and the last).
 TABLE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -317,7 +317,7 @@ def relaxation_traces(
     and buffers are left as found.
     """
     if at is not None:
-        at = sorted(set(int(t) for t in at))
+        at = sorted({int(t) for t in at})
         if not at or at[0] < 1:
             raise ValueError(f"step counts must be >= 1, got {at}")
         steps = at[-1]

@@ -19,7 +19,7 @@ Where the data is looked for (first hit wins):
 
 Example::
 
-    from torch_ar import data
+    from torch_ar.experiments import data
     ds = data.load_fashion_mnist()
     batches = data.TensorBatches(ds.train_images, ds.train_labels, 64, shuffle=True, seed=0)
     for x, y in batches:

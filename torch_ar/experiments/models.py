@@ -2,7 +2,7 @@
 
 Example::
 
-    from torch_ar.models import build_model
+    from torch_ar.experiments.models import build_model
     model = build_model("mlp", "fashion-mnist")      # 784-300-300-100-10
     model = build_model("resnet18", "cifar10")
     model = build_model("mobilenet_v3_small", "cifar10")  # any torchvision.models constructor

@@ -1,4 +1,4 @@
-"""Command line: ``python -m torch_ar {train,compare,plot} ...``.
+"""Command line: ``torch-ar {train,compare,plot} ...`` (or ``python -m torch_ar``).
 
 Example::
 
@@ -16,10 +16,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from torch_ar import data as data_lib
-from torch_ar import training
 from torch_ar.config import GRANULARITIES, INIT_MODES, SCHEDULES, RelaxConfig
-from torch_ar.models import MODEL_NAMES
+from torch_ar.experiments import data as data_lib
+from torch_ar.experiments import training
+from torch_ar.experiments.models import MODEL_NAMES
 from torch_ar.variants import VARIANTS
 
 
@@ -165,8 +165,10 @@ def _run_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``torch_ar`` argument parser (one sub-command per task)."""
+    invoked_as = Path(sys.argv[0]).name
     parser = argparse.ArgumentParser(
-        prog="python -m torch_ar", description="Activation Relaxation for PyTorch: tools."
+        prog="torch-ar" if invoked_as == "torch-ar" else "python -m torch_ar",
+        description="Activation Relaxation for PyTorch: train, compare and plot.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(commands)
@@ -394,7 +396,7 @@ def _train(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import torch
 
-    from torch_ar import compare, plots
+    from torch_ar.experiments import compare, plots
 
     config = training.TrainConfig(
         dataset=args.dataset,
@@ -461,7 +463,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from torch_ar import plots
+    from torch_ar.experiments import plots
 
     try:
         runs = plots.load_runs(args.runs)

@@ -8,7 +8,7 @@ averaged.
 
 Example::
 
-    from torch_ar import plots
+    from torch_ar.experiments import plots
     runs = plots.load_runs(["results/fmnist-mlp-backprop-s0", "results/fmnist-mlp-ar-eta1-s0"])
     plots.plot_accuracy_curves(runs, "accuracy.png")
     for row in plots.accuracy_table(runs): print(row["label"], row["test_acc_mean"])
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torch_ar.compare import RelaxationTraces
+    from torch_ar.experiments.compare import RelaxationTraces
 
 # Above this many parameters a cosine plot shows only the weights, without a legend entry each.
 MAX_LABELLED_LINES = 10
