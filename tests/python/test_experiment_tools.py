@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from test_cli import needs_fashion, read_metrics, run_cli
 from zoo import paper_mlp
 
-from torch_ar.experiments import compare, training
+from torch_ar.experiments import compare, plots, training
 from torch_ar.experiments.compare import log_steps, recommend_steps, relaxation_traces
 
 TINY = ["--limit-train-batches", "6", "--limit-test-batches", "1", "--cosine-every", "2"]
@@ -87,6 +87,33 @@ def test_psi_angles_and_decay_are_logged(tmp_path: Path) -> None:
     angles = read_metrics(out)[0]["psi_angle"]
     assert set(angles) == {"1.weight", "3.weight", "5.weight", "7.weight"}
     assert all(60.0 < a < 120.0 for a in angles.values())  # random psi, nearly orthogonal
+
+    # The summary's angle table and figure read them back.
+    run = plots.load_run(out)
+    table = plots.psi_angle_table([run])
+    assert table is not None and run.label in table
+    assert f"{angles['7.weight']:.1f}" in table
+    figure = plots.plot_psi_angles([run], tmp_path / "angles.png")
+    assert figure is not None and figure.stat().st_size > 0
+
+
+def test_diverged_run_reports_its_epoch_and_last_accuracy(tmp_path: Path) -> None:
+    folder = tmp_path / "fa"
+    folder.mkdir()
+    config = {"method": "ar", "eta": 0.1, "steps": 100, "variant": "feedback_alignment",
+              "seed": 3}
+    (folder / "config.json").write_text(json.dumps({"config": config, "resolved": {}}))
+    records = [
+        {"epoch": 1, "train_batches": 10, "train_acc": 0.7, "test_acc": 0.7612, "time_s": 1.0},
+        {"epoch": 2, "train_batches": 10, "train_acc": 0.8, "test_acc": 0.8034, "time_s": 1.0},
+        {"epoch": 3, "diverged": True, "diverged_batch": 7, "error": "training loss became inf",
+         "train_batches": 7, "epoch_batches": 10, "train_acc": 0.5, "time_s": 0.5},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = plots.load_run(folder)
+    assert plots.psi_angle_table([run]) is None  # no angles logged
+    table = plots.format_accuracy_table(plots.accuracy_table([run]))
+    assert "diverged: seed 3 at epoch 3 batch 7, 80.34% after epoch 2" in table
 
 
 def _mlp_problem():
@@ -194,3 +221,22 @@ def test_recommendation_with_a_mean_loss_and_zero_init() -> None:
     steps, _ = recommend_steps(model, F.cross_entropy, x, y, eta=0.5, threshold=0.999,
                                init="zero")
     assert steps is not None
+
+
+def test_fa_stability_is_the_output_layers_largest_curvature_times_lr() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import fa_stability
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2)
+    ).double()
+    images = torch.randint(0, 256, (8, 1, 2, 2), dtype=torch.uint8)
+    got = fa_stability.stability(net, images, batch=4, lr=0.1, mean=None, std=None)
+    expected = 0.0
+    for start in (0, 4):
+        h = net[:-1](images[start:start + 4].double() / 255.0)
+        h1 = torch.cat([h, torch.ones(4, 1, dtype=h.dtype)], dim=1)
+        expected = max(expected, 0.1 * torch.linalg.eigvalsh(2 * h1.T @ h1).max().item())
+    assert got["lr_times_lambda_max"] == pytest.approx(expected, rel=1e-10)
+    assert got["output_weight_norm"] == pytest.approx(net[-1].weight.norm().item())

@@ -197,6 +197,8 @@ def accuracy_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
                     "epoch": r.diverged["epoch"],
                     "batch": r.diverged.get("diverged_batch"),
                     "error": r.diverged.get("error"),
+                    # test accuracy after the last epoch it completed
+                    "last_test_acc": r.epochs[-1]["test_acc"] if r.epochs else None,
                 }
                 for r in group
                 if r.diverged is not None
@@ -356,6 +358,79 @@ def plot_cosine_over_training(
     return _save(fig, path)
 
 
+def _psi_angle_series(run: Run) -> tuple[list[float], dict[str, list[float]]]:
+    """x (epochs, fractional) and the angle (degrees) between each layer's psi and W^T."""
+    batches = run.batches_per_epoch
+    measured = [m for m in run.cosines if m.get("psi_angles")]
+    if measured:
+        x = [m["epoch"] - 1 + m["batch"] / batches for m in measured]
+        names = list(measured[0]["psi_angles"])
+        return x, {n: [m["psi_angles"].get(n, math.nan) for m in measured] for n in names}
+    epochs = [m for m in run.epochs if m.get("psi_angle")]
+    names = list(epochs[0]["psi_angle"]) if epochs else []
+    x = [float(m["epoch"]) for m in epochs]
+    return x, {n: [m["psi_angle"].get(n, math.nan) for m in epochs] for n in names}
+
+
+def psi_angle_table(runs: Sequence[Run]) -> str | None:
+    """Markdown: per label with backward weights psi, the angle between psi and W^T per
+    layer after the first and the last completed epoch (mean over seeds). None if none."""
+    rows = []
+    for label, group in group_runs(runs).items():
+        with_angles = [r for r in group if any(m.get("psi_angle") for m in r.epochs)]
+        if not with_angles:
+            continue
+        names = list(next(m for m in with_angles[0].epochs if m.get("psi_angle"))["psi_angle"])
+        for which, pick in (("first", 0), ("last", -1)):
+            cells = []
+            for name in names:
+                values = [r.epochs[pick]["psi_angle"][name] for r in with_angles]
+                cells.append(f"{statistics.fmean(values):.1f}")
+            epochs = sorted({r.epochs[pick]["epoch"] for r in with_angles})
+            rows.append((label, f"{which} ({'/'.join(map(str, epochs))})", names, cells))
+    if not rows:
+        return None
+    names = rows[0][2]
+    lines = [
+        "| run | after epoch | " + " | ".join(f"{n} (°)" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    lines += [f"| {label} | {when} | " + " | ".join(cells) + " |" for label, when, _, cells in rows]
+    return "\n".join(lines)
+
+
+def plot_psi_angles(runs: Sequence[Run], path: str | Path, title: str | None = None) -> Path | None:
+    """Per label with backward weights (its first seed): the angle between each layer's psi
+    and W^T over training (90 degrees: unrelated; 0: psi = c W^T). None if no run has psi."""
+    measured = {}
+    for label, group in group_runs(runs).items():
+        x, series = _psi_angle_series(group[0])
+        if series:
+            measured[label] = (group[0], x, series)
+    if not measured:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(measured))
+    rows = math.ceil(len(measured) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, (label, (run, x, series)) in zip(axes.flat, measured.items()):
+        cmap = plt.get_cmap("viridis")
+        for i, (name, values) in enumerate(series.items()):
+            ax.plot(x, values, color=cmap(i / max(len(series) - 1, 1)), linewidth=1.2, label=name)
+        state = f", diverged in epoch {run.diverged['epoch']}" if run.diverged else ""
+        ax.set_title(f"{label} (seed {run.seed}{state})", fontsize=9)
+        ax.set_ylim(0, 95)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("angle between psi and W^T (°)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left", ncol=2)
+    for ax in list(axes.flat)[len(measured) :]:
+        ax.set_visible(False)
+    fig.suptitle(title or "angle between the backward weights psi and W^T over training")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_final_accuracy(runs: Sequence[Run], path: str | Path, title: str | None = None) -> Path:
     """Bar chart: final test accuracy per label, mean +- std over seeds."""
     plt = _pyplot()
@@ -461,7 +536,8 @@ def plot_relaxation_cosine(
 def write_training_figures(
     runs: Sequence[Run], out: str | Path, prefix: str = "", title: str | None = None
 ) -> list[Path]:
-    """accuracy.png, cosine_training.png (when measured) and final_accuracy.png in ``out``."""
+    """accuracy.png, cosine_training.png (when measured), psi_angle_training.png (runs with
+    backward weights) and final_accuracy.png in ``out``."""
     out = Path(out)
     suffix = f" — {title}" if title else ""
     written = [
@@ -478,6 +554,13 @@ def write_training_figures(
     )
     if cos is not None:
         written.append(cos)
+    angles = plot_psi_angles(
+        runs,
+        out / f"{prefix}psi_angle_training.png",
+        title=f"angle between psi and W^T over training{suffix}",
+    )
+    if angles is not None:
+        written.append(angles)
     written.append(
         plot_final_accuracy(
             runs,
@@ -505,7 +588,13 @@ def format_accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
         else:
             test = train = "—"
         diverged = ", ".join(
-            f"seed {d['seed']} at epoch {d['epoch']} batch {d['batch']}" for d in r["diverged"]
+            f"seed {d['seed']} at epoch {d['epoch']} batch {d['batch']}"
+            + (
+                f", {100 * d['last_test_acc']:.2f}% after epoch {d['epoch'] - 1}"
+                if d.get("last_test_acc") is not None
+                else ""
+            )
+            for d in r["diverged"]
         )
         if diverged:
             test += f" (diverged: {diverged})"
