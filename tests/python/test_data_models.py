@@ -31,6 +31,12 @@ needs_cifar = pytest.mark.skipif(
 )
 
 
+def test_source_data_dir_is_beside_the_source_tree() -> None:
+    # A wrong level here silently skips every test that reads CIFAR-10.
+    root = Path(__file__).resolve().parents[2]
+    assert data.source_data_dir() == root.parent / "shared" / "data"
+
+
 # ------------------------------------------------------------ test files
 
 

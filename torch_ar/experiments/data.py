@@ -115,7 +115,8 @@ class ImageDataset:
 
 def source_data_dir() -> Path:
     """``../shared/data`` relative to the source tree's root (may not exist)."""
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    # this file is <root>/torch_ar/experiments/data.py
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def cache_dir() -> Path:
