@@ -409,10 +409,14 @@ def _compare_table(folder: Path) -> str:
             f"eta {e}: {t if t is not None else f'more than {last}'}"
             for e, t in recommended.items()
         )
-        lines.append(
-            f"Smallest step count with every parameter's cosine >= {threshold:g} "
-            f"(`--recommend`): {found}."
+        tolerance = data.get("recommend_length_tolerance")
+        criterion = (
+            f"cosine >= {threshold:g} and length within {100 * tolerance:.1f}% of autograd's"
+            if tolerance is not None
+            else f"cosine >= {threshold:g} (an earlier run: cosine only, no length check)"
         )
+        lines.append(f"Smallest step count with every parameter's {criterion} "
+                     f"(`--recommend`): {found}.")
     return "\n".join(lines)
 
 

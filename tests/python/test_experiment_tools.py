@@ -5,6 +5,7 @@ closed-form comparisons and backward-weight angles, on real data where it matter
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 from test_cli import needs_fashion, read_metrics, run_cli
 from zoo import paper_mlp
 
+import torch_ar
 from torch_ar.experiments import compare, plots, training
 from torch_ar.experiments.compare import log_steps, recommend_steps, relaxation_traces
+from torch_ar.metrics import cosine
 
 TINY = ["--limit-train-batches", "6", "--limit-test-batches", "1", "--cosine-every", "2"]
 
@@ -216,11 +219,33 @@ def _plan_args():
 
 
 def test_recommendation_with_a_mean_loss_and_zero_init() -> None:
-    """The options reach the relaxation: zero initial states, a batch-mean loss."""
+    """The options reach the relaxation: zero initial states, a batch-mean loss. From
+    zero states a chain's layers get scaled copies of their gradients (cosine 1 from
+    step D on), so the recommendation waits until their lengths match as well."""
     model, _, x, y = _mlp_problem()
     steps, _ = recommend_steps(model, F.cross_entropy, x, y, eta=0.5, threshold=0.999,
                                init="zero")
     assert steps is not None
+    reference = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+
+    def gradients(t: int) -> tuple[torch.Tensor, ...]:
+        ar = torch_ar.ARBackward(model, eta=0.5, steps=t, init="zero")
+        return torch.autograd.grad(F.cross_entropy(ar(x), y), list(model.parameters()))
+
+    def matches(t: int) -> tuple[bool, bool]:
+        got = gradients(t)
+        direction = all(cosine(g, r) >= 0.999 for g, r in zip(got, reference, strict=True))
+        length = all(
+            abs(g.norm() / r.norm() - 1) <= math.sqrt(2 * 0.001)
+            for g, r in zip(got, reference, strict=True)
+        )
+        return direction, length
+
+    assert matches(steps) == (True, True)
+    assert matches(steps - 1) != (True, True)
+    # The cosine alone is satisfied long before: after D = 3 steps.
+    assert matches(3)[0] and not matches(3)[1]
+    assert steps > 3
 
 
 def test_fa_stability_is_the_output_layers_largest_curvature_times_lr() -> None:
