@@ -58,8 +58,6 @@ namespace {
 
 int64_t stash_op(at::TensorList values) { return stash_forward_values(values.vec()); }
 
-void drop_op(int64_t handle) { drop_forward_values(handle); }
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_ar, CompositeExplicitAutograd, m) {
