@@ -119,6 +119,35 @@ def test_diverged_run_reports_its_epoch_and_last_accuracy(tmp_path: Path) -> Non
     assert "diverged: seed 3 at epoch 3 batch 7, 80.34% after epoch 2" in table
 
 
+def _write_run(folder: Path, seed: int, test_accs: list[float]) -> None:
+    folder.mkdir()
+    config = {"method": "backprop", "seed": seed}
+    (folder / "config.json").write_text(json.dumps({"config": config, "resolved": {}}))
+    records = [
+        {"epoch": e + 1, "train_batches": 10, "train_acc": 0.5, "test_acc": acc, "time_s": 1.0}
+        for e, acc in enumerate(test_accs)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_accuracy_table_averages_the_last_epochs_per_run_then_over_seeds(tmp_path: Path) -> None:
+    _write_run(tmp_path / "a", 0, [0.1, 0.5, 0.6, 0.7, 0.5])  # last 3: 0.6
+    _write_run(tmp_path / "b", 1, [0.1, 0.2, 0.8, 0.8, 0.8])  # last 3: 0.8
+    runs = [plots.load_run(tmp_path / "a"), plots.load_run(tmp_path / "b")]
+    (row,) = plots.accuracy_table(runs)
+    assert row["test_acc_mean"] == pytest.approx(0.65)  # final epochs 0.5 and 0.8
+    assert row["last_test_acc_mean"] == pytest.approx(0.7)
+    assert row["last_test_acc_std"] == pytest.approx(0.1 * 2**0.5)
+    assert "| 65.00 ± 21.21 | 70.00 ± 14.14 |" in plots.format_accuracy_table([row])
+
+
+def test_accuracy_table_leaves_the_last_epochs_blank_for_short_runs(tmp_path: Path) -> None:
+    _write_run(tmp_path / "a", 0, [0.4, 0.5])
+    (row,) = plots.accuracy_table([plots.load_run(tmp_path / "a")])
+    assert math.isnan(row["last_test_acc_mean"])
+    assert "| 50.00 ± 0.00 | — |" in plots.format_accuracy_table([row])
+
+
 def _mlp_problem():
     torch.manual_seed(0)
     model = paper_mlp().double()

@@ -161,6 +161,10 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+# Epochs averaged in the table's "last epochs" column.
+LAST_EPOCHS = 3
+
+
 def accuracy_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Per label: final train/test accuracy mean and std over seeds, epochs, time, cosines."""
     rows = []
@@ -173,6 +177,16 @@ def accuracy_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         train_mean, train_std = (
             _mean_std([r.final["train_acc"] for r in finished]) if finished else nan
         )
+        # The last epochs' mean per run: steadier than the final epoch alone
+        # where test accuracy swings from epoch to epoch (no LR schedule).
+        last = [r for r in finished if len(r.epochs) >= LAST_EPOCHS]
+        last_mean, last_std = (
+            _mean_std(
+                [statistics.fmean(m["test_acc"] for m in r.epochs[-LAST_EPOCHS:]) for r in last]
+            )
+            if last and len(last) == len(finished)
+            else nan
+        )
         timed = [r for r in group if r.epochs]
         row: dict[str, Any] = {
             "label": label,
@@ -183,6 +197,8 @@ def accuracy_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "train_batches": sorted({r.batches_per_epoch for r in group}),
             "test_acc_mean": test_mean,
             "test_acc_std": test_std,
+            "last_test_acc_mean": last_mean,
+            "last_test_acc_std": last_std,
             "train_acc_mean": train_mean,
             "train_acc_std": train_std,
             "time_s_mean": statistics.fmean(r.train_seconds for r in group),
@@ -576,9 +592,10 @@ def format_accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         (
             "| run | seeds | epochs | train batches/epoch | final test acc (%) "
+            f"| test acc, mean of the last {LAST_EPOCHS} epochs (%) "
             "| final train acc (%) | cosine to autograd mean (min) | train time / epoch (s) |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cos = f"{r['cosine_mean']:.6f} ({r['cosine_min']:.4f})" if "cosine_mean" in r else "—"
@@ -587,6 +604,11 @@ def format_accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
             train = f"{100 * r['train_acc_mean']:.2f} ± {100 * r['train_acc_std']:.2f}"
         else:
             test = train = "—"
+        last = (
+            f"{100 * r['last_test_acc_mean']:.2f} ± {100 * r['last_test_acc_std']:.2f}"
+            if math.isfinite(r["last_test_acc_mean"])
+            else "—"
+        )
         diverged = ", ".join(
             f"seed {d['seed']} at epoch {d['epoch']} batch {d['batch']}"
             + (
@@ -602,6 +624,6 @@ def format_accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['label']} | {r['runs']} | {'/'.join(map(str, r['epochs'])) or '—'} "
             f"| {'/'.join(map(str, r['train_batches']))} "
-            f"| {test} | {train} | {cos} | {seconds} |"
+            f"| {test} | {last} | {train} | {cos} | {seconds} |"
         )
     return "\n".join(lines)
