@@ -337,8 +337,9 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
         const=0.999,
         default=None,
         metavar="COSINE",
-        help="also find, per eta, the smallest step count with every parameter's cosine to "
-        "autograd >= COSINE on this batch (default when given: 0.999)",
+        help="also find, per eta, the smallest step count at which every parameter's AR "
+        "gradient has cosine >= COSINE to autograd's on this batch and a length within "
+        "sqrt(2 (1 - COSINE)) of it (4.5%% at the default when given: 0.999)",
     )
     _relaxation_arguments(g)
     g = c.add_argument_group("run")
