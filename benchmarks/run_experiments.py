@@ -588,7 +588,7 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
         init = cmd[cmd.index("--init") + 1] if "--init" in cmd else "forward"
         what = {
             "mlp": "paper MLP, one Fashion-MNIST batch of 64 ([0, 1] inputs)",
-            "cnn": "small CIFAR-10 CNN (train-mode BatchNorm), one standardised batch",
+            "cnn": "small CIFAR-10 CNN (3 conv-ReLU-maxpool stages, 1 linear layer), one standardised batch",
             "resnet18": "ResNet-18 for CIFAR-10 (train-mode BatchNorm), one standardised batch",
         }.get(model, model)
         lines += [
