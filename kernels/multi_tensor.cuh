@@ -87,7 +87,8 @@ struct Table {
   int32_t num_tensors;
 };
 
-// A kernel over a table: it writes Columns partial sums per chunk.
+// A kernel over a table: (table, chunk sums, its own parameters...); it
+// writes the launch's Columns partial sums for each chunk.
 template <typename Slot, int Capacity, typename... Params>
 using ChunkKernel = void (*)(Table<Slot, Capacity>, double*, Params...);
 
