@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -239,6 +240,18 @@ class _ForwardRun:
             self.forward_values_handle = 0
 
 
+def _matched_std(name: str, weight: torch.Tensor) -> float:
+    """The spread of ``weight`` for a psi drawn at the forward weight's own scale."""
+    std = weight.detach().double().std().item() if weight.numel() > 1 else 0.0
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(
+            f"ARBackward: backward_weight_init='matched' draws psi at the standard deviation "
+            f"of its forward weight, but '{name}' (shape {tuple(weight.shape)}) has std {std}; "
+            "initialise the weight first or use backward_weight_init='normal'"
+        )
+    return std
+
+
 def _flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
     """(flat list, spec) of the forward's arguments; spec None for plain tensor
     positional arguments (the common case, without pytree's cost)."""
@@ -459,11 +472,14 @@ class ARBackward(nn.Module):
             w = layer.weight
             transposed = isinstance(layer, nn.Linear)
             shape = w.t().shape if transposed else w.shape
+            name = names[id(w)]
             if cfg.backward_weight_init == "transpose":
                 init = (w.detach().t() if transposed else w.detach()).clone().contiguous()
             else:
-                init = torch.randn(shape, dtype=w.dtype, device=w.device) * cfg.backward_weight_std
-            name = names[id(w)]
+                std = cfg.backward_weight_std
+                if cfg.backward_weight_init == "matched":
+                    std = _matched_std(name, w)
+                init = torch.randn(shape, dtype=w.dtype, device=w.device) * std
             self.backward_weight_store[name.replace(".", "__")] = nn.Parameter(
                 init, requires_grad=learned
             )

@@ -11,6 +11,7 @@ INIT_MODES = ("forward", "zero")
 SCHEDULES = ("jacobi", "sweep")
 GRANULARITIES = ("layer", "op")
 EVALUATIONS = ("auto", "closed_form", "literal")
+BACKWARD_WEIGHT_INITS = ("normal", "matched", "transpose")
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,10 @@ class RelaxConfig:
     variant: one of torch_ar.variants.VARIANTS (default "exact").
     weight_update_derivative: with a variant that drops f' during relaxation,
         still use f' in the weight gradient (the original code does).
-    backward_weight_init: "normal" (N(0, backward_weight_std), the paper) or
-        "transpose" (psi starts as W^T).
+    backward_weight_init: "normal" (N(0, backward_weight_std), the paper),
+        "matched" (N(0, s) with s the standard deviation of the layer's own
+        weight when wrapped: the paper draws psi like W, and a CNN's default
+        init gives each layer its own scale) or "transpose" (psi = W^T).
     backward_weight_std: standard deviation of the "normal" initialisation.
     backward_weight_decay: Kolen-Pollack decay: adds decay * psi to psi's
         gradient and decay * W to W's, so psi - W^T shrinks; 0 (off) by default.
@@ -93,9 +96,9 @@ class RelaxConfig:
                 "of its own, so the weight update of the layer below cannot see f'. "
                 "Use granularity='layer' or weight_update_derivative=False."
             )
-        if self.backward_weight_init not in ("normal", "transpose"):
+        if self.backward_weight_init not in BACKWARD_WEIGHT_INITS:
             raise ValueError(
-                "backward_weight_init must be 'normal' or 'transpose', "
+                "backward_weight_init must be 'normal', 'matched' or 'transpose', "
                 f"got {self.backward_weight_init!r}"
             )
         if not (isinstance(self.backward_weight_std, (int, float)) and self.backward_weight_std > 0):

@@ -100,6 +100,42 @@ def test_psi_angles_and_decay_are_logged(tmp_path: Path) -> None:
     assert figure is not None and figure.stat().st_size > 0
 
 
+@needs_fashion
+def test_backward_weight_init_is_a_recorded_choice(tmp_path: Path) -> None:
+    out = tmp_path / "fa"
+    result = run_cli(
+        "train", "--dataset", "fashion-mnist", "--model", "cnn", "--method", "ar",
+        "--eta", "0.1", "--steps", "30", "--variant", "feedback_alignment",
+        "--backward-weight-init", "matched", *TINY, "--out", str(out), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["backward_weight_init"] == "matched"
+    assert config["resolved"]["ar_config"]["backward_weight_init"] == "matched"
+    assert "psi matched" in plots.load_run(out).label
+    bad = run_cli("train", "--backward-weight-init", "kaiming", cwd=tmp_path)
+    assert bad.returncode == 2 and "--backward-weight-init" in bad.stderr
+
+
+@needs_fashion
+def test_resume_accepts_a_checkpoint_from_before_a_new_setting(tmp_path: Path) -> None:
+    """A setting added later is absent from older checkpoints; at its default it still resumes."""
+    common = ["train", "--dataset", "fashion-mnist", "--model", "mlp", "--method", "ar",
+              "--variant", "feedback_alignment", *TINY, "--out", str(tmp_path / "run")]
+    assert run_cli(*common, "--epochs", "1", cwd=tmp_path).returncode == 0
+    checkpoint = tmp_path / "run" / training.Trainer.CHECKPOINT
+    state = torch.load(checkpoint, weights_only=False)
+    for key in ("backward_weight_init", "backward_weight_std"):
+        del state["config"][key]
+    torch.save(state, checkpoint)
+    resumed = run_cli(*common, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed after epoch 1" in resumed.stdout
+    other = run_cli(*common, "--epochs", "3", "--resume", "--backward-weight-init", "matched",
+                    cwd=tmp_path)
+    assert other.returncode != 0 and "backward_weight_init" in other.stderr
+
+
 def test_diverged_run_reports_its_epoch_and_last_accuracy(tmp_path: Path) -> None:
     folder = tmp_path / "fa"
     folder.mkdir()

@@ -525,6 +525,39 @@ def test_backward_weight_std_and_transpose_init():
         assert torch.equal(psi, model.get_parameter(name).t())
 
 
+def test_matched_init_draws_psi_at_each_weights_own_scale():
+    """A CNN's default init gives each layer its own scale; "matched" psi follows it."""
+    torch_ar = load_torch_ar()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 10),
+    )
+    ar = torch_ar.ARBackward(model, variant="feedback_alignment", backward_weight_init="matched")
+    psis = ar.backward_weights()
+    assert set(psis) == {"0.weight", "2.weight", "5.weight"}
+    stds = []
+    for name, psi in psis.items():
+        w = model.get_parameter(name)
+        stds.append(w.std().item())
+        assert abs(psi.std().item() / w.std().item() - 1.0) < 0.1, name
+        assert abs(psi.mean().item()) < 0.1 * w.std().item(), name
+        # Random, not a copy of W: nearly orthogonal to it.
+        assert abs(cosine(psi, w if psi.shape == w.shape else w.t())) < 0.2
+    assert max(stds) / min(stds) > 3.0  # the layers' scales really differ
+
+
+def test_matched_init_names_a_weight_without_spread():
+    torch_ar = load_torch_ar()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight.zero_()
+    with pytest.raises(ValueError, match=r"'2.weight' \(shape \(4, 8\)\) has std 0"):
+        torch_ar.ARBackward(model, variant="combined", backward_weight_init="matched")
+    with pytest.raises(ValueError, match="'normal', 'matched' or 'transpose'"):
+        torch_ar.ARBackward(model, variant="combined", backward_weight_init="kaiming")
+
+
 def test_feedback_alignment_psi_is_fixed(device):
     torch_ar = load_torch_ar()
     model, x, y = make_problem("cnn", device, torch.float64)

@@ -16,7 +16,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from torch_ar.config import GRANULARITIES, INIT_MODES, SCHEDULES, RelaxConfig
+from torch_ar.config import (
+    BACKWARD_WEIGHT_INITS,
+    GRANULARITIES,
+    INIT_MODES,
+    SCHEDULES,
+    RelaxConfig,
+)
 from torch_ar.experiments import data as data_lib
 from torch_ar.experiments import training
 from torch_ar.experiments.models import MODEL_NAMES
@@ -241,6 +247,21 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         default=None,
         help="on a CUDA device, replay each relaxation step from a recorded CUDA graph",
+    )
+    g.add_argument(
+        "--backward-weight-init",
+        choices=BACKWARD_WEIGHT_INITS,
+        default=None,
+        help="psi at the start, for the variants with backward weights: normal = "
+        "N(0, --backward-weight-std) (the paper's), matched = N(0, std of the layer's own "
+        f"weight), transpose = W^T (default: {ar.backward_weight_init})",
+    )
+    g.add_argument(
+        "--backward-weight-std",
+        type=positive_float,
+        default=None,
+        help=f"standard deviation of the normal psi initialisation "
+        f"(default: {ar.backward_weight_std:g})",
     )
     g.add_argument(
         "--backward-weight-decay",

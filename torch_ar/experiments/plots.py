@@ -95,6 +95,10 @@ def run_label(config: dict[str, Any], resolved: dict[str, Any] | None = None) ->
     for option in ("init", "schedule", "granularity"):
         if config.get(option) is not None:
             label += f", {option} {config[option]}"
+    if config.get("backward_weight_init") is not None:
+        label += f", psi {config['backward_weight_init']}"
+    if config.get("backward_weight_std") is not None:
+        label += f", psi std {config['backward_weight_std']:g}"
     if config.get("backward_weight_decay"):
         label += f", decay {config['backward_weight_decay']:g}"
     return label

@@ -49,7 +49,7 @@ SUMMED_LOSSES = ("mse",)
 TEST_SAMPLE_SEED = 0
 AR_OPTIONS = (
     "eta", "steps", "tol", "init", "schedule", "granularity", "variant", "cuda_graph",
-    "backward_weight_decay",
+    "backward_weight_init", "backward_weight_std", "backward_weight_decay",
 )
 
 
@@ -91,6 +91,8 @@ class TrainConfig:
     granularity: str | None = None
     variant: str | None = None
     cuda_graph: bool | None = None
+    backward_weight_init: str | None = None
+    backward_weight_std: float | None = None
     backward_weight_decay: float | None = None
     optimizer: str = "sgd"
     lr: float | None = None
@@ -549,8 +551,9 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = {k: v for k, v in state["config"].items() if k not in ("resume", "progress", "epochs")}
         now = {k: v for k, v in asdict(self.config).items() if k not in ("resume", "progress", "epochs")}
-        if saved != now:
-            changed = sorted(k for k in now if saved.get(k) != now[k])
+        # A setting added since the checkpoint was made is absent there: None, its default.
+        changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
+        if changed:
             raise ConfigError(
                 f"cannot resume {self.out}: its checkpoint was made with other settings ({changed})"
             )
