@@ -124,6 +124,19 @@ CIFAR_COMMON = [
 ]
 # Kolen-Pollack decay of the CIFAR run with learned backward weights and decay.
 KOLEN_POLLACK_DECAY = "5e-3"
+# The CIFAR table's learning rate; --cifar-lower-lrs repeats some rows at smaller ones.
+CIFAR_LR = 0.05
+# Rows repeated at a lower learning rate: the variants that diverge at CIFAR_LR,
+# with backprop and exact AR at the same rate as their references.
+LOWER_LR_ROWS = ("backprop", "ar-eta0.1-steps{steps}", "ar-feedback_alignment",
+                 "ar-no_nonlinear_derivative", "ar-combined")
+
+
+def cifar_common(lr: float) -> list[str]:
+    """The CIFAR table's shared arguments at learning rate ``lr``."""
+    common = list(CIFAR_COMMON)
+    common[common.index("--lr") + 1] = f"{lr:g}"
+    return common
 
 
 def cifar_methods(steps: int) -> list[tuple[str, list[str], float, bool]]:
@@ -198,26 +211,15 @@ def plan(args: argparse.Namespace) -> list[Job]:
                     )
                 )
     if "cifar" in args.only:
-        for name, method_args, cost, every_seed in cifar_methods(args.cifar_steps):
+        methods = cifar_methods(args.cifar_steps)
+        for name, method_args, cost, every_seed in methods:
             for seed in args.cifar_seeds if every_seed else args.cifar_seeds[:1]:
-                command = [
-                    "train",
-                    *CIFAR_COMMON,
-                    *method_args,
-                    "--epochs",
-                    str(args.cifar_epochs),
-                    "--seed",
-                    str(seed),
-                ]
-                jobs.append(
-                    Job(
-                        f"cifar10-cnn-{name}-s{seed}",
-                        "cifar10-cnn",
-                        command,
-                        args.cifar_epochs,
-                        cost * args.cifar_epochs * 10,
-                    )
-                )
+                jobs.append(_cifar_job(name, method_args, cost, seed, CIFAR_LR, args))
+        lower_rows = {row.format(steps=args.cifar_steps) for row in LOWER_LR_ROWS}
+        for lr in args.cifar_lower_lrs:
+            for name, method_args, cost, _ in methods:
+                if name in lower_rows:
+                    jobs.append(_cifar_job(name, method_args, cost, args.cifar_seeds[0], lr, args))
     if "compare" in args.only:
         jobs.append(
             Job(
@@ -239,6 +241,15 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 jobs.append(Job(f"compare-cifar10-{model}-{init}", "compare", command, 0,
                                 5.0 if model == "cnn" else 30.0))
     return jobs
+
+
+def _cifar_job(name: str, method_args: list[str], cost: float, seed: int, lr: float,
+               args: argparse.Namespace) -> Job:
+    group = "cifar10-cnn" if lr == CIFAR_LR else f"cifar10-cnn-lr{lr:g}"
+    command = ["train", *cifar_common(lr), *method_args, "--epochs", str(args.cifar_epochs),
+               "--seed", str(seed)]
+    return Job(f"{group}-{name}-s{seed}", group, command, args.cifar_epochs,
+               cost * args.cifar_epochs * 10)
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -381,6 +392,25 @@ def _stability_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cifar_stability_text(rows: list[dict]) -> str:
+    """Why variants diverge on the CIFAR CNN: benchmarks/cifar_stability.py's measurement."""
+    from cifar_stability import table  # beside this script
+
+    return "\n".join([
+        ("Divergence, measured by `benchmarks/cifar_stability.py` "
+         "(`results/cifar_stability.json`): the first batches of epoch 1 at this table's "
+         "settings, with autograd's gradient taken at the same weights on every batch. "
+         "Hidden-layer columns are conv1, conv2, conv3; psi `normal` is N(0, 0.05) (the "
+         "paper's, the default), `matched` draws each psi at its own weight's standard "
+         "deviation. The output layer's curvature is lr x the largest eigenvalue of the "
+         "cross-entropy's Hessian in its weights, largest over the measured batches (every "
+         "10th); heavy-ball SGD is stable on a quadratic while it stays below 2 (1 + "
+         "momentum) = 3.8."),
+        "",
+        table(rows),
+    ])
+
+
 def _compare_table(folder: Path) -> str:
     data = json.loads((folder / "compare.json").read_text())
     etas = list(data["by_step"])
@@ -485,6 +515,11 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
         "fashion-mnist": "## Fashion-MNIST, paper MLP 784-300-300-100-10 (the paper's setting)",
         "cifar10-cnn": "## CIFAR-10, small CNN with augmentation, trained on the CPU",
     }
+    for lr in args.cifar_lower_lrs:
+        headings[f"cifar10-cnn-lr{lr:g}"] = (
+            f"## CIFAR-10, small CNN at lr {lr:g}: the variants that diverge at lr "
+            f"{CIFAR_LR:g}, with backprop and AR at the same rate"
+        )
     for group, group_jobs in groups.items():
         if group == "compare":
             continue
@@ -517,9 +552,10 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
                 "batches (for a variant: how far its relaxed gradient is from backprop's)."
             )
         else:
+            lr = cmd[cmd.index("--lr") + 1]
             lines.append(
                 "CIFAR-10 standardised per channel (`--normalize standard`), random crop "
-                "(padding 4) and horizontal flip, cross-entropy, SGD lr 0.05 momentum 0.9, "
+                f"(padding 4) and horizontal flip, cross-entropy, SGD lr {lr} momentum 0.9, "
                 "batches of 64 (the same order and augmentation for every method of a "
                 "seed), full 50,000/10,000 split, on the CPU with one thread per run. The "
                 "variants relax at the eta and steps of the AR eta 0.1 row."
@@ -536,6 +572,9 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
                 "",
                 angles,
             ]
+        cifar_stability = results / "cifar_stability.json"
+        if group == "cifar10-cnn" and cifar_stability.is_file():
+            lines += ["", _cifar_stability_text(json.loads(cifar_stability.read_text()))]
         stability = results / "fa_stability.json"
         if group == "fashion-mnist" and stability.is_file():
             lines += ["", _stability_text(json.loads(stability.read_text()))]
@@ -560,14 +599,10 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
                     ]
                     cells.append(f"{100 * sum(vals) / len(vals):.2f}" if vals else "—")
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        prefix = {
-            "fashion-mnist": "fashion_mnist_",
-            "cifar10-cnn": "cifar10_cnn_",
-            }.get(group, f"{group}_")
-        title = {
-            "fashion-mnist": "Fashion-MNIST, paper MLP",
-            "cifar10-cnn": "CIFAR-10 small CNN",
-        }.get(group, group)
+        prefix = {"fashion-mnist": "fashion_mnist_"}.get(group, group.replace("-", "_") + "_")
+        title = {"fashion-mnist": "Fashion-MNIST, paper MLP"}.get(
+            group, "CIFAR-10 small CNN" + group.removeprefix("cifar10-cnn").replace("-lr", ", lr ")
+        )
         written = plots.write_training_figures(runs, figures, prefix=prefix, title=title)
         lines += ["", "Figures: " + ", ".join(f"[{p.name}](figures/{p.name})" for p in written)]
         per_run = [
@@ -675,6 +710,7 @@ def _config_of(command: list[str]) -> dict:
         ("--steps", "steps", int),
         ("--variant", "variant", str),
         ("--schedule", "schedule", str),
+        ("--backward-weight-init", "backward_weight_init", str),
         ("--backward-weight-decay", "backward_weight_decay", float),
     ):
         if flag in command:
@@ -710,6 +746,13 @@ def main(argv: list[str] | None = None) -> int:
         default=252,
         help="relaxation steps of the CIFAR-10 AR eta 0.1 rows: what `compare --recommend` "
         "finds for the CNN (default: 252)",
+    )
+    parser.add_argument(
+        "--cifar-lower-lrs",
+        type=lambda t: [float(v) for v in t.split(",") if v.strip()],
+        default=[0.01],
+        help=f"learning rates at which the CIFAR-10 variants that diverge at {CIFAR_LR:g} run "
+        "again, with backprop and AR eta 0.1 as references (first seed; default: 0.01)",
     )
     parser.add_argument(
         "--only",

@@ -272,6 +272,20 @@ def test_experiment_plan_matches_the_paper_settings() -> None:
         "cifar10-cnn-ar-learned_backward_weights-kp-s0",
     }
     assert all("--augment" in j.command for j in cifar)
+    assert all(j.command[j.command.index("--lr") + 1] == "0.05" for j in cifar)
+    # The rows that diverge at lr 0.05 again at 0.01, with their references at 0.01 too.
+    lower = {j.name: j for j in jobs if j.group == "cifar10-cnn-lr0.01"}
+    assert set(lower) == {
+        f"cifar10-cnn-lr0.01-{row}-s0" for row in (
+            "backprop", "ar-eta0.1-steps252", "ar-feedback_alignment",
+            "ar-no_nonlinear_derivative", "ar-combined",
+        )
+    }
+    for job in lower.values():
+        cmd = job.command
+        assert cmd[cmd.index("--lr") + 1] == "0.01"
+        same = next(j for j in cifar if j.name == job.name.replace("-lr0.01", ""))
+        assert [a for a in cmd if a != "0.01"] == [a for a in same.command if a != "0.05"]
 
 
 def _plan_args():
@@ -279,7 +293,7 @@ def _plan_args():
 
     return argparse.Namespace(
         only=["fashion", "cifar", "compare"], seeds=[0, 1, 2], epochs=30, cifar_epochs=10,
-        cifar_seeds=[0, 1, 2], cifar_steps=252,
+        cifar_seeds=[0, 1, 2], cifar_steps=252, cifar_lower_lrs=[0.01],
     )
 
 
@@ -311,6 +325,31 @@ def test_recommendation_with_a_mean_loss_and_zero_init() -> None:
     # The cosine alone is satisfied long before: after D = 3 steps.
     assert matches(3)[0] and not matches(3)[1]
     assert steps > 3
+
+
+def test_cifar_stability_curvature_is_the_output_layers_hessian_eigenvalue() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import cifar_stability
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 4)
+    ).double()
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 4, (9,))
+    w, b = net[-1].weight.detach(), net[-1].bias.detach()
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        logits = net[:-1](x) @ flat[:28].view(4, 7).t() + flat[28:]
+        return F.cross_entropy(logits, y)
+
+    hessian = torch.autograd.functional.hessian(loss, torch.cat([w.flatten(), b]))
+    expected = torch.linalg.eigvalsh(hessian).max().item()
+    got = cifar_stability.output_layer_curvature(net, x, iterations=300)
+    assert got == pytest.approx(expected, rel=1e-8)
+    # A saturated softmax has no curvature left.
+    with torch.no_grad():
+        net[-1].weight.mul_(1e6)
+    assert cifar_stability.output_layer_curvature(net, x) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_fa_stability_is_the_output_layers_largest_curvature_times_lr() -> None:
