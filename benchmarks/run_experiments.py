@@ -217,9 +217,11 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 jobs.append(_cifar_job(name, method_args, cost, seed, CIFAR_LR, args))
         lower_rows = {row.format(steps=args.cifar_steps) for row in LOWER_LR_ROWS}
         for lr in args.cifar_lower_lrs:
-            for name, method_args, cost, _ in methods:
-                if name in lower_rows:
-                    jobs.append(_cifar_job(name, method_args, cost, args.cifar_seeds[0], lr, args))
+            for name, method_args, cost, every_seed in methods:
+                if name not in lower_rows:
+                    continue
+                for seed in args.cifar_seeds if every_seed else args.cifar_seeds[:1]:
+                    jobs.append(_cifar_job(name, method_args, cost, seed, lr, args))
     if "compare" in args.only:
         jobs.append(
             Job(
@@ -752,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda t: [float(v) for v in t.split(",") if v.strip()],
         default=[0.01],
         help=f"learning rates at which the CIFAR-10 variants that diverge at {CIFAR_LR:g} run "
-        "again, with backprop and AR eta 0.1 as references (first seed; default: 0.01)",
+        "again, with backprop and AR eta 0.1 (on every seed) as references (default: 0.01)",
     )
     parser.add_argument(
         "--only",

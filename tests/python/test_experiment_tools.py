@@ -277,9 +277,11 @@ def test_experiment_plan_matches_the_paper_settings() -> None:
     lower = {j.name: j for j in jobs if j.group == "cifar10-cnn-lr0.01"}
     assert set(lower) == {
         f"cifar10-cnn-lr0.01-{row}-s0" for row in (
-            "backprop", "ar-eta0.1-steps252", "ar-feedback_alignment",
-            "ar-no_nonlinear_derivative", "ar-combined",
+            "ar-feedback_alignment", "ar-no_nonlinear_derivative", "ar-combined",
         )
+    } | {
+        f"cifar10-cnn-lr0.01-{row}-s{seed}" for row in ("backprop", "ar-eta0.1-steps252")
+        for seed in (0, 1, 2)
     }
     for job in lower.values():
         cmd = job.command
