@@ -10,9 +10,10 @@ records, per parameter, the norm of the variant's gradient over autograd's and
 their cosine, plus the training loss and each weight's norm. A run stops at
 the first non-finite loss or relaxation state: that batch is reported.
 
-    python benchmarks/cifar_stability.py --variants feedback_alignment,combined \\
-        --psi-inits normal,matched --lrs 0.05 --batches 300 \\
-        --out results/cifar_stability.json
+    python benchmarks/cifar_stability.py --out results/cifar_stability.json
+
+runs every variant (psi initialised ``normal`` and ``matched``) at lr 0.05 and
+0.01 for 400 batches: ``results/cifar_stability.json``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from torch_ar.variants import VARIANTS
 
 # The CIFAR-10 table's setting (benchmarks/run_experiments.py, "cifar").
 TABLE = {
-    "dataset": "cifar10", "model": "cnn", "method": "ar", "eta": 0.1, "steps": 252, "loss": "cross-entropy",
-    "optimizer": "sgd", "momentum": 0.9, "batch_size": 64, "augment": True, "normalize": "standard",
-    "device": "cpu", "cosine_every": 0,
+    "dataset": "cifar10", "model": "cnn", "method": "ar", "eta": 0.1, "steps": 252,
+    "loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.9, "batch_size": 64,
+    "augment": True, "normalize": "standard", "device": "cpu", "cosine_every": 0,
 }
 CURVATURE_EVERY = 10  # batches between measurements of the output layer's curvature
 USES_PSI = {name for name, v in VARIANTS.items() if v.uses_backward_weights}
@@ -139,25 +140,36 @@ def run_setting(model: str, variant: str, psi_init: str | None, lr: float, batch
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        ("| model | variant | psi init | lr | hidden-layer gradient norm / autograd's at batch 0 "
-        "| largest, any batch | loss, batches 0-9 -> last 10 | weight norm growth, "
-        f"first -> output layer | lr x lambda_max, output layer (stable below "
-        f"{2 * (1 + TABLE['momentum']):g}) | outcome |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+    bound = 2 * (1 + TABLE["momentum"])
+    header = [
+        "model", "variant", "psi init", "lr",
+        "hidden-layer gradient norm / autograd's at batch 0 (conv1, conv2, conv3)",
+        "their cosines to autograd's", "largest norm ratio, any batch",
+        "loss, batches 0-9 -> last 10", "weight norm growth, conv1 -> output layer",
+        f"lr x lambda_max, output layer (stable below {bound:g})", "outcome",
     ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        ratios = ", ".join(f"{v:.2f}" for v in r["hidden_norm_ratio_at_init"].values())
         growth = list(r["weight_norm_growth"].values())
         outcome = (f"diverged at batch {r['diverged_batch']}" if r["diverged_batch"] is not None
                    else f"finite for {r['batches']} batches")
-        lines.append(
-            f"| {r.get('model', 'cnn')} | {r['variant']} | {r['psi_init'] or '-'} | {r['lr']:g} | {ratios} "
-            f"| {r['max_hidden_norm_ratio']:.2f} | {r['loss_first_10']:.3g} -> "
-            f"{r['loss_last_10']:.3g} | {growth[0]:.3g}x -> {growth[-1]:.3g}x "
-            f"| {r['max_output_lr_lambda']:.3g} | {outcome} |"
-        )
+        cells = [
+            r.get("model", "cnn"), r["variant"], r["psi_init"] or "-", f"{r['lr']:g}",
+            ", ".join(f"{v:.2f}" for v in r["hidden_norm_ratio_at_init"].values()),
+            ", ".join(f"{v:.2f}" for v in r["hidden_cosine_at_init"].values()),
+            f"{r['max_hidden_norm_ratio']:.3g}",
+            f"{r['loss_first_10']:.3g} -> {r['loss_last_10']:.3g}",
+            f"{growth[0]:.3g}x -> {growth[-1]:.3g}x",
+            f"{r['max_output_lr_lambda']:.3g}",
+            outcome,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """A JSON list with one setting per line (its per-batch series make the file large)."""
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
 
 
 def names(text: str) -> list[str]:
@@ -173,11 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--psi-inits", type=names, default=["normal", "matched"],
                         help="psi initialisations for the variants with psi (default: "
                         "normal,matched)")
-    parser.add_argument("--lrs", type=lambda t: [float(v) for v in names(t)], default=[0.05],
-                        help="comma-separated learning rates (default: 0.05, the table's)")
-    parser.add_argument("--batches", type=int, default=300, help="batches of epoch 1 (default: 300)")
+    parser.add_argument("--lrs", type=lambda t: [float(v) for v in names(t)],
+                        default=[0.05, 0.01],
+                        help="comma-separated learning rates (default: 0.05,0.01: the table's "
+                        "and the lower one)")
+    parser.add_argument("--batches", type=int, default=400,
+                        help="batches of epoch 1 (default: 400)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: the usual search)")
+    parser.add_argument("--data-dir", default=None,
+                        help="CIFAR-10 folder (default: the usual search)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write every setting's rows and series as JSON")
     args = parser.parse_args(argv)
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(table([row]).splitlines()[-1], f"({row['seconds']:.0f}s)", flush=True)
         if args.out:
-            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+            write_rows(rows, args.out)
     print(table(rows))
     return 0
 

@@ -126,10 +126,13 @@ CIFAR_COMMON = [
 KOLEN_POLLACK_DECAY = "5e-3"
 # The CIFAR table's learning rate; --cifar-lower-lrs repeats some rows at smaller ones.
 CIFAR_LR = 0.05
-# Rows repeated at a lower learning rate: the variants that diverge at CIFAR_LR,
-# with backprop and exact AR at the same rate as their references.
+# Rows repeated at a lower learning rate (first seed): the variants that diverge
+# at CIFAR_LR, with backprop and exact AR at the same rate as their references.
 LOWER_LR_ROWS = ("backprop", "ar-eta0.1-steps{steps}", "ar-feedback_alignment",
                  "ar-no_nonlinear_derivative", "ar-combined")
+# At the lower rate only: the random-psi variants with psi drawn at each forward
+# weight's own scale, as the paper draws psi like W (README, Variants).
+MATCHED_PSI_ROWS = ("ar-feedback_alignment", "ar-combined")
 
 
 def cifar_common(lr: float) -> list[str]:
@@ -216,12 +219,15 @@ def plan(args: argparse.Namespace) -> list[Job]:
             for seed in args.cifar_seeds if every_seed else args.cifar_seeds[:1]:
                 jobs.append(_cifar_job(name, method_args, cost, seed, CIFAR_LR, args))
         lower_rows = {row.format(steps=args.cifar_steps) for row in LOWER_LR_ROWS}
+        seed = args.cifar_seeds[0]
         for lr in args.cifar_lower_lrs:
-            for name, method_args, cost, every_seed in methods:
-                if name not in lower_rows:
-                    continue
-                for seed in args.cifar_seeds if every_seed else args.cifar_seeds[:1]:
+            for name, method_args, cost, _ in methods:
+                if name in lower_rows:
                     jobs.append(_cifar_job(name, method_args, cost, seed, lr, args))
+            for name, method_args, cost, _ in methods:
+                if name in MATCHED_PSI_ROWS:
+                    matched = [*method_args, "--backward-weight-init", "matched"]
+                    jobs.append(_cifar_job(f"{name}-psi_matched", matched, cost, seed, lr, args))
     if "compare" in args.only:
         jobs.append(
             Job(
@@ -400,9 +406,9 @@ def _cifar_stability_text(rows: list[dict]) -> str:
 
     return "\n".join([
         ("Divergence, measured by `benchmarks/cifar_stability.py` "
-         "(`results/cifar_stability.json`): the first batches of epoch 1 at this table's "
-         "settings, with autograd's gradient taken at the same weights on every batch. "
-         "Hidden-layer columns are conv1, conv2, conv3; psi `normal` is N(0, 0.05) (the "
+         "(`results/cifar_stability.json`): the first 400 batches of epoch 1 at this "
+         "table's settings and at lr 0.01, with autograd's gradient taken at the same weights "
+         "on every batch. Psi `normal` is N(0, 0.05) (the "
          "paper's, the default), `matched` draws each psi at its own weight's standard "
          "deviation. The output layer's curvature is lr x the largest eigenvalue of the "
          "cross-entropy's Hessian in its weights, largest over the measured batches (every "
@@ -754,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda t: [float(v) for v in t.split(",") if v.strip()],
         default=[0.01],
         help=f"learning rates at which the CIFAR-10 variants that diverge at {CIFAR_LR:g} run "
-        "again, with backprop and AR eta 0.1 (on every seed) as references (default: 0.01)",
+        "again (first seed), with backprop and AR eta 0.1 as references and with psi drawn "
+        "at each weight's scale (default: 0.01)",
     )
     parser.add_argument(
         "--only",
