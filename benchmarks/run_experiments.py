@@ -126,7 +126,7 @@ CIFAR_COMMON = [
 KOLEN_POLLACK_DECAY = "5e-3"
 # The CIFAR table's learning rate; --cifar-lower-lrs repeats some rows at smaller ones.
 CIFAR_LR = 0.05
-# Rows repeated at a lower learning rate (first seed): the variants that diverge
+# Rows repeated at a lower learning rate: the variants that diverge
 # at CIFAR_LR, with backprop and exact AR at the same rate as their references.
 LOWER_LR_ROWS = ("backprop", "ar-eta0.1-steps{steps}", "ar-feedback_alignment",
                  "ar-no_nonlinear_derivative", "ar-combined")
@@ -219,15 +219,18 @@ def plan(args: argparse.Namespace) -> list[Job]:
             for seed in args.cifar_seeds if every_seed else args.cifar_seeds[:1]:
                 jobs.append(_cifar_job(name, method_args, cost, seed, CIFAR_LR, args))
         lower_rows = {row.format(steps=args.cifar_steps) for row in LOWER_LR_ROWS}
-        seed = args.cifar_seeds[0]
+        seeds = args.cifar_lower_lr_seeds
         for lr in args.cifar_lower_lrs:
-            for name, method_args, cost, _ in methods:
+            for name, method_args, cost, every_seed in methods:
                 if name in lower_rows:
-                    jobs.append(_cifar_job(name, method_args, cost, seed, lr, args))
+                    for seed in seeds if every_seed else seeds[:1]:
+                        jobs.append(_cifar_job(name, method_args, cost, seed, lr, args))
             for name, method_args, cost, _ in methods:
                 if name in MATCHED_PSI_ROWS:
                     matched = [*method_args, "--backward-weight-init", "matched"]
-                    jobs.append(_cifar_job(f"{name}-psi_matched", matched, cost, seed, lr, args))
+                    jobs.append(
+                        _cifar_job(f"{name}-psi_matched", matched, cost, seeds[0], lr, args)
+                    )
     if "compare" in args.only:
         jobs.append(
             Job(
@@ -760,8 +763,15 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda t: [float(v) for v in t.split(",") if v.strip()],
         default=[0.01],
         help=f"learning rates at which the CIFAR-10 variants that diverge at {CIFAR_LR:g} run "
-        "again (first seed), with backprop and AR eta 0.1 as references and with psi drawn "
-        "at each weight's scale (default: 0.01)",
+        "again, with backprop and AR eta 0.1 as references and with psi drawn at each "
+        "weight's scale (default: 0.01)",
+    )
+    parser.add_argument(
+        "--cifar-lower-lr-seeds",
+        type=seeds,
+        default=[0, 1],
+        help="seeds of backprop and AR eta 0.1 at the lower learning rates (the variants: "
+        "the first) (default: 0,1)",
     )
     parser.add_argument(
         "--only",

@@ -278,7 +278,9 @@ def test_experiment_plan_matches_the_paper_settings() -> None:
     rows = ("backprop", "ar-eta0.1-steps252", "ar-feedback_alignment",
             "ar-no_nonlinear_derivative", "ar-combined")
     matched = ("ar-feedback_alignment-psi_matched", "ar-combined-psi_matched")
-    assert set(lower) == {f"cifar10-cnn-lr0.01-{row}-s0" for row in (*rows, *matched)}
+    assert set(lower) == {f"cifar10-cnn-lr0.01-{row}-s0" for row in (*rows, *matched)} | {
+        "cifar10-cnn-lr0.01-backprop-s1", "cifar10-cnn-lr0.01-ar-eta0.1-steps252-s1"
+    }
     for job in lower.values():
         cmd = job.command
         assert cmd[cmd.index("--lr") + 1] == "0.01"
@@ -298,6 +300,7 @@ def _plan_args():
     return argparse.Namespace(
         only=["fashion", "cifar", "compare"], seeds=[0, 1, 2], epochs=30, cifar_epochs=10,
         cifar_seeds=[0, 1, 2], cifar_steps=252, cifar_lower_lrs=[0.01],
+        cifar_lower_lr_seeds=[0, 1],
     )
 
 
