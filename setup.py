@@ -65,6 +65,11 @@ def native_extension():
     # FMA, so the CPU kernels round as the CUDA ones do (ops/relax_math.h).
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wno-unknown-pragmas"]
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # What `torch_ar.selftest` reports as the build's GPU architectures; no
+    # spaces or semicolons, which the compile command would split.
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda() else ""
+    archs = ",".join(archs.replace(";", " ").split())
+    cxx_flags = cxx_flags + [f"-DTORCH_AR_BUILD_ARCHS={archs}"]
     if build_cuda():
         return CUDAExtension(
             name="torch_ar._C",

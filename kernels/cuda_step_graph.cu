@@ -5,21 +5,26 @@
 // per stream (cuBLAS workspaces, cuDNN handles) outside the capture.
 // Everything the steps touch keeps its address from one replay to the next:
 // the states and activation buffers are updated in place, and what the steps
-// allocate comes from the graph's memory pool, which gives the same addresses
-// on every replay.
+// allocate comes from the graph's memory pool.
 //
-// Memory: every graph on a device records into one pool that this file keeps
-// alive for the process. A destroyed graph's blocks return to that pool and
-// the next backward's capture takes them again, so memory_reserved() stays at
-// the largest step's need instead of growing by a fresh private pool per
-// backward (a freed private pool only returns its memory on empty_cache()).
+// Recording uses the CUDA runtime and the caching allocator's pool routing
+// directly (engine/graph_recorder.h), not at::cuda::CUDAGraph: that class
+// also puts the default generator into capture mode and registers the pool
+// with the pinned host allocator, whose per-pool use count has no lasting
+// reference of ours, so every capture after the first would fail and a
+// failed capture would leave CUDA random numbers broken for the process.
 //
-// Failure: a capture the device refuses leaves PyTorch's allocator routing
-// the stream's allocations to the pool (capture_end throws before it stops
-// that); we end the routing and give back the pool reference the capture
-// took, so empty_cache() and later captures work, and the loop relaxes
-// without a graph.
+// Streams and pools: a lane is one side stream of a device with one memory
+// pool. A relaxation leases an idle lane and gives it back when it ends, so
+// successive backwards (on any thread, the short-lived worker of
+// autograd.grad included) use the same stream, whose cuBLAS workspace is made
+// once, and the same pool, whose blocks the next capture takes again instead
+// of growing memory by a fresh pool per backward. Concurrent relaxations
+// lease different lanes (two captures may not record into one pool at once).
+// A lane's pool holds a reference of its own; release_idle_graph_memory()
+// gives back those of idle lanes so that empty_cache() can free them.
 
+#include "engine/graph_recorder.h"
 #include "engine/step_graph.h"
 
 #include <ATen/autocast_mode.h>
@@ -32,53 +37,200 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
+#include <memory>
 #include <mutex>
-#include <unordered_map>
+#include <optional>
+#include <vector>
 
 namespace torch_ar {
 namespace {
 
 namespace allocator = c10::cuda::CUDACachingAllocator;
 
-// The pool all relaxation graphs on `device` record into, created once with a
-// reference of its own so that it outlives every graph.
-at::cuda::MempoolId_t device_pool(c10::DeviceIndex device) {
-  static std::mutex mutex;
-  static std::unordered_map<c10::DeviceIndex, at::cuda::MempoolId_t> pools;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = pools.find(device);
-  if (it != pools.end()) return it->second;
-  const at::cuda::MempoolId_t pool = at::cuda::graph_pool_handle();
-  allocator::createOrIncrefPool(device, pool);
-  pools.emplace(device, pool);
-  return pool;
-}
+bool is_pool(const at::cuda::MempoolId_t& pool) { return pool.first != 0 || pool.second != 0; }
 
-// A CUDAGraph that says whether a capture got as far as owning a graph (its
-// own reset() then gives its pool reference back).
-struct RelaxationGraph : at::cuda::CUDAGraph {
-  bool owns_capture() const { return has_graph_ || has_graph_exec_; }
+struct Lane {
+  Lane(c10::DeviceIndex device, c10::cuda::CUDAStream stream) : device(device), stream(stream) {}
+  const c10::DeviceIndex device;
+  const c10::cuda::CUDAStream stream;
+  at::cuda::MempoolId_t pool{0, 0};  // none yet, or released
+  bool leased = false;
 };
 
-// The device's own error state after a failed call, as a message, or "" when
-// the device is healthy (the failure was the capture's alone).
-std::string sticky_device_error() {
-  const cudaError_t probe = cudaDeviceSynchronize();
-  if (probe == cudaSuccess) return "";
-  return cudaGetErrorString(probe);
-}
+class Lanes {
+ public:
+  // Never destroyed: its streams would outlive the CUDA context at exit.
+  static Lanes& instance() {
+    static Lanes* lanes = new Lanes();
+    return *lanes;
+  }
+
+  Lane* lease(c10::DeviceIndex device) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Lane* lane = nullptr;
+    for (const auto& candidate : lanes_) {
+      if (candidate->device == device && !candidate->leased) {
+        lane = candidate.get();
+        break;
+      }
+    }
+    if (lane == nullptr) {
+      const c10::cuda::CUDAGuard guard(device);
+      cudaStream_t raw = nullptr;
+      C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking));
+      lanes_.push_back(std::make_unique<Lane>(device, c10::cuda::getStreamFromExternal(raw, device)));
+      lane = lanes_.back().get();
+    }
+    if (!is_pool(lane->pool)) {
+      const at::cuda::MempoolId_t pool = at::cuda::graph_pool_handle();
+      allocator::createOrIncrefPool(device, pool);
+      lane->pool = pool;
+    }
+    lane->leased = true;
+    return lane;
+  }
+
+  void give_back(Lane* lane) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    lane->leased = false;
+  }
+
+  int64_t release_idle_pools() {
+    int64_t released = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto& lane : lanes_) {
+        if (lane->leased || !is_pool(lane->pool)) continue;
+        allocator::releasePool(lane->device, lane->pool);
+        lane->pool = {0, 0};
+        ++released;
+      }
+    }
+    if (released > 0) allocator::emptyCache();
+    return released;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Lane>> lanes_;
+};
+
+class LaneLease {
+ public:
+  explicit LaneLease(c10::DeviceIndex device) : lane_(Lanes::instance().lease(device)) {}
+  ~LaneLease() { Lanes::instance().give_back(lane_); }
+  LaneLease(const LaneLease&) = delete;
+  LaneLease& operator=(const LaneLease&) = delete;
+  const c10::cuda::CUDAStream& stream() const { return lane_->stream; }
+  at::cuda::MempoolId_t pool() const { return lane_->pool; }
+
+ private:
+  Lane* const lane_;
+};
+
+// The runtime and allocator calls of one capture on a lane.
+class CudaCaptureDevice final : public CaptureDevice {
+ public:
+  CudaCaptureDevice(c10::DeviceIndex device, cudaStream_t stream, at::cuda::MempoolId_t pool)
+      : device_(device), stream_(stream), pool_(pool) {}
+
+  ~CudaCaptureDevice() override { discard_graph(); }
+
+  void begin_pool_routing() override {
+    // Only this capture's allocations go to the pool: work of other threads
+    // and streams keeps allocating as usual.
+    allocator::beginAllocateToPool(device_, pool_, [this](cudaStream_t stream) {
+      const unsigned long long id = capture_id_.load();
+      if (id == 0) return false;
+      cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+      unsigned long long stream_id = 0;
+      if (cudaStreamGetCaptureInfo(stream, &status, &stream_id) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+      }
+      return status == cudaStreamCaptureStatusActive && stream_id == id;
+    });
+  }
+
+  void end_pool_routing() override { allocator::endAllocateToPool(device_, pool_); }
+
+  void release_pool() override { allocator::releasePool(device_, pool_); }
+
+  void begin_capture() override {
+    // Thread-local mode: other threads (a data loader, say) may keep calling
+    // the CUDA runtime while this thread records.
+    C10_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    unsigned long long id = 0;
+    C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream_, &status, &id));
+    capture_id_.store(id);
+  }
+
+  bool end_capture() noexcept override {
+    capture_id_.store(0);
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &status) != cudaSuccess ||
+        status == cudaStreamCaptureStatusNone) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    // The refused call left its error for the next launch check to find.
+    (void)cudaGetLastError();
+    if (ended != cudaSuccess || graph == nullptr) {
+      if (graph != nullptr) (void)cudaGraphDestroy(graph);
+      return false;
+    }
+    graph_ = graph;
+    return true;
+  }
+
+  void instantiate() override {
+    TORCH_INTERNAL_ASSERT(graph_ != nullptr);
+    C10_CUDA_CHECK(cudaGraphInstantiateWithFlags(&exec_, graph_, 0));
+    // The executable graph is all a replay needs.
+    (void)cudaGraphDestroy(graph_);
+    graph_ = nullptr;
+  }
+
+  void launch() override { C10_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+
+  void discard_graph() noexcept override {
+    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
+    if (graph_ != nullptr) (void)cudaGraphDestroy(graph_);
+    exec_ = nullptr;
+    graph_ = nullptr;
+    (void)cudaGetLastError();
+  }
+
+  std::string sticky_error() noexcept override {
+    const cudaError_t probe = cudaDeviceSynchronize();
+    if (probe == cudaSuccess) return "";
+    return cudaGetErrorString(probe);
+  }
+
+ private:
+  const c10::DeviceIndex device_;
+  const cudaStream_t stream_;
+  const at::cuda::MempoolId_t pool_;
+  std::atomic<unsigned long long> capture_id_{0};
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
 
 class CudaStepGraph final : public StepGraph {
  public:
   explicit CudaStepGraph(const c10::Device& device)
       : device_(device.index()),
+        lease_(device.index()),
         device_guard_(device),
         caller_(c10::cuda::getCurrentCUDAStream(device.index())),
-        side_(c10::cuda::getStreamFromPool(false, device.index())),
-        stream_guard_(side_) {
+        stream_guard_(lease_.stream()) {
     at::cuda::CUDAEvent ready;
     ready.record(caller_);
-    ready.block(side_);
+    ready.block(lease_.stream());
   }
 
   // Never throws: after a device fault the event calls fail too, and an
@@ -87,7 +239,7 @@ class CudaStepGraph final : public StepGraph {
     try {
       // The caller's later work (the gradients) reads what the loop wrote.
       at::cuda::CUDAEvent done;
-      done.record(side_);
+      done.record(lease_.stream());
       done.block(caller_);
     } catch (const std::exception& e) {
       TORCH_WARN("torch_ar: could not order the caller's stream after the relaxation: ", e.what());
@@ -106,77 +258,47 @@ class CudaStepGraph final : public StepGraph {
       bool enabled;
       ~RestoreCache() { at::autocast::set_autocast_cache_enabled(enabled); }
     } restore_cache{autocast_cache};
-    const at::cuda::MempoolId_t pool = device_pool(device_);
-    // Thread-local mode: other threads (a data loader, say) may keep calling
-    // the CUDA runtime while this thread records.
-    graph_.capture_begin(pool, cudaStreamCaptureModeThreadLocal);
+    recorder_.emplace(
+        std::make_unique<CudaCaptureDevice>(device_, lease_.stream().stream(), lease_.pool()));
+    const cudaStream_t stream = lease_.stream().stream();
     try {
-      if (take_refusal_request()) {
-        // What a host synchronisation inside a step does to a capture.
-        C10_CUDA_CHECK(cudaStreamSynchronize(side_.stream()));
-      }
-      step();
-      graph_.capture_end();
-    } catch (const c10::Error& e) {
-      abandon_capture(pool);
-      const std::string fault = sticky_device_error();
-      if (!fault.empty()) {
-        // Not the capture's fault: the device is unusable. Say so.
-        throw StepGraphDeviceFault(
-            "torch_ar: CUDA device " + std::to_string(device_) + " failed while recording the "
-            "relaxation steps (" + fault + "); the device error is sticky, so no further work "
-            "can run on it. The capture said: " + e.what_without_backtrace());
-      }
+      recorder_->record([&] {
+        if (take_refusal_request()) {
+          // What a host synchronisation inside a step does to a capture.
+          C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+        }
+        step();
+      });
+    } catch (...) {
+      recorder_.reset();
       throw;
     }
   }
 
-  void replay() override { graph_.replay(); }
+  void replay() override { recorder_->replay(); }
 
  private:
-  // Leaves the stream, the allocator and the pool as they were before the
-  // capture began. Never throws.
-  void abandon_capture(const at::cuda::MempoolId_t& pool) noexcept {
-    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(side_.stream(), &status) == cudaSuccess &&
-        status != cudaStreamCaptureStatusNone) {
-      cudaGraph_t partial = nullptr;
-      (void)cudaStreamEndCapture(side_.stream(), &partial);
-      if (partial != nullptr) (void)cudaGraphDestroy(partial);
-    }
-    // The refused call left its error for the next launch check to find.
-    (void)cudaGetLastError();
-    if (graph_.owns_capture()) return;  // the graph's reset() gives the pool back
-    try {
-      allocator::endAllocateToPool(device_, pool);
-    } catch (const std::exception&) {
-      // capture_end had already stopped the routing.
-    }
-    try {
-      allocator::releasePool(device_, pool);
-    } catch (const std::exception& e) {
-      TORCH_WARN("torch_ar: could not release the CUDA graph pool after a refused capture: ",
-                 e.what());
-    }
-  }
-
   const c10::DeviceIndex device_;
+  const LaneLease lease_;
   const c10::cuda::CUDAGuard device_guard_;
   const c10::cuda::CUDAStream caller_;
-  const c10::cuda::CUDAStream side_;
   const c10::cuda::CUDAStreamGuard stream_guard_;
   // Declared last: destroyed (its blocks returned to the pool) before the
-  // streams are joined and the caller's stream restored.
-  RelaxationGraph graph_;
+  // streams are joined back, the caller's stream restored and the lane
+  // given back.
+  std::optional<GraphRecorder> recorder_;
 };
 
 std::unique_ptr<StepGraph> make_cuda_step_graph(const c10::Device& device) {
   return std::make_unique<CudaStepGraph>(device);
 }
 
+int64_t release_idle_cuda_graph_memory() { return Lanes::instance().release_idle_pools(); }
+
 // Registered when the library loads, like the operator kernels.
 const bool registered = [] {
   set_step_graph_factory(c10::DeviceType::CUDA, &make_cuda_step_graph);
+  set_graph_memory_releaser(c10::DeviceType::CUDA, &release_idle_cuda_graph_memory);
   return true;
 }();
 

@@ -35,3 +35,22 @@ def supported_ops() -> list[SupportedOp]:
             )
         )
     return rows
+
+
+def release_cuda_graph_memory() -> int:
+    """Gives back the memory of the CUDA graphs that no relaxation is using.
+
+    With ``cuda_graph=True`` each backward records its steps into a memory pool
+    that the next backward reuses, so memory stays flat across batches; the
+    pool is kept while the process runs, and ``torch.cuda.empty_cache()``
+    alone cannot return it. This releases every idle pool, then empties the
+    CUDA cache as ``torch.cuda.empty_cache()`` does, and returns the number of
+    pools released (0 without CUDA graphs). The next graphed backward makes a
+    new pool.
+
+    Example::
+
+        torch_ar.release_cuda_graph_memory()
+        print(torch.cuda.memory_reserved())
+    """
+    return int(torch.ops.torch_ar.release_cuda_graph_memory())

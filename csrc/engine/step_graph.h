@@ -6,6 +6,7 @@
 
 #include <c10/core/Device.h>
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -41,6 +42,16 @@ StepGraphFactory set_step_graph_factory(c10::DeviceType type, StepGraphFactory f
 
 // nullptr when no implementation is registered for the device's type.
 std::unique_ptr<StepGraph> make_step_graph(const c10::Device& device);
+
+// Graph memory: the recorded steps of one backward reuse the memory pool of
+// the backward before (so memory stays flat across batches), and that pool
+// is kept while the process runs. A releaser gives back the pools no graph
+// is using, so that the allocator's empty_cache() can return their memory,
+// and says how many it released; the next graph makes a new pool.
+using GraphMemoryReleaser = int64_t (*)();
+GraphMemoryReleaser set_graph_memory_releaser(c10::DeviceType type, GraphMemoryReleaser releaser);
+// Every registered device type's idle pools; 0 when none is registered.
+int64_t release_idle_graph_memory();
 
 // Tests of the failure path: the next capture does something the device
 // refuses while capturing (a stream synchronisation), so that the refusal and

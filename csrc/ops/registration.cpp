@@ -8,6 +8,32 @@
 
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+namespace {
+
+#define TORCH_AR_STRINGIFY(...) #__VA_ARGS__
+#define TORCH_AR_EXPAND_STRINGIFY(...) TORCH_AR_STRINGIFY(__VA_ARGS__)
+
+// "key=value" rows: whether the CUDA kernels are in this build, and the
+// GPU architectures they were compiled for (setup.py's TORCH_CUDA_ARCH_LIST).
+std::vector<std::string> build_info() {
+#ifdef TORCH_AR_WITH_CUDA
+  const std::string cuda = "1";
+#else
+  const std::string cuda = "0";
+#endif
+#ifdef TORCH_AR_BUILD_ARCHS
+  const std::string archs = TORCH_AR_EXPAND_STRINGIFY(TORCH_AR_BUILD_ARCHS);
+#else
+  const std::string archs;
+#endif
+  return {"cuda=" + cuda, "arch_list=" + archs};
+}
+
+} // namespace
+
 TORCH_LIBRARY(torch_ar, m) {
   // The recorded forward values of one forward, kept under a handle until
   // its backward takes them; see ops/forward_values.h.
@@ -16,6 +42,9 @@ TORCH_LIBRARY(torch_ar, m) {
   // Tests only: the next CUDA graph capture is refused by the device, so the
   // fallback and its clean-up can be exercised.
   m.def("_refuse_next_cuda_graph_capture() -> ()", &torch_ar::refuse_next_capture_for_testing);
+  // Gives back the memory pools of the CUDA graphs no relaxation is using and
+  // empties the allocator's cache; returns how many pools it released.
+  m.def("release_cuda_graph_memory() -> int", &torch_ar::release_idle_graph_memory);
   // One Euler step of the relaxation for a list of states, fused with the
   // residual norms; see ops/relax_update.h.
   m.def(
@@ -39,6 +68,8 @@ TORCH_LIBRARY(torch_ar, m) {
   // The supported-op table (engine/op_table.cpp), one "|"-separated row per
   // autograd node: node name, op, role, specialised VJP, activation.
   m.def("supported_ops() -> str[]", &torch_ar::supported_op_rows);
+  // How this library was built (see build_info above).
+  m.def("build_info() -> str[]", &build_info);
   // Which module outputs have a differentiable path to `leaves` (bool [n]).
   m.def("differentiable_outputs(Tensor[] outputs, Tensor[] leaves) -> Tensor");
   // Which recorded forward tensors are relaxing states (bool [n]): the only
