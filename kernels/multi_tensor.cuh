@@ -3,7 +3,7 @@
 // kernel's parameters (no host-to-device copy, so a launch can be recorded
 // into a CUDA graph and replayed). Blocks stride over fixed-size chunks of
 // all tensors; each chunk writes its partial sums to a slot of its own, and
-// a second launch adds each tensor's slots in chunk order, so the norms are
+// a second launch adds each tensor's slots in a fixed order, so the norms are
 // the same on every run (no floating-point atomics). The grid is as large as
 // the device holds at once.
 
@@ -136,25 +136,30 @@ __device__ ChunkRange chunk_range(const Table<Slot, Capacity>& table, int64_t ch
   return {lo, begin, min(begin + kChunkElements, table.tensors[lo].numel)};
 }
 
-// One thread per (tensor, column): adds the tensor's chunk sums in chunk
-// order. Columns below RootColumns are sums of squares (their root is the
-// norm); the rest are counts.
+// One block per tensor: each thread adds a strided share of the tensor's
+// chunk sums in chunk order, then the block's fixed-order tree adds the
+// shares, so a large state's norm takes as many steps as it has chunks per
+// thread and is the same on every run. Columns below RootColumns are sums of
+// squares (their root is the norm); the rest are counts.
 template <typename Slot, int Capacity, int Columns, int RootColumns>
-__global__ void norms_from_chunks_kernel(
+__global__ void __launch_bounds__(kThreads) norms_from_chunks_kernel(
     const __grid_constant__ Table<Slot, Capacity> table,
     const double* __restrict__ chunk_sums,
     double* __restrict__ norms) {
-  const int index = blockIdx.x * blockDim.x + threadIdx.x;
-  if (index >= Columns * table.num_tensors) {
-    return;
+  __shared__ double shared[kWarps];
+  const int t = blockIdx.x;
+  const int64_t first = table.first_chunk[t];
+  const int64_t last = table.first_chunk[t + 1];
+  for (int column = 0; column < Columns; ++column) {
+    double sum = 0.0;
+    for (int64_t c = first + threadIdx.x; c < last; c += blockDim.x) {
+      sum += chunk_sums[Columns * c + column];
+    }
+    sum = block_sum(sum, shared);
+    if (threadIdx.x == 0) {
+      norms[Columns * t + column] = column < RootColumns ? sqrt(sum) : sum;
+    }
   }
-  const int t = index / Columns;
-  const int column = index % Columns;
-  double sum = 0.0;
-  for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
-    sum += chunk_sums[Columns * c + column];
-  }
-  norms[index] = column < RootColumns ? sqrt(sum) : sum;
 }
 
 // Blocks of the kernel the device holds at once, asked once per kernel and
@@ -207,9 +212,9 @@ void launch_batch(
   } else {
     chunk_sums.zero_();
   }
-  const int threads = Columns * static_cast<int>(count);
+  if (count == 0) return;
   norms_from_chunks_kernel<Slot, Capacity, Columns, RootColumns>
-      <<<(threads + 127) / 128, 128, 0, stream>>>(
+      <<<static_cast<unsigned int>(count), kThreads, 0, stream>>>(
           table, chunk_sums.const_data_ptr<double>(), norms + Columns * first);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
