@@ -113,11 +113,12 @@ at::Tensor relax_update_cuda_impl(
       states, targets, flush_below, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(states[0].device());
   const size_t n = states.size();
-  std::vector<at::Tensor> work_states = relax_update_detail::contiguous_tensors(states);
-  const std::vector<at::Tensor> work_targets = relax_update_detail::contiguous_tensors(targets);
-  const std::vector<at::Tensor> work_inputs =
-      relax_update_detail::contiguous_tensors(activation_inputs);
-  std::vector<at::Tensor> work_grads = relax_update_detail::contiguous_tensors(activation_grads);
+  auto walked = relax_update_detail::walked_tensors(
+      states, targets, activations, activation_inputs, activation_grads);
+  std::vector<at::Tensor>& work_states = walked.states;
+  const std::vector<at::Tensor>& work_targets = walked.targets;
+  const std::vector<at::Tensor>& work_inputs = walked.activation_inputs;
+  std::vector<at::Tensor>& work_grads = walked.activation_grads;
 
   std::vector<TensorSlot> slots(n);
   for (size_t i = 0; i < n; ++i) {

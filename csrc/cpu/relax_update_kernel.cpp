@@ -196,14 +196,12 @@ at::Tensor relax_update_cpu_impl(
   relax_update_detail::check_inputs(
       states, targets, flush_below, c10::DeviceType::CPU);
   const int64_t n = static_cast<int64_t>(states.size());
-  std::vector<at::Tensor> work_states =
-      relax_update_detail::contiguous_tensors(states);
-  const std::vector<at::Tensor> work_targets =
-      relax_update_detail::contiguous_tensors(targets);
-  const std::vector<at::Tensor> work_inputs =
-      relax_update_detail::contiguous_tensors(activation_inputs);
-  std::vector<at::Tensor> work_grads =
-      relax_update_detail::contiguous_tensors(activation_grads);
+  auto walked = relax_update_detail::walked_tensors(
+      states, targets, activations, activation_inputs, activation_grads);
+  std::vector<at::Tensor>& work_states = walked.states;
+  const std::vector<at::Tensor>& work_targets = walked.targets;
+  const std::vector<at::Tensor>& work_inputs = walked.activation_inputs;
+  std::vector<at::Tensor>& work_grads = walked.activation_grads;
 
   std::vector<WorkItem> items;
   int64_t total_elements = 0;

@@ -4,6 +4,7 @@
 #include "engine/executor.h"
 #include "engine/node_vjp.h"
 #include "engine/step_graph.h"
+#include "engine/per_device.h"
 #include "ops/relax_update.h"
 
 #include <ATen/ATen.h>
@@ -96,10 +97,17 @@ void Executor::setup_fused_activations() {
       continue;
     FusedActivation fa;
     fa.kind = d.kind;
-    fa.input = d.input.contiguous().view(x_[s].sizes());
+    // Same shape as the state: kept in its own layout (channels_last, say),
+    // which the update kernel walks without a copy when it is the state's.
+    auto as_state = [&](const at::Tensor& t) {
+      return t.sizes().equals(x_[s].sizes()) && t.is_non_overlapping_and_dense()
+          ? t
+          : t.contiguous().view(x_[s].sizes());
+    };
+    fa.input = as_state(d.input);
     fa.p0 = d.p0;
     fa.p1 = d.p1;
-    fa.grad = first[0].contiguous().view(x_[s].sizes());
+    fa.grad = as_state(first[0]);
     if (fa.grad.is_alias_of(x_[s]) || fa.grad.is_alias_of(fa.input)) fa.grad = fa.grad.clone();
     fa.grad_for_node = fa.grad.view(first[0].sizes());
     fa.chain_index = k;
@@ -146,11 +154,16 @@ void Executor::init_states(const std::vector<at::Tensor>& forward_values) {
     if (vjp_dtype_[s] == at::kBFloat16 || vjp_dtype_[s] == at::kHalf)
       options = options.dtype(at::kFloat);
     if (config_.init == InitMode::Forward && fv.defined()) {
-      x_[s] = fv.detach().to(options, /*non_blocking=*/false, /*copy=*/true).contiguous();
+      // In the forward value's memory format (channels_last stays so): the
+      // update kernels walk it as it is and the VJPs see the layout the
+      // forward had.
+      x_[s] = fv.detach().to(options, /*non_blocking=*/false, /*copy=*/true);
       // A masked score (-inf before a softmax, say) starts from zero: its
       // gradient is what the relaxation has to find, and an infinite start
       // would never decay.
       at::nan_to_num_(x_[s], 0.0, 0.0, 0.0);
+    } else if (fv.defined()) {
+      x_[s] = at::zeros_like(fv, options);
     } else {
       x_[s] = at::zeros_symint(meta.shape_as_dim_vector(), options);
     }
@@ -180,9 +193,9 @@ void Executor::contribute_state(int s, at::Tensor grad) {
     const auto dtype = state_dtype_[s];
     // Take over a fresh VJP result nobody else holds: the stage writes into it.
     const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
-        grad.scalar_type() == dtype && grad.is_contiguous() && grad.is_non_overlapping_and_dense();
+        grad.scalar_type() == dtype && grad.is_non_overlapping_and_dense();
     acc = owned ? std::move(grad)
-                : grad.to(dtype, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+                : grad.to(dtype, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Preserve);
     return;
   }
   if (persistent_targets_) {
@@ -191,8 +204,9 @@ void Executor::contribute_state(int s, at::Tensor grad) {
       at::Tensor& target = target_[s];
       // Take over a fresh VJP result nobody else holds instead of copying it.
       const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
-          grad.scalar_type() == target.scalar_type() && grad.is_contiguous() &&
-          grad.device() == target.device() && grad.sizes().equals(target.sizes());
+          grad.scalar_type() == target.scalar_type() && grad.strides().equals(target.strides()) &&
+          grad.is_non_overlapping_and_dense() && grad.device() == target.device() &&
+          grad.sizes().equals(target.sizes());
       if (owned) {
         if (ext.defined()) grad.add_(ext);
         target = std::move(grad);
@@ -344,28 +358,34 @@ void Executor::propagate_from(int L, Pass pass, size_t first, variable_list out,
   }
 }
 
-at::Tensor Executor::update(const std::vector<int>& slots) {
-  std::vector<at::Tensor> xs, ts, act_inputs, act_grads;
-  std::vector<int64_t> act_states, act_kinds;
-  std::vector<double> act_params;
-  xs.reserve(slots.size());
-  ts.reserve(slots.size());
-  for (int s : slots) {
-    const int f = fused_of_slot_[s];
-    if (f >= 0) {
-      act_states.push_back(static_cast<int64_t>(xs.size()));
-      act_kinds.push_back(fused_[f].kind);
-      act_params.push_back(fused_[f].p0);
-      act_params.push_back(fused_[f].p1);
-      act_inputs.push_back(fused_[f].input);
-      act_grads.push_back(fused_[f].grad);
+at::Tensor Executor::update(const std::vector<int>& all_slots) {
+  std::vector<c10::Device> devices;
+  devices.reserve(all_slots.size());
+  for (int s : all_slots) devices.push_back(x_[s].device());
+  return launch_per_device(devices, [&](const std::vector<size_t>& positions) {
+    std::vector<at::Tensor> xs, ts, act_inputs, act_grads;
+    std::vector<int64_t> act_states, act_kinds;
+    std::vector<double> act_params;
+    xs.reserve(positions.size());
+    ts.reserve(positions.size());
+    for (size_t p : positions) {
+      const int s = all_slots[p];
+      const int f = fused_of_slot_[s];
+      if (f >= 0) {
+        act_states.push_back(static_cast<int64_t>(xs.size()));
+        act_kinds.push_back(fused_[f].kind);
+        act_params.push_back(fused_[f].p0);
+        act_params.push_back(fused_[f].p1);
+        act_inputs.push_back(fused_[f].input);
+        act_grads.push_back(fused_[f].grad);
+      }
+      xs.push_back(x_[s]);
+      ts.push_back(target_[s]);
     }
-    xs.push_back(x_[s]);
-    ts.push_back(target_[s]);
-  }
-  return relax_update_activation_(
-      xs, ts, config_.eta, flush_below(), act_states, act_kinds, act_params, act_inputs,
-      act_grads);
+    return relax_update_activation_(
+        xs, ts, config_.eta, flush_below(), act_states, act_kinds, act_params, act_inputs,
+        act_grads);
+  });
 }
 
 bool Executor::check_finite(at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
@@ -465,6 +485,17 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
     }
   }
   bool want_graph = config_.cuda_graph && R > 0 && limit >= 3;
+  if (want_graph) {
+    for (int s : relaxing_) {
+      if (x_[s].device() == x_[relaxing_[0]].device()) continue;
+      TORCH_WARN_ONCE(
+          "torch_ar: cuda_graph=True, but the states are on more than one device (",
+          x_[relaxing_[0]].device(), " and ", x_[s].device(), "); a CUDA graph records one "
+          "device's stream, so the steps run without one.");
+      want_graph = false;
+      break;
+    }
+  }
   if (want_graph) {
     const std::string node = uncapturable_node();
     if (!node.empty()) {

@@ -5,6 +5,8 @@
 
 #include "ops/horner_update.h"
 
+#include "ops/flat_layout.h"
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -71,7 +73,7 @@ std::vector<at::Tensor> checked_list(
         "horner_update_: ", name, "[", i, "] is ", t->scalar_type(), " ", t->sizes(), " on ",
         t->device(), " but out[", i, "] is ", o.scalar_type(), " ", o.sizes(), " on ",
         o.device());
-    result[i] = t->contiguous();
+    result[i] = *t;
   }
   return result;
 }
@@ -111,20 +113,34 @@ Inputs check_inputs(
   in.residual_targets = checked_list(residual_targets, "residual_targets", out);
   for (size_t i = 0; i < out.size(); ++i) {
     // Only the targets may be the output itself (the stage in place).
-    for (const auto* list : {&in.initial, &in.loss_terms, &in.residual_targets}) {
-      const at::Tensor& other = (*list)[i];
+    // A non-contiguous input is read through a copy of its own (a snapshot
+    // taken before out is written), so only a contiguous one may not overlap.
+    auto snapshot_if_strided = [&](at::Tensor& term) {
+      if (term.defined() && !term.is_contiguous() &&
+          at::get_overlap_status(out[i], term) != at::MemOverlapStatus::No)
+        term = term.contiguous();
+    };
+    for (auto* list : {&in.initial, &in.loss_terms, &in.residual_targets}) {
+      at::Tensor& other = (*list)[i];
+      snapshot_if_strided(other);
       TORCH_CHECK(
           !other.defined() || at::get_overlap_status(out[i], other) == at::MemOverlapStatus::No,
           "horner_update_: out[", i, "] overlaps one of its inputs other than targets[", i, "]");
     }
-    const at::Tensor& t = in.targets[i];
+    at::Tensor& t = in.targets[i];
+    if (t.defined() && at::get_overlap_status(out[i], t) == at::MemOverlapStatus::Partial)
+      snapshot_if_strided(t);
     const auto status = t.defined() ? at::get_overlap_status(out[i], t) : at::MemOverlapStatus::No;
     TORCH_CHECK(
         status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::Full,
         "horner_update_: out[", i, "] partly overlaps targets[", i, "]");
-    at::Tensor work = out[i].contiguous();
-    // In place on a non-contiguous output: the contiguous copy of targets
-    // is a different buffer, and the result is copied back at the end.
+    // A non-dense output is computed in a contiguous copy and copied back at
+    // the end; in place, its targets then come from a buffer of their own.
+    at::Tensor work = flat_layout::walkable(out[i]);
+    for (auto* list : {&in.initial, &in.loss_terms, &in.targets, &in.residual_targets}) {
+      at::Tensor& term = (*list)[i];
+      if (term.defined()) term = flat_layout::walkable_like(term, work);
+    }
     in.out.push_back(std::move(work));
   }
   return in;

@@ -44,9 +44,9 @@ using OptionalList = c10::List<std::optional<at::Tensor>>;
 
 // Validates every backend's arguments (lengths, shapes, dtypes, devices,
 // overlap) and returns the optional lists as plain vectors (undefined where
-// absent), every tensor contiguous.
+// absent), every tensor laid out as its walked output (ops/flat_layout.h).
 struct Inputs {
-  std::vector<at::Tensor> out;  // contiguous: the kernel's own buffers
+  std::vector<at::Tensor> out;  // dense: the kernel's own buffers
   std::vector<at::Tensor> initial, loss_terms, targets, residual_targets;
 };
 Inputs check_inputs(

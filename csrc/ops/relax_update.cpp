@@ -5,6 +5,8 @@
 
 #include "ops/relax_update.h"
 
+#include "ops/flat_layout.h"
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -205,13 +207,28 @@ std::vector<ActivationOf> check_activations(
   return of;
 }
 
-std::vector<at::Tensor> contiguous_tensors(at::TensorList tensors) {
-  std::vector<at::Tensor> out;
-  out.reserve(tensors.size());
-  for (const at::Tensor& t : tensors) {
-    out.push_back(t.contiguous());
+WalkedTensors walked_tensors(
+    at::TensorList states,
+    at::TensorList targets,
+    const std::vector<ActivationOf>& activations,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads) {
+  WalkedTensors walked;
+  walked.states.reserve(states.size());
+  walked.targets.reserve(states.size());
+  for (size_t i = 0; i < states.size(); ++i) {
+    walked.states.push_back(flat_layout::walkable(states[i]));
+    walked.targets.push_back(flat_layout::walkable_like(targets[i], walked.states.back()));
   }
-  return out;
+  walked.activation_inputs.resize(activation_inputs.size());
+  walked.activation_grads.resize(activation_grads.size());
+  for (size_t i = 0; i < activations.size(); ++i) {
+    const int64_t k = activations[i].entry;
+    if (k < 0) continue;
+    walked.activation_inputs[k] = flat_layout::walkable_like(activation_inputs[k], walked.states[i]);
+    walked.activation_grads[k] = flat_layout::walkable_like(activation_grads[k], walked.states[i]);
+  }
+  return walked;
 }
 
 void write_back_states(

@@ -102,9 +102,18 @@ void check_inputs(
     double flush_below,
     c10::DeviceType device_type);
 
-// The kernels write through contiguous buffers. A non-contiguous state is
-// updated in a contiguous copy that write_back_states copies into it.
-std::vector<at::Tensor> contiguous_tensors(at::TensorList tensors);
+// The tensors a kernel walks (ops/flat_layout.h): each state where it is
+// when it is dense, its target and activation tensors in the state's layout.
+// write_back_states copies a walked copy into the caller's tensor.
+struct WalkedTensors {
+  std::vector<at::Tensor> states, targets, activation_inputs, activation_grads;
+};
+WalkedTensors walked_tensors(
+    at::TensorList states,
+    at::TensorList targets,
+    const std::vector<ActivationOf>& activations,
+    at::TensorList activation_inputs,
+    at::TensorList activation_grads);
 void write_back_states(
     at::TensorList states,
     const std::vector<at::Tensor>& updated);

@@ -1,0 +1,47 @@
+#pragma once
+// A multi-tensor launch takes tensors of one device. A model split over
+// devices (pipeline stages on two GPUs) has states on several: the launch
+// runs once per device and the rows of its results come back in the
+// caller's order, on the first tensor's device.
+
+#include <ATen/ATen.h>
+
+#include <cstddef>
+#include <vector>
+
+namespace torch_ar {
+
+// `launch(positions)` updates the listed positions (all on one device) and
+// returns one result row per position. `devices[i]` is position i's device.
+template <typename Launch>
+at::Tensor launch_per_device(const std::vector<c10::Device>& devices, Launch&& launch) {
+  std::vector<c10::Device> seen;
+  std::vector<std::vector<size_t>> groups;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    size_t g = 0;
+    while (g < seen.size() && seen[g] != devices[i]) ++g;
+    if (g == seen.size()) {
+      seen.push_back(devices[i]);
+      groups.emplace_back();
+    }
+    groups[g].push_back(i);
+  }
+  if (groups.size() <= 1) {
+    std::vector<size_t> all(devices.size());
+    for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+    return launch(all);
+  }
+  at::Tensor rows;
+  for (const auto& positions : groups) {
+    at::Tensor part = launch(positions);
+    if (!rows.defined()) {
+      rows = at::empty({static_cast<int64_t>(devices.size()), part.size(1)},
+                       part.options().device(seen[0]));
+    }
+    std::vector<int64_t> index(positions.begin(), positions.end());
+    rows.index_copy_(0, at::tensor(index, at::kLong).to(rows.device()), part.to(rows.device()));
+  }
+  return rows;
+}
+
+} // namespace torch_ar
