@@ -15,6 +15,7 @@
 // level's states.
 #include "engine/coefficients.h"
 #include "engine/executor.h"
+#include "engine/per_device.h"
 #include "ops/horner_update.h"
 #include "ops/relax_update.h"
 
@@ -43,6 +44,14 @@ variable_list Executor::layer_grads(int L, bool relaxing, bool clamped) const {
 }
 
 namespace {
+
+// ||v||_2 as a 0-dim device tensor, computed as max|v| * ||v / max|v|||, so
+// that it is finite for every finite v (no host read).
+at::Tensor scaled_norm_on_device(const at::Tensor& v) {
+  const at::Tensor scale = v.abs().amax();
+  const at::Tensor safe = at::where(scale > 0, scale, at::ones_like(scale));
+  return at::where(scale > 0, (v / safe).norm() * safe, at::zeros_like(scale));
+}
 
 // grad <- f'(a) * grad in place, with ATen's own backward kernels (the same
 // arithmetic as the activation node's VJP).
@@ -196,6 +205,7 @@ std::vector<at::Tensor> Executor::closed_form(
     at::Tensor norms;
     std::vector<int> slots;
     int stage;
+    at::Tensor scaled;  // stage 0: overflow-safe (|target - x_T|, |target|), or undefined
   };
   std::vector<Pending> pending;
   std::vector<double> final_residual(S, 0.0);
@@ -204,9 +214,10 @@ std::vector<at::Tensor> Executor::closed_form(
   // Reads one launch's norms: divergence from the non-finite counts (a norm
   // may overflow for finite float64 values), residuals of x_T in stage 0,
   // recomputed with scaling where their sums of squares overflowed (CPU:
-  // the tensors are still there; elsewhere the residual is left unknown).
+  // from the tensors, which are still there; elsewhere from the scaled norms
+  // the launch queued beside its own).
   auto settle = [&](const at::Tensor& norms, const std::vector<int>& slots, int stage,
-                    const std::vector<at::Tensor>* outs) {
+                    const std::vector<at::Tensor>* outs, const at::Tensor& scaled) {
     const at::Tensor host = norms.to(at::kCPU).contiguous();
     auto acc = host.accessor<double, 2>();
     for (size_t i = 0; i < slots.size(); ++i) {
@@ -237,6 +248,10 @@ std::vector<at::Tensor> Executor::closed_form(
           if (residual[s].defined()) target.add_(residual[s]);
           d = scaled_norm(target - (*outs)[i]);
           t = scaled_norm(target);
+        } else if (scaled.defined()) {
+          auto rows = scaled.accessor<double, 2>();
+          d = rows[i][0];
+          t = rows[i][1];
         } else {
           d = t = std::numeric_limits<double>::quiet_NaN();
         }
@@ -266,9 +281,42 @@ std::vector<at::Tensor> Executor::closed_form(
       b.push_back(loss[s]);
       r.push_back(last ? residual[s] : at::Tensor());
     }
-    at::Tensor norms =
-        horner_update_(out, x0, b, t, r, coef.initial[k], coef.loss[k], flush, /*residual=*/last);
-    if (on_cpu) settle(norms, slots, k, &out);
+    std::vector<c10::Device> devices;
+    for (const at::Tensor& o : out) devices.push_back(o.device());
+    at::Tensor norms = launch_per_device(devices, [&](const std::vector<size_t>& positions) {
+      if (positions.size() == out.size())
+        return horner_update_(out, x0, b, t, r, coef.initial[k], coef.loss[k], flush, last);
+      std::vector<at::Tensor> out_d, x0_d, b_d, t_d, r_d;
+      for (size_t p : positions) {
+        out_d.push_back(out[p]);
+        x0_d.push_back(x0[p]);
+        b_d.push_back(b[p]);
+        t_d.push_back(t[p]);
+        r_d.push_back(r[p]);
+      }
+      return horner_update_(out_d, x0_d, b_d, t_d, r_d, coef.initial[k], coef.loss[k], flush, last);
+    });
+    if (on_cpu) settle(norms, slots, k, &out, at::Tensor());
+    // Off the CPU the norms are read later; a float64 sum of squares can
+    // overflow for finite states (beyond 1e154), so stage 0 also queues the
+    // residual's norms computed with scaling, to stand in for those.
+    at::Tensor scaled;
+    if (!on_cpu && last) {
+      std::vector<at::Tensor> rows;
+      for (size_t i = 0; i < out.size(); ++i) {
+        if (out[i].scalar_type() != at::kDouble || out[i].numel() == 0) {
+          rows.push_back(at::full({2}, std::numeric_limits<double>::quiet_NaN(),
+                                  out[i].options().dtype(at::kDouble)));
+          continue;
+        }
+        at::Tensor target = at::zeros_like(out[i]);
+        if (b[i].defined()) target.add_(b[i]);
+        if (r[i].defined()) target.add_(r[i]);
+        rows.push_back(at::stack({scaled_norm_on_device(target - out[i]),
+                                  scaled_norm_on_device(target)}));
+      }
+      scaled = at::stack(rows);
+    }
     for (size_t i = 0; i < slots.size(); ++i) {
       const int s = slots[i];
       x_[s] = std::move(out[i]);
@@ -279,7 +327,23 @@ std::vector<at::Tensor> Executor::closed_form(
         loss[s] = at::Tensor();
       }
     }
-    if (!on_cpu) pending.push_back({std::move(norms), slots, k});
+    if (!on_cpu) pending.push_back({std::move(norms), slots, k, std::move(scaled)});
+  };
+
+  // One read of every norm queued since the last read.
+  auto settle_pending = [&] {
+    if (pending.empty()) return;
+    std::vector<at::Tensor> all;
+    for (const auto& p : pending) all.push_back(p.norms);
+    const at::Tensor host = at::cat(all).to(at::kCPU);
+    int64_t row = 0;
+    for (const auto& p : pending) {
+      const int64_t n = static_cast<int64_t>(p.slots.size());
+      const at::Tensor scaled = p.scaled.defined() ? p.scaled.to(at::kCPU) : at::Tensor();
+      settle(host.narrow(0, row, n), p.slots, p.stage, nullptr, scaled);
+      row += n;
+    }
+    pending.clear();
   };
 
   // The relaxing states each layer's relaxation VJP reaches, once each.
@@ -345,6 +409,9 @@ std::vector<at::Tensor> Executor::closed_form(
     for (int s : relaxing_)
       TORCH_INTERNAL_ASSERT(!needs_state(s, k) || updated[s], "closed form: state ", s,
                             " missed stage ", k);
+    // Off the CPU: one read per stage, so a divergence is reported at the
+    // stage it happened in (as on the CPU) instead of after the whole sweep.
+    settle_pending();
   }
 
   // Stage 0, consumers first, level by level: y_0 = x_T is final on a level
@@ -398,18 +465,7 @@ std::vector<at::Tensor> Executor::closed_form(
   }
   sink_ = nullptr;
 
-  if (!pending.empty()) {
-    // One read of every norm.
-    std::vector<at::Tensor> all;
-    for (const auto& p : pending) all.push_back(p.norms);
-    const at::Tensor host = at::cat(all).to(at::kCPU);
-    int64_t row = 0;
-    for (const auto& p : pending) {
-      const int64_t n = static_cast<int64_t>(p.slots.size());
-      settle(host.narrow(0, row, n), p.slots, p.stage, nullptr);
-      row += n;
-    }
-  }
+  settle_pending();
   double scale = 0.0;
   for (int s : relaxing_) scale = std::max(scale, dn[s].second);
   const double floor = std::max(scale * 1e-6, 1e-300);
