@@ -27,14 +27,33 @@ devices: list[str] = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
 NO_CUDA_REASON = (
     "CUDA is not available on this machine (torch.cuda.is_available() is False)"
 )
+CUDA_DEVICE_COUNT = torch.cuda.device_count() if CUDA_AVAILABLE else 0
+
+
+def cuda_marks(devices: int = 1) -> list[pytest.MarkDecorator]:
+    """The marks of a test that needs `devices` CUDA devices: `cuda` (what
+    benchmarks/gpu_check.sh selects) and a skip, with the reason, below that."""
+    if CUDA_DEVICE_COUNT == 0:
+        reason = NO_CUDA_REASON
+    else:
+        reason = f"needs {devices} CUDA devices; this machine has {CUDA_DEVICE_COUNT}"
+    return [pytest.mark.cuda, pytest.mark.skipif(CUDA_DEVICE_COUNT < devices, reason=reason)]
+
+
+def needs_cuda(test=None, *, devices: int = 1):
+    """Decorator: ``@needs_cuda`` or ``@needs_cuda(devices=2)``."""
+
+    def mark(fn):
+        for m in cuda_marks(devices):
+            fn = m(fn)
+        return fn
+
+    return mark(test) if test is not None else mark
+
 
 DEVICE_PARAMS = [
     pytest.param("cpu", id="cpu"),
-    pytest.param(
-        "cuda",
-        id="cuda",
-        marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason=NO_CUDA_REASON),
-    ),
+    pytest.param("cuda", id="cuda", marks=cuda_marks()),
 ]
 
 DTYPE_PARAMS = [
@@ -69,22 +88,23 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _needs_cuda(item: pytest.Item) -> bool:
-    if "cuda" in item.nodeid.lower():
-        return True
-    for mark in item.iter_markers("skipif"):
-        reason = str(mark.kwargs.get("reason", "")).lower()
-        if ("cuda" in reason or "gpu" in reason) and "without" not in reason:
-            return True
-    return False
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Marks every test that needs CUDA (by its id or its skip reason) `cuda`,
-    so that a GPU host can run exactly those with `-m cuda`."""
+    """A test that skips without CUDA must say it needs CUDA with the `cuda`
+    marker (conftest.needs_cuda / cuda_marks), or the GPU check would miss it."""
+    unmarked = []
     for item in items:
-        if _needs_cuda(item):
-            item.add_marker(pytest.mark.cuda)
+        if item.get_closest_marker("cuda") is not None:
+            continue
+        for mark in item.iter_markers("skipif"):
+            reason = str(mark.kwargs.get("reason", ""))
+            if reason in (NO_CUDA_REASON,) or reason.startswith("needs ") and "CUDA devices" in reason:
+                unmarked.append(item.nodeid)
+                break
+    if unmarked:
+        raise pytest.UsageError(
+            "tests skipped without CUDA but not marked `cuda` (use conftest.needs_cuda): "
+            + ", ".join(unmarked[:10])
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> str:

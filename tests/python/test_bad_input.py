@@ -30,13 +30,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import cuda_marks
 from torch import nn
 from zoo import F64_MAX_REL_ERR, load_torch_ar, rel_err
 
-CUDA = torch.cuda.is_available()
-NO_CUDA_REASON = (
-    "CUDA is not available on this machine (torch.cuda.is_available() is False)"
-)
 STAGES = ("construct", "forward", "backward")
 
 
@@ -287,7 +284,7 @@ CASES = [
     pytest.param(
         BadCase("device_mix", lambda: _mlp().cuda(), _x(5, 4), LikeAutograd(r"device")),
         id="device_mix_cuda_module_cpu_input",
-        marks=pytest.mark.skipif(not CUDA, reason=NO_CUDA_REASON),
+        marks=cuda_marks(),
     ),
     pytest.param(
         BadCase(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cuda_marks
 
 import torch_ar
 from torch_ar.experiments import cli, data, training
@@ -140,10 +141,7 @@ def test_ar_paper_settings_approach_autograd() -> None:
         "cpu",
         pytest.param(
             "cuda",
-            marks=pytest.mark.skipif(
-                not torch.cuda.is_available(),
-                reason="CUDA is not available on this machine (torch.cuda.is_available() is False)",
-            ),
+            marks=cuda_marks(),
         ),
     ],
 )

@@ -10,13 +10,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE_PARAMS, DTYPE_PARAMS
+from conftest import DEVICE_PARAMS, DTYPE_PARAMS, needs_cuda
 from torch import nn
 
-CUDA_ONLY = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="CUDA is not available on this machine (torch.cuda.is_available() is False)",
-)
 
 
 def cnn() -> nn.Module:
@@ -64,7 +60,7 @@ def test_replayed_steps_equal_eager_steps(torch_ar, make, schedule, dtype, devic
         torch.testing.assert_close(g, e, rtol=tol, atol=tol * e.abs().max().item())
 
 
-@CUDA_ONLY
+@needs_cuda
 def test_tolerance_with_graph_is_tested_about_every_check_every_steps(torch_ar) -> None:
     torch.manual_seed(0)
     net = mlp().cuda()
@@ -83,7 +79,7 @@ def test_tolerance_with_graph_is_tested_about_every_check_every_steps(torch_ar) 
     assert abs(eager_stats.steps - stats.steps) < 7
 
 
-@CUDA_ONLY
+@needs_cuda
 def test_generic_node_relaxes_without_graph_and_warns(torch_ar) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(10, 20), nn.Softplus(), nn.Linear(20, 20), nn.Softplus(),
@@ -99,7 +95,7 @@ def test_generic_node_relaxes_without_graph_and_warns(torch_ar) -> None:
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
-@CUDA_ONLY
+@needs_cuda
 def test_graph_memory_is_released_across_batches(torch_ar) -> None:
     torch.manual_seed(0)
     net = cnn().cuda()
@@ -120,7 +116,7 @@ def test_graph_memory_is_released_across_batches(torch_ar) -> None:
     assert reserved[-1] == reserved[2], reserved
 
 
-@CUDA_ONLY
+@needs_cuda
 def test_replayed_steps_under_bfloat16_autocast(torch_ar) -> None:
     """bfloat16 activations (float32 states, cast for each VJP) in the graph."""
     torch.manual_seed(0)

@@ -14,14 +14,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import needs_cuda
 import torch.nn.functional as F
 from torch import nn
 from zoo import rel_err
 
-CUDA_ONLY = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="CUDA is not available on this machine (torch.cuda.is_available() is False)",
-)
 
 
 def cnn(batch_norm: bool = True) -> nn.Module:
@@ -51,7 +48,7 @@ def assert_close(got, want, dtype=torch.float32):
         assert rel_err(g, w) <= tol * 10 or float((g - w).abs().max()) <= tol * float(w.abs().max())
 
 
-@CUDA_ONLY
+@needs_cuda
 @pytest.mark.parametrize("count", [321, 700])
 def test_more_states_than_one_launch_table(count: int) -> None:
     """More tensors than one kernel's parameter table holds: several launches."""
@@ -78,7 +75,7 @@ def test_more_states_than_one_launch_table(count: int) -> None:
     torch.testing.assert_close(cuda_h.cpu(), cpu_h, rtol=1e-12, atol=0)
 
 
-@CUDA_ONLY
+@needs_cuda
 def test_norms_are_the_same_on_every_run() -> None:
     """No floating-point atomics: a tolerance stop does not move between runs."""
     import torch_ar  # noqa: F401
@@ -90,7 +87,7 @@ def test_norms_are_the_same_on_every_run() -> None:
     assert len(runs) == 1
 
 
-@CUDA_ONLY
+@needs_cuda
 def test_refused_capture_leaves_the_allocator_usable(torch_ar) -> None:
     torch.manual_seed(0)
     net = cnn().cuda()
@@ -112,7 +109,7 @@ def test_refused_capture_leaves_the_allocator_usable(torch_ar) -> None:
     assert_close(graphed, eager)
 
 
-@CUDA_ONLY
+@needs_cuda
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_caller_on_a_side_stream(torch_ar, graph: bool) -> None:
     torch.manual_seed(0)
@@ -129,7 +126,7 @@ def test_caller_on_a_side_stream(torch_ar, graph: bool) -> None:
     assert_close(on_side, default)
 
 
-@CUDA_ONLY
+@needs_cuda
 @pytest.mark.parametrize("graph", [False, True], ids=["literal", "graph"])
 def test_autograd_grad_worker_thread_path(torch_ar, graph: bool) -> None:
     """torch.autograd.grad(loss, inputs=...) relaxes on a worker thread, on the caller's stream."""
@@ -145,7 +142,7 @@ def test_autograd_grad_worker_thread_path(torch_ar, graph: bool) -> None:
     assert_close(via_grad, via_backward)
 
 
-@CUDA_ONLY
+@needs_cuda
 def test_trace_with_a_graph(torch_ar) -> None:
     torch.manual_seed(0)
     net = cnn().cuda()
@@ -158,7 +155,7 @@ def test_trace_with_a_graph(torch_ar) -> None:
     assert_close(graphed, eager)
 
 
-@CUDA_ONLY
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_sweep_and_tolerance_with_a_graph_on_the_cnn(torch_ar, dtype) -> None:
     torch.manual_seed(0)
@@ -174,7 +171,7 @@ def test_sweep_and_tolerance_with_a_graph_on_the_cnn(torch_ar, dtype) -> None:
     assert stats.converged and stats.graph_steps == stats.steps - 1
 
 
-@CUDA_ONLY
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_cudnn_batch_norm_is_specialised(torch_ar, dtype, train: bool) -> None:
@@ -193,7 +190,7 @@ def test_cudnn_batch_norm_is_specialised(torch_ar, dtype, train: bool) -> None:
     assert stats.graph_steps == 9
 
 
-@CUDA_ONLY
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_activation_update_with_non_contiguous_tensors(dtype) -> None:
     import torch_ar  # noqa: F401

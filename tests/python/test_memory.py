@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_cuda
 import torch.nn.functional as F
 from torch import nn
 
@@ -184,10 +185,7 @@ def test_no_grad_forward_keeps_nothing(torch_ar):
         gc.enable()
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="CUDA is not available on this machine (run benchmarks/gpu_check.sh on a GPU host)",
-)
+@needs_cuda
 @pytest.mark.parametrize("ar_kwargs", [{}, {"eta": 0.5, "steps": 10}], ids=["exact", "eta0.5"])
 def test_cuda_memory_does_not_grow_over_2000_iterations(ar_kwargs):
     import torch_ar

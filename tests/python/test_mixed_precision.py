@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import needs_cuda
 import torch.nn.functional as F
 from torch import nn
 from zoo import cosine
@@ -284,10 +285,9 @@ def test_propagated_overflow_is_reported_in_stats(ar_kwargs, torch_ar):
 # CUDA: float16/bfloat16 autocast with a GradScaler (run by gpu_check.sh)
 # --------------------------------------------------------------------------
 
-_NO_CUDA = "CUDA is not available on this machine (run benchmarks/gpu_check.sh on a GPU host)"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=_NO_CUDA)
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
     "ar_kwargs", [{}, {"eta": 0.5, "steps": 60}], ids=["exact", "eta0.5_steps60"]

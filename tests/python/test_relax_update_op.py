@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cuda_marks, needs_cuda
 import torch_ar._C  # noqa: F401  (loading the library registers torch.ops.torch_ar)
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,9 +15,7 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(), reason="no CUDA device on this machine"
-        ),
+        marks=cuda_marks(),
     ),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -223,9 +222,7 @@ def test_mutation_is_seen_by_autograd():
         loss.backward()
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device on this machine"
-)
+@needs_cuda
 def test_device_mismatch_raises():
     with pytest.raises(RuntimeError, match="device mismatch at index 0"):
         relax_update_([torch.zeros(2, device="cuda")], [torch.zeros(2)], 0.5, 0.0)

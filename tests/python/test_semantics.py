@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import needs_cuda
 import torch.nn.functional as F
 from torch import nn
 from zoo import (
@@ -275,11 +276,8 @@ def test_module_state_dict_round_trip(torch_ar):
     ar.module.load_state_dict(copy.deepcopy(model.state_dict()))
 
 
+@needs_cuda
 def test_cuda_and_cpu_agree():
-    if not torch.cuda.is_available():
-        pytest.skip(
-            "CUDA is not available on this machine (torch.cuda.is_available() is False)"
-        )
     from zoo import ar_vs_autograd
 
     cpu = ar_vs_autograd(CASES["small_cnn"], "cpu", torch.float64)

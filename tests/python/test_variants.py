@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_cuda
 import torch.nn.functional as F
 from torch import nn
 from zoo import F32_MIN_COSINE, F64_MAX_REL_ERR, cosine, load_torch_ar, rel_err
@@ -827,7 +828,7 @@ def test_mismatched_psi_is_a_clear_error(how):
         ar(x).sum().backward()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a cross-device psi")
+@needs_cuda
 def test_psi_on_another_device_is_a_clear_error():
     torch_ar = load_torch_ar()
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double().cuda()
