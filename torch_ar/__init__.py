@@ -13,7 +13,8 @@ from torch_ar import (
 )
 from torch_ar.ar_backward import ARBackward, RelaxationDivergedError, RelaxationStats
 from torch_ar.config import RelaxConfig
-from torch_ar.ops import SupportedOp, supported_ops
+from torch_ar.ops import SupportedOp, release_cuda_graph_memory, supported_ops
+from torch_ar.diagnostics import SelftestReport, selftest
 from torch_ar.variants import VARIANTS
 
 __all__ = [
@@ -22,8 +23,11 @@ __all__ = [
     "RelaxConfig",
     "RelaxationDivergedError",
     "RelaxationStats",
+    "SelftestReport",
     "SupportedOp",
     "metrics",
+    "release_cuda_graph_memory",
+    "selftest",
     "supported_ops",
 ]
 __version__ = "0.1.0"

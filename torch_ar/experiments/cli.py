@@ -180,7 +180,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_compare(commands)
     _add_plot(commands)
+    _add_selftest(commands)
     return parser
+
+
+def _add_selftest(commands: argparse._SubParsersAction) -> None:
+    s = commands.add_parser(
+        "selftest",
+        help="check the kernels and the engine on this machine (run this first on a new GPU)",
+        description="Checks every kernel against a plain-PyTorch reference (and the CPU kernel), "
+        "the engine against autograd with every evaluation, and each variant against its "
+        "oracle; prints a table and the versions, exits 1 on any failure.",
+    )
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    s.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    s.add_argument("--markdown", default=None, help="also write the table to this file")
+    s.set_defaults(handler=_run_selftest)
+
+
+def _run_selftest(args: argparse.Namespace) -> int:
+    from torch_ar import diagnostics
+
+    argv = ["--device", args.device]
+    if args.json:
+        argv += ["--json", args.json]
+    if args.markdown:
+        argv += ["--markdown", args.markdown]
+    return diagnostics.main(argv)
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
