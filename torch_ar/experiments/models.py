@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -96,6 +97,88 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> torchvision.m
     return model
 
 
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut of He et al. (2016): the strided identity, with the new
+    channels zero (parameter-free, as in the paper's CIFAR-10 networks)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        extra = out_channels - in_channels
+        self.pad = (extra // 2, extra - extra // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, *self.pad))
+
+
+class CifarBasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            if shortcut == "A":
+                self.shortcut = ZeroPadShortcut(in_channels, out_channels, stride)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                    nn.BatchNorm2d(out_channels),
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR-10 ResNet of He et al. (2016), section 4.2: a 3x3 conv to 16
+    channels, three stages of ``n`` basic blocks at 16/32/64 channels (the
+    last two starting with stride 2), global average pooling and one linear
+    layer; depth 6n + 2 (ResNet-20: n = 3, 0.27M parameters). Kaiming-normal
+    init of convolution and linear weights, as BioTorch's ``small_resnet``.
+    """
+
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A"
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110), got {depth}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 conv), got {shortcut!r}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks: list[nn.Module] = []
+        c_in = 16
+        for stage, c_out in enumerate((16, 32, 64)):
+            for b in range(n):
+                stride = 2 if stage > 0 and b == 0 else 1
+                blocks.append(CifarBasicBlock(c_in, c_out, stride, shortcut))
+                c_in = c_out
+        self.layers = nn.Sequential(*blocks)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+
+
 class RepeatChannels(nn.Module):
     """Repeat a 1-channel image to ``channels`` channels (grey images into RGB models)."""
 
@@ -120,14 +203,15 @@ def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: 
     return model
 
 
-MODEL_NAMES = ("mlp", "mlp-default-init", "cnn", "cnn-tanh", "resnet18")
+MODEL_NAMES = ("mlp", "mlp-default-init", "cnn", "cnn-tanh", "resnet18", *RESNET_DEPTHS)
 
 
 def build_model(name: str, dataset: str, **kwargs: Any) -> nn.Module:
     """Build a model by name for a data set (``"fashion-mnist"`` or ``"cifar10"``).
 
     Names: ``mlp`` (paper MLP, paper init), ``mlp-default-init``, ``cnn``,
-    ``cnn-tanh``, ``resnet18`` (CIFAR stem), or any ``torchvision.models``
+    ``cnn-tanh``, ``resnet18`` (CIFAR stem), ``resnet20``/``32``/``44``/``56``/``110``
+    (the CIFAR ResNets; ``shortcut="B"`` for 1x1-conv shortcuts), or any ``torchvision.models``
     constructor (built with ``weights=None``; 1-channel images are repeated to
     3 channels). Extra keyword arguments go to the constructor.
     """
@@ -144,4 +228,6 @@ def build_model(name: str, dataset: str, **kwargs: Any) -> nn.Module:
         return cifar_cnn(c, classes, h, activation="tanh", **kwargs)
     if name == "resnet18":
         return resnet18_cifar(classes, c)
+    if name in RESNET_DEPTHS:
+        return CifarResNet(RESNET_DEPTHS[name], classes, c, **kwargs)
     return _torchvision_model(name, c, classes, **kwargs)
