@@ -194,3 +194,44 @@ def test_gpu_check_script_syntax(tmp_path: Path) -> None:
         ["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, check=False
     )
     assert result.returncode != 0 and "OUT" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The whole driver on the CPU (FORCE_CPU_CHECK=1): selftest, one CUDA test
+    file (its CUDA tests skip here), the targets and the CIFAR-10 job, each
+    through its own step, with the report written as it goes. The benchmarks'
+    CPU runs are tested above; the build is the suite's own."""
+    out = tmp_path / "out"
+    found = [d for d in (ROOT / "benchmarks" / ".data", ROOT.parent / "shared" / "data")
+             if (d / "cifar10-jpeg.tar.gz").is_file()]
+    env = dict(os.environ, OUT=str(out), FORCE_CPU_CHECK="1", GPU_CHECK_SKIP_BUILD="1",
+               GPU_CHECK_KEEP_LOGS="1", GPU_CHECK_SKIP="bench_paper bench_exact",
+               GPU_CHECK_TEST_FILES="tests/python/test_cuda_review.py",
+               TORCH_AR_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    has_data = bool(found)
+    env.pop("GPU_CHECK_DATA", None)
+    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, check=False, timeout=1200)
+    report = (out / "gpu_report.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in report.splitlines() if line.startswith("| ") and line.count("|") == 4}
+    assert rows["env"] == "ok" and rows["build"] == "ok", report
+    assert rows["selftest"] == "ok", report
+    assert rows["tests_test_cuda_review"] == "ok", report
+    assert rows["bench_paper"].startswith("skipped"), report
+    assert (out / "tests" / "test_cuda_review.xml").is_file()
+    selftest = json.loads((out / "selftest.json").read_text())
+    assert selftest["ok"] and len(selftest["checks"]) > 40
+    if has_data:
+        assert rows["job"] == "ok", report
+        job = json.loads((out / "gpu_job.json").read_text())
+        assert {(r["model"], r["method"].split(" /")[0]) for r in job["rows"]} == {
+            (m, k) for m in ("cnn", "resnet20") for k in ("backprop", "AR eta 1", "AR eta 0.1")
+        }
+        assert all(r["images_per_s"] > 0 for r in job["rows"])
+        # targets are reported, not judged, on the CPU: nothing failed.
+        assert result.returncode == 0, report
+    else:
+        assert rows["job"].startswith("FAILED (missing"), report
+        assert result.returncode != 0
