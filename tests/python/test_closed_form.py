@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from conftest import needs_cuda
 from zoo import (
     CASES,
     F32_MIN_COSINE,
@@ -189,3 +190,34 @@ def test_masked_attention_starts_from_zero_where_the_forward_is_infinite():
         assert not stats.nonfinite
         for name in expected:
             assert rel_err(got[name], expected[name]) <= 1e-9, (evaluation, name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case_name", ["paper_mlp_mse", "small_cnn", "cat_residual", "batchnorm_train"])
+@pytest.mark.parametrize("variant", ["exact", "feedback_alignment"])
+def test_closed_form_on_cuda_equals_the_literal_steps(case_name, variant):
+    """The CUDA horner_update_ and the per-stage norm reads: the same outcome
+    as the literal steps on the GPU, and as the closed form on the CPU."""
+    torch_ar = load_torch_ar()
+    case = CASES[case_name]
+    results = {}
+    for device, evaluation in (("cuda", "literal"), ("cuda", "auto"), ("cpu", "auto")):
+        model = make_model(case, device, torch.float64)
+        args, kwargs, target = make_batch(case, device, torch.float64)
+        torch.manual_seed(7)
+        ar = torch_ar.ARBackward(model, eta=0.2, steps=25, variant=variant, evaluation=evaluation)
+        torch.manual_seed(1234)
+        case.loss(ar(*args, **kwargs), target).backward()
+        results[device, evaluation] = (
+            {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None},
+            ar.last_stats,
+        )
+    literal, lit_stats = results["cuda", "literal"]
+    assert lit_stats.evaluation == "literal"
+    for key in (("cuda", "auto"), ("cpu", "auto")):
+        grads, stats = results[key]
+        assert stats.evaluation == "closed_form", key
+        scale = max(float(g.norm()) for g in literal.values())
+        for name, g in literal.items():
+            err = float((grads[name] - g).norm()) / max(float(g.norm()), 1e-9 * scale)
+            assert err <= F64_MAX_REL_ERR, (key, name, err)

@@ -207,6 +207,27 @@ def test_horner_update_on_cuda_equals_the_cpu_kernel(dtype, residual: bool, miss
 
 
 @needs_cuda
+@pytest.mark.parametrize("count", [17, 300, 700])
+def test_horner_update_over_several_launch_tables(count: int) -> None:
+    """More states than the small table (16) and the large one (256) hold."""
+    import torch_ar  # noqa: F401
+
+    gen = torch.Generator().manual_seed(3)
+    b = [torch.randn(1 + 523 * (i % 11), generator=gen, dtype=torch.float64) for i in range(count)]
+    t = [torch.randn_like(v) for v in b]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        out = [torch.empty_like(v, device=device) for v in b]
+        norms = torch.ops.torch_ar.horner_update_(
+            out, [None] * count, [v.to(device) for v in b], [v.to(device) for v in t],
+            [None] * count, 0.0, 0.5, 0.0, False)
+        outs[device] = ([o.cpu() for o in out], norms.cpu())
+    for a, e in zip(outs["cuda"][0], outs["cpu"][0]):
+        assert torch.equal(a, e)
+    torch.testing.assert_close(outs["cuda"][1], outs["cpu"][1], rtol=1e-12, atol=0.0)
+
+
+@needs_cuda
 def test_horner_update_counts_non_finite_values_on_cuda() -> None:
     import torch_ar  # noqa: F401
 
