@@ -39,6 +39,7 @@ LOSSES = ("mse", "cross-entropy")
 # per-channel standardisation with the training set's mean and std.
 NORMALIZATIONS = ("none", "standard")
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "step", "none")
 # SGD on the summed MSE uses the paper's lr; the others are common choices.
 # Each reaches >75% on Fashion-MNIST with the paper MLP within 300 batches.
 DEFAULT_LR = {("sgd", "mse"): 5e-4, ("sgd", "cross-entropy"): 0.05, ("adam", "mse"): 1e-3}
@@ -47,6 +48,8 @@ DEFAULT_LR[("adam", "cross-entropy")] = 1e-3
 SUMMED_LOSSES = ("mse",)
 # Seed of the fixed test sample drawn for limit_test_batches (independent of the run's seed).
 TEST_SAMPLE_SEED = 0
+# Seed of the validation sample held out of the training set (val_split).
+VAL_SAMPLE_SEED = 1
 AR_OPTIONS = (
     "eta", "steps", "tol", "init", "schedule", "granularity", "variant", "cuda_graph",
     "backward_weight_init", "backward_weight_std", "backward_weight_decay",
@@ -97,7 +100,23 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float | None = None
     momentum: float = 0.0
+    # L2 decay of the model's own parameters; backward weights (psi) decay
+    # only with weight_decay_backward_weights (their Kolen-Pollack decay is
+    # backward_weight_decay, an AR option).
     weight_decay: float = 0.0
+    weight_decay_backward_weights: bool | None = None
+    nesterov: bool | None = None
+    # Learning rate over training: None (constant), "cosine" (to 0 at the last
+    # batch) or "step" (x lr_gamma at each of lr_milestones, in epochs; default
+    # half and three quarters of the run), after warmup_epochs of linear warm-up
+    # from 0, all per batch.
+    lr_schedule: str | None = None
+    warmup_epochs: float | None = None
+    lr_milestones: tuple[int, ...] | None = None
+    lr_gamma: float | None = None
+    # Training examples held out (a fixed random sample, the same for every
+    # seed) and evaluated each epoch as val_loss / val_acc.
+    val_split: int | None = None
     batch_size: int = 64
     test_batch_size: int = 1000
     epochs: int = 1
@@ -122,6 +141,21 @@ class TrainConfig:
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[(self.optimizer, self.loss)]
+
+    def lr_at(self, batch: int, batches_per_epoch: int) -> float:
+        """The learning rate of global batch ``batch`` (0-based) under the schedule."""
+        base, total = self.resolved_lr(), self.epochs * batches_per_epoch
+        warmup = round((self.warmup_epochs or 0.0) * batches_per_epoch)
+        if batch < warmup:
+            return base * (batch + 1) / warmup
+        if self.lr_schedule == "cosine":
+            progress = (batch - warmup) / max(total - warmup, 1)
+            return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.lr_schedule == "step":
+            milestones = self.lr_milestones or (self.epochs // 2, (3 * self.epochs) // 4)
+            passed = sum(batch >= m * batches_per_epoch for m in milestones)
+            return base * (self.lr_gamma if self.lr_gamma is not None else 0.1) ** passed
+        return base
 
 
 # ------------------------------------------------------------------ losses
@@ -233,9 +267,25 @@ class Trainer:
         self.summed_loss = c.loss in SUMMED_LOSSES
         self.augment = c.augment if c.augment is not None else c.dataset == "cifar10"
         self.augment_generator = torch.Generator().manual_seed(c.seed + 1)
+        train_images, train_labels = self.dataset.train_images, self.dataset.train_labels
+        self.val_batches = None
+        if c.val_split:
+            if c.val_split >= len(train_labels):
+                raise ConfigError(
+                    f"val_split {c.val_split} leaves no training examples of {len(train_labels)}"
+                )
+            # A fixed random sample (the folders are sorted by class), the
+            # same for every seed and method.
+            order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(VAL_SAMPLE_SEED))
+            held, kept = order[: c.val_split].sort().values, order[c.val_split:].sort().values
+            self.val_batches = data_lib.TensorBatches(
+                train_images[held], train_labels[held], c.test_batch_size,
+                device=self.device, transform=self._test_transform,
+            )
+            train_images, train_labels = train_images[kept], train_labels[kept]
         self.train_batches = data_lib.TensorBatches(
-            self.dataset.train_images,
-            self.dataset.train_labels,
+            train_images,
+            train_labels,
             c.batch_size,
             shuffle=True,
             seed=c.seed,
@@ -294,16 +344,31 @@ class Trainer:
             raise ConfigError(
                 f"unknown normalize {c.normalize!r}; choose from {NORMALIZATIONS}"
             )
+        if c.lr_schedule is not None and c.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {c.lr_schedule!r}; choose from {LR_SCHEDULES}")
+        if c.warmup_epochs is not None and not 0 <= c.warmup_epochs < c.epochs:
+            raise ConfigError(f"warmup_epochs must be in [0, epochs), got {c.warmup_epochs}")
+        if c.val_split is not None and c.val_split < 0:
+            raise ConfigError(f"val_split must be >= 0, got {c.val_split}")
+        if c.nesterov and (c.optimizer != "sgd" or not c.momentum > 0):
+            raise ConfigError("nesterov needs the sgd optimizer with momentum > 0")
         if c.resume and not c.out:
             raise ConfigError("resume needs out: the folder whose checkpoint to continue")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c, lr = self.config, self.config.resolved_lr()
-        # The wrapper's parameters: the model's plus any it owns (e.g. learned backward weights).
-        params = [p for p in self.net.parameters() if p.requires_grad]
+        # The wrapper's parameters: the model's plus any it owns (e.g. learned
+        # backward weights), which take weight decay only when asked.
+        own = {id(p) for p in self.model.parameters()}
+        forward = [p for p in self.net.parameters() if p.requires_grad and id(p) in own]
+        backward = [p for p in self.net.parameters() if p.requires_grad and id(p) not in own]
+        groups = [{"params": forward, "weight_decay": c.weight_decay}]
+        if backward:
+            decay = c.weight_decay if c.weight_decay_backward_weights else 0.0
+            groups.append({"params": backward, "weight_decay": decay})
         if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        return torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay)
+            return torch.optim.SGD(groups, lr=lr, momentum=c.momentum, nesterov=bool(c.nesterov))
+        return torch.optim.Adam(groups, lr=lr)
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.normalize == "none":
@@ -373,7 +438,11 @@ class Trainer:
         bar = self._progress(
             self.train_batches, f"epoch {epoch}/{c.epochs}", len(self.train_batches)
         )
+        batches = len(self.train_batches)
         for index, (x, y) in enumerate(bar):
+            lr = c.lr_at((epoch - 1) * batches + index, batches)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             measure = c.method == "ar" and c.cosine_every > 0 and index % c.cosine_every == 0
             try:
                 loss, out, m = self._train_step(x, y, measure)
@@ -410,6 +479,7 @@ class Trainer:
         record: dict[str, Any] = {
             "epoch": epoch,
             "method": c.method,
+            "lr_last": lr if batches else None,
             "train_batches": len(self.train_batches),
             "train_loss": total_loss / max(seen, 1),
             "train_acc": correct / max(seen, 1),
@@ -486,10 +556,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Test loss and accuracy of the plain model (no AR needed for a forward pass)."""
+        """Test (and validation) loss and accuracy of the plain model in eval
+        mode (BatchNorm's running statistics; no AR needed for a forward pass)."""
+        result = self._evaluate(self.test_batches, "test")
+        if self.val_batches is not None:
+            result.update(self._evaluate(self.val_batches, "val"))
+        return result
+
+    @torch.no_grad()
+    def _evaluate(self, batches: Any, split: str) -> dict[str, float]:
         self.model.eval()
         total_loss, correct, seen = 0.0, 0, 0
-        bar = self._progress(self.test_batches, "test", len(self.test_batches))
+        bar = self._progress(batches, split, len(batches))
         for x, y in bar:
             out = self.model(x)
             loss = self.loss_fn(out, y).item()
@@ -497,7 +575,7 @@ class Trainer:
             correct += int((out.argmax(dim=1) == y).sum())
             seen += len(y)
         self.model.train()
-        return {"test_loss": total_loss / max(seen, 1), "test_acc": correct / max(seen, 1)}
+        return {f"{split}_loss": total_loss / max(seen, 1), f"{split}_acc": correct / max(seen, 1)}
 
     # ---------------------------------------------------------- output
 
@@ -510,6 +588,8 @@ class Trainer:
             f"acc {100 * r['train_acc']:.2f}% | test loss {r['test_loss']:.4f} "
             f"acc {100 * r['test_acc']:.2f}%"
         )
+        if "val_acc" in r:
+            line += f" | val acc {100 * r['val_acc']:.2f}%"
         if "cosine_mean" in r:
             line += f" | cosine to autograd mean {r['cosine_mean']:.6f} min {r['cosine_min']:.6f}"
             if r.get("max_residual") is not None:
@@ -553,6 +633,8 @@ class Trainer:
         now = {k: v for k, v in asdict(self.config).items() if k not in ("resume", "progress", "epochs")}
         # A setting added since the checkpoint was made is absent there: None, its default.
         changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
+        if self.config.lr_schedule not in (None, "none") and state["config"].get("epochs") != self.config.epochs:
+            changed.append("epochs (the learning-rate schedule spans them)")
         if changed:
             raise ConfigError(
                 f"cannot resume {self.out}: its checkpoint was made with other settings ({changed})"
@@ -592,7 +674,8 @@ class Trainer:
                 "augment": self.augment,
                 "normalize": self.config.normalize,
                 "parameters": sum(p.numel() for p in self.params),
-                "train_examples": len(self.dataset.train_labels),
+                "train_examples": len(self.dataset.train_labels) - (self.config.val_split or 0),
+                "val_examples": self.config.val_split or 0,
                 "test_examples": len(self.dataset.test_labels),
             },
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
