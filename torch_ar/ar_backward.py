@@ -252,6 +252,18 @@ def _matched_std(name: str, weight: torch.Tensor) -> float:
     return std
 
 
+def _xavier_std(weight: torch.Tensor) -> float:
+    """sqrt(2 / (fan_in + fan_out)) of a linear or conv weight."""
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+    return math.sqrt(2.0 / float(fan_in + fan_out))
+
+
+def _xavier_uniform(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A tensor of ``shape`` drawn as Xavier-uniform for ``weight``'s fans."""
+    bound = math.sqrt(3.0) * _xavier_std(weight)
+    return torch.empty(shape, dtype=weight.dtype, device=weight.device).uniform_(-bound, bound)
+
+
 def _flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
     """(flat list, spec) of the forward's arguments; spec None for plain tensor
     positional arguments (the common case, without pytree's cost)."""
@@ -307,6 +319,8 @@ class _ARFunction(torch.autograd.Function):
             return (None, *([None] * len(needs_all)))
         cfg = run.config
         variant = get_variant(cfg.variant)
+        if variant.sign_feedback is not None:
+            run.owner.refresh_sign_feedback()
         leaves = run.params + run.input_leaves
         backward_weights = (
             [p.detach() if p is not None else None for p in run.psis]
@@ -456,6 +470,8 @@ class ARBackward(nn.Module):
         # parameters() and optimizers see it; keys are the weight's name with
         # "." replaced by "__".
         self.backward_weight_store = nn.ParameterDict()
+        # frSF's fixed random magnitudes |R|, by the same keys.
+        self.backward_weight_magnitude = nn.ParameterDict()
         self._psi_layout: dict[str, str] = {}
         if get_variant(variant).uses_backward_weights:
             self._create_backward_weights()
@@ -463,6 +479,7 @@ class ARBackward(nn.Module):
     def _create_backward_weights(self) -> None:
         cfg = self.config
         learned = get_variant(cfg.variant).backward_weights == "learned"
+        sign_feedback = get_variant(cfg.variant).sign_feedback
         seen: set[int] = set()
         names = {id(p): n for n, p in self.module.named_parameters()}
         for layer in self.module.modules():
@@ -475,15 +492,42 @@ class ARBackward(nn.Module):
             name = names[id(w)]
             if cfg.backward_weight_init == "transpose":
                 init = (w.detach().t() if transposed else w.detach()).clone().contiguous()
+            elif cfg.backward_weight_init == "xavier":
+                init = _xavier_uniform(w, shape)
             else:
                 std = cfg.backward_weight_std
                 if cfg.backward_weight_init == "matched":
                     std = _matched_std(name, w)
                 init = torch.randn(shape, dtype=w.dtype, device=w.device) * std
-            self.backward_weight_store[name.replace(".", "__")] = nn.Parameter(
-                init, requires_grad=learned
-            )
+            key = name.replace(".", "__")
+            if sign_feedback == "fixed_random":
+                # The magnitudes stay; the signs come from W at every backward.
+                self.backward_weight_magnitude[key] = nn.Parameter(
+                    _xavier_uniform(w, shape).abs(), requires_grad=False
+                )
+            self.backward_weight_store[key] = nn.Parameter(init, requires_grad=learned)
             self._psi_layout[name] = "transposed" if transposed else "same"
+        if sign_feedback is not None:
+            self.refresh_sign_feedback()
+
+    @torch.no_grad()
+    def refresh_sign_feedback(self) -> None:
+        """Remakes psi from the forward weights' signs (the sign_symmetry
+        variants); runs at every backward, before the relaxation."""
+        rule = get_variant(self.config.variant).sign_feedback
+        if rule is None:
+            return
+        for name, layout in self._psi_layout.items():
+            key = name.replace(".", "__")
+            w = self.module.get_parameter(name).detach()
+            signs = torch.sign(w.t() if layout == "transposed" else w)
+            psi = self.backward_weight_store[key]
+            if rule == "uniform":
+                psi.copy_(signs * _xavier_std(w))
+            elif rule == "fixed_random":
+                psi.copy_(signs * self.backward_weight_magnitude[key])
+            else:  # batch_random
+                psi.copy_(signs * _xavier_uniform(w, psi.shape).abs())
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The module's named parameters, re-listed only after a module anywhere

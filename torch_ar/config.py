@@ -11,7 +11,7 @@ INIT_MODES = ("forward", "zero")
 SCHEDULES = ("jacobi", "sweep")
 GRANULARITIES = ("layer", "op")
 EVALUATIONS = ("auto", "closed_form", "literal")
-BACKWARD_WEIGHT_INITS = ("normal", "matched", "transpose")
+BACKWARD_WEIGHT_INITS = ("normal", "matched", "xavier", "transpose")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,10 @@ class RelaxConfig:
     backward_weight_init: "normal" (N(0, backward_weight_std), the paper),
         "matched" (N(0, s) with s the standard deviation of the layer's own
         weight when wrapped: the paper draws psi like W, and a CNN's default
-        init gives each layer its own scale) or "transpose" (psi = W^T).
+        init gives each layer its own scale), "xavier" (uniform with
+        bound sqrt(6 / (fan_in + fan_out)) of the layer, BioTorch's default)
+        or "transpose" (psi = W^T). The sign_symmetry variants make psi from W
+        instead (see torch_ar.variants).
     backward_weight_std: standard deviation of the "normal" initialisation.
     backward_weight_decay: Kolen-Pollack decay: adds decay * psi to psi's
         gradient and decay * W to W's, so psi - W^T shrinks; 0 (off) by default.
@@ -98,7 +101,7 @@ class RelaxConfig:
             )
         if self.backward_weight_init not in BACKWARD_WEIGHT_INITS:
             raise ValueError(
-                "backward_weight_init must be 'normal', 'matched' or 'transpose', "
+                "backward_weight_init must be 'normal', 'matched', 'xavier' or 'transpose', "
                 f"got {self.backward_weight_init!r}"
             )
         if not (isinstance(self.backward_weight_std, (int, float)) and self.backward_weight_std > 0):

@@ -10,6 +10,14 @@ Each variant changes the VJPs used during relaxation (and so the fixed point):
 - ``no_nonlinear_derivative``: elementwise activations pass the state through
   unchanged (f' dropped) during relaxation.
 - ``combined``: learned backward weights and no nonlinear derivative.
+- ``sign_symmetry`` (uSF, Liao, Leibo & Poggio 2016): psi = sign(W) times the
+  layer's Xavier standard deviation sqrt(2 / (fan_in + fan_out)), recomputed
+  from W at every backward: only the signs of the forward weights travel.
+- ``sign_symmetry_fixed_random`` (frSF): psi = |R| * sign(W), R drawn once
+  (Xavier uniform) and fixed, the signs from W at every backward.
+- ``sign_symmetry_batch_random`` (brSF): psi = |R_t| * sign(W), R_t drawn
+  afresh (Xavier uniform) at every backward.
+The sign rules and their scales are those of BioTorch's usf/frsf/brsf layers.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ class Variant:
     backward_weights: str  # "none", "learned" or "fixed"
     drop_activation_derivative: bool
     summary: str
+    # psi made from W's signs at every backward (backward_weights "fixed"):
+    # None, "uniform" (uSF), "fixed_random" (frSF) or "batch_random" (brSF).
+    sign_feedback: str | None = None
 
     @property
     def uses_backward_weights(self) -> bool:
@@ -48,6 +59,19 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "combined", "learned", True,
             "learned psi and no nonlinear derivative",
+        ),
+        Variant(
+            "sign_symmetry", "fixed", False,
+            "psi = sign(W) x the layer's Xavier scale, from W at every backward (uSF)",
+            "uniform",
+        ),
+        Variant(
+            "sign_symmetry_fixed_random", "fixed", False,
+            "psi = |R| x sign(W), R random and fixed (frSF)", "fixed_random",
+        ),
+        Variant(
+            "sign_symmetry_batch_random", "fixed", False,
+            "psi = |R_t| x sign(W), R_t drawn at every backward (brSF)", "batch_random",
         ),
     )
 }

@@ -555,7 +555,7 @@ def test_matched_init_names_a_weight_without_spread():
         model[2].weight.zero_()
     with pytest.raises(ValueError, match=r"'2.weight' \(shape \(4, 8\)\) has std 0"):
         torch_ar.ARBackward(model, variant="combined", backward_weight_init="matched")
-    with pytest.raises(ValueError, match="'normal', 'matched' or 'transpose'"):
+    with pytest.raises(ValueError, match="'normal', 'matched', 'xavier' or 'transpose'"):
         torch_ar.ARBackward(model, variant="combined", backward_weight_init="kaiming")
 
 
@@ -894,3 +894,96 @@ def test_variant_gradient_cosines(device, dtype):
     true = _autograd_grads(model, x, y)
     for n in names:
         assert cos[n] == pytest.approx(cosine(expected[n], true[n]), abs=1e-4), n
+
+
+# --------------------------------------------------------------------------
+# Sign-concordant feedback (uSF, frSF, brSF): psi from W's signs
+# --------------------------------------------------------------------------
+
+SIGN_VARIANTS = ["sign_symmetry", "sign_symmetry_fixed_random", "sign_symmetry_batch_random"]
+SIGN_SETTINGS = [
+    pytest.param({}, id="exact_sweep"),
+    pytest.param({"eta": 0.5, "steps": 200}, id="closed_form"),
+    pytest.param({"eta": 0.5, "steps": 200, "evaluation": "literal"}, id="literal"),
+]
+
+
+def sign_ar_and_oracle(net, variant, device, dtype, **ar_kwargs):
+    """ARBackward(variant) and the oracle with the psi the backward used
+    (brSF draws its magnitudes at every backward, so psi is read after it)."""
+    torch_ar = load_torch_ar()
+    model, x, y = make_problem(net, device, dtype)
+    torch.manual_seed(7)
+    ar = torch_ar.ARBackward(model, variant=variant, **ar_kwargs)
+    F.cross_entropy(ar(x), y).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    psis = {n: p.detach().clone() for n, p in ar.backward_weights().items()}
+    model.zero_grad(set_to_none=True)
+    expected = Oracle(model, psis, Rule(True, False)).gradients(x, y)
+    return ar, model, got, expected, psis
+
+
+def xavier_std(w: torch.Tensor) -> float:
+    fan_in = w.shape[1] * (w[0, 0].numel() if w.dim() > 2 else 1)
+    fan_out = w.shape[0] * (w[0, 0].numel() if w.dim() > 2 else 1)
+    return math.sqrt(2.0 / (fan_in + fan_out))
+
+
+@pytest.mark.parametrize("net", list(NETS))
+@pytest.mark.parametrize("variant", SIGN_VARIANTS)
+@pytest.mark.parametrize("settings", SIGN_SETTINGS)
+def test_sign_variants_converge_to_their_oracle(net, variant, settings, device, dtype):
+    ar, model, got, expected, psis = sign_ar_and_oracle(net, variant, device, dtype, **settings)
+    assert_close(got, expected, dtype)
+    # Only the signs of W travel: psi agrees with W (transposed for linear) in sign.
+    for name, psi in psis.items():
+        w = model.get_parameter(name).detach()
+        w = w.t() if w.dim() == 2 else w
+        assert torch.equal(torch.sign(psi), torch.sign(w)), name
+        if variant == "sign_symmetry":
+            torch.testing.assert_close(psi.abs(), torch.full_like(psi, xavier_std(w)))
+
+
+def test_sign_feedback_follows_w_and_its_magnitudes(torch_ar):
+    model, x, y = make_problem("cnn", "cpu", torch.float64)
+    runs = {}
+    for variant in SIGN_VARIANTS:
+        torch.manual_seed(7)
+        net = copy.deepcopy(model)
+        ar = torch_ar.ARBackward(net, variant=variant)
+        opt = torch.optim.SGD(net.parameters(), lr=5.0)  # large: some signs flip
+        seen = []
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(ar(x), y).backward()
+            seen.append({n: p.detach().clone() for n, p in ar.backward_weights().items()})
+            before = {n: p.detach().clone() for n, p in net.named_parameters()}
+            opt.step()
+        runs[variant] = (seen, before, net, ar)
+    # The signs are W's at the backward that used them, even after W's signs changed.
+    seen, _, net, ar = runs["sign_symmetry"]
+    flipped = sum(int((torch.sign(seen[0][n]) != torch.sign(seen[2][n])).sum()) for n in seen[0])
+    assert flipped > 0
+    magnitudes = lambda s: {n: p.abs() for n, p in s.items()}  # noqa: E731
+    for variant, fixed in (("sign_symmetry", True), ("sign_symmetry_fixed_random", True),
+                           ("sign_symmetry_batch_random", False)):
+        seen = runs[variant][0]
+        same = all(torch.equal(magnitudes(seen[0])[n], magnitudes(seen[2])[n]) for n in seen[0])
+        assert same == fixed, variant
+    # psi is not learned: no gradient, and the optimizer never moves it.
+    for variant in SIGN_VARIANTS:
+        ar = runs[variant][3]
+        assert all(not p.requires_grad and p.grad is None for p in ar.backward_weights().values())
+
+
+def test_xavier_backward_weight_init(torch_ar):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    ar = torch_ar.ARBackward(net, variant="feedback_alignment", backward_weight_init="xavier")
+    psi = ar.backward_weights()["0.weight"]
+    bound = math.sqrt(6.0 / (300 + 100))
+    assert psi.shape == (300, 100)
+    assert psi.abs().max() <= bound and psi.abs().max() > 0.95 * bound
+    assert abs(psi.std().item() - bound / math.sqrt(3)) < 0.01 * bound
+    with pytest.raises(ValueError, match="'xavier'"):
+        torch_ar.ARBackward(net, variant="feedback_alignment", backward_weight_init="glorot")
