@@ -135,6 +135,44 @@ LOWER_LR_ROWS = ("backprop", "ar-eta0.1-steps{steps}", "ar-feedback_alignment",
 MATCHED_PSI_ROWS = ("ar-feedback_alignment", "ar-combined")
 
 
+# ResNet-20 on CIFAR-10 at the field's scale (He et al. 2016; BioTorch's table):
+# BatchNorm, SGD momentum 0.9, lr 0.1 with a cosine schedule, weight decay
+# 5e-4 on the forward weights, batch 128, standard augmentation.
+RESNET_COMMON = [
+    *CIFAR_PROBLEM[:-1], "128",
+    "--model", "resnet20", "--augment", "--optimizer", "sgd", "--lr", "0.1",
+    "--momentum", "0.9", "--weight-decay", "5e-4", "--lr-schedule", "cosine",
+    "--cosine-every", "50",
+]
+SIGN_VARIANT_NAMES = ("sign_symmetry", "sign_symmetry_fixed_random", "sign_symmetry_batch_random")
+
+
+def resnet_methods(steps: int) -> list[tuple[str, list[str], float, tuple[int, ...]]]:
+    """(name, train arguments, relative cost, seeds) of the ResNet-20 table. The
+    variants run at their converged fixed point (eta 1: the relaxation's exact
+    limit for that variant)."""
+    exact = ["--method", "ar", "--eta", "1"]
+    return [
+        ("backprop", ["--method", "backprop"], 1.0, (0, 1)),
+        ("ar-eta1", exact, 1.2, (0,)),
+        (f"ar-eta0.1-steps{steps}", ["--method", "ar", "--eta", "0.1", "--steps", str(steps)],
+         12.0, (0,)),
+        ("ar-eta1-feedback_alignment-psi_matched",
+         [*exact, "--variant", "feedback_alignment", "--backward-weight-init", "matched"], 1.3, (0,)),
+        ("ar-eta1-learned_backward_weights",
+         [*exact, "--variant", "learned_backward_weights", "--backward-weight-init", "matched"],
+         1.3, (0,)),
+        ("ar-eta1-learned_backward_weights-kp",
+         [*exact, "--variant", "learned_backward_weights", "--backward-weight-init", "matched",
+          "--backward-weight-decay", KOLEN_POLLACK_DECAY], 1.3, (0,)),
+        ("ar-eta1-no_nonlinear_derivative", [*exact, "--variant", "no_nonlinear_derivative"],
+         1.2, (0,)),
+        ("ar-eta1-combined",
+         [*exact, "--variant", "combined", "--backward-weight-init", "matched"], 1.3, (0,)),
+        *[(f"ar-eta1-{v}", [*exact, "--variant", v], 1.3, (0,)) for v in SIGN_VARIANT_NAMES],
+    ]
+
+
 def cifar_common(lr: float) -> list[str]:
     """The CIFAR table's shared arguments at learning rate ``lr``."""
     common = list(CIFAR_COMMON)
@@ -231,6 +269,13 @@ def plan(args: argparse.Namespace) -> list[Job]:
                     jobs.append(
                         _cifar_job(f"{name}-psi_matched", matched, cost, seeds[0], lr, args)
                     )
+    if "resnet20" in args.only:
+        for name, method_args, cost, run_seeds in resnet_methods(args.resnet_steps):
+            for seed in run_seeds:
+                command = ["train", *RESNET_COMMON, *method_args, "--epochs",
+                           str(args.resnet_epochs), "--seed", str(seed)]
+                jobs.append(Job(f"cifar10-resnet20-{name}-s{seed}", "cifar10-resnet20", command,
+                                args.resnet_epochs, cost * args.resnet_epochs * 60))
     if "compare" in args.only:
         jobs.append(
             Job(
@@ -774,10 +819,19 @@ def main(argv: list[str] | None = None) -> int:
         "the first) (default: 0,1)",
     )
     parser.add_argument(
+        "--resnet-epochs", type=int, default=20, help="ResNet-20 epochs (default: 20)"
+    )
+    parser.add_argument(
+        "--resnet-steps", type=int, default=700,
+        help="relaxation steps of the ResNet-20 AR eta 0.1 row; set it to what "
+        "`compare --model resnet20 --recommend 0.999` finds (default: 700)",
+    )
+    parser.add_argument(
         "--only",
         type=lambda s: s.split(","),
         default=["fashion", "cifar", "compare"],
-        help="comma-separated parts: fashion, cifar, compare (default: all)",
+        help="comma-separated parts: fashion, cifar, resnet20, compare (default: fashion, "
+        "cifar, compare)",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
