@@ -40,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -833,6 +834,13 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated parts: fashion, cifar, resnet20, compare (default: fashion, "
         "cifar, compare)",
     )
+    parser.add_argument(
+        "--names",
+        type=lambda s: [n for n in s.split(",") if n],
+        default=None,
+        help="comma-separated shell patterns: only the runs whose names match "
+        "(e.g. 'cifar10-resnet20-backprop-*')",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
     parser.add_argument("--device", default="cpu")
@@ -859,6 +867,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results = args.results.resolve()
     args.results.mkdir(parents=True, exist_ok=True)
     jobs = plan(args)
+    if args.names:
+        jobs = [j for j in jobs if any(fnmatch.fnmatch(j.name, n) for n in args.names)]
     if args.dry_run:
         for job in jobs:
             state = "done" if job.done(args.results) else "todo"
