@@ -9,7 +9,7 @@ from torch_ar.variants import get_variant
 
 INIT_MODES = ("forward", "zero")
 SCHEDULES = ("jacobi", "sweep")
-GRANULARITIES = ("layer", "op")
+GRANULARITIES = ("layer", "block", "op")
 EVALUATIONS = ("auto", "closed_form", "literal")
 BACKWARD_WEIGHT_INITS = ("normal", "matched", "xavier", "transpose")
 
@@ -25,8 +25,13 @@ class RelaxConfig:
     init: initial states, "forward" (the forward values, as the paper) or "zero".
     schedule: "jacobi" (all states from the previous step, the paper's parallel
         phase) or "sweep" (reverse topological Gauss-Seidel).
-    granularity: "layer" (one state per layer output, the paper's neurons) or
-        "op" (one state per op output).
+    granularity: "layer" (one state per layer output, the paper's neurons:
+        a structural op such as linear, conv, BatchNorm, pooling or an add,
+        with the elementwise and view ops after it), "block" (a parametrised
+        op, linear, conv or embedding lookup, with everything after it up to
+        the next parametrised op or branch point: norms, pools, activations,
+        views and a residual add, whose other input is then an input of the
+        block; about half the depth of a ResNet) or "op" (one state per op).
     trace: record every state's residual at every step.
     trace_cosine: record, per step, the cosine of each parameter's current
         gradient to the exact (autograd) gradient.

@@ -18,8 +18,9 @@ Schedule parse_schedule(const std::string& name) {
 
 Granularity parse_granularity(const std::string& name) {
   if (name == "layer") return Granularity::Layer;
+  if (name == "block") return Granularity::Block;
   if (name == "op") return Granularity::Op;
-  TORCH_CHECK(false, "torch_ar: granularity must be 'layer' or 'op', got '", name, "'");
+  TORCH_CHECK(false, "torch_ar: granularity must be 'layer', 'block' or 'op', got '", name, "'");
 }
 
 Evaluation parse_evaluation(const std::string& name) {

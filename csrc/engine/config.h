@@ -9,7 +9,11 @@ namespace torch_ar {
 
 enum class InitMode { Forward, Zero };
 enum class Schedule { Jacobi, Sweep };
-enum class Granularity { Layer, Op };
+// Layer: a structural op and the elementwise/view ops after it (the paper's
+// neurons). Block: a parametrised op (linear, conv, lookup) and everything
+// after it up to the next parametrised op or branch point (norms, pools,
+// activations, views, a residual add). Op: one state per op.
+enum class Granularity { Layer, Block, Op };
 // How the relaxation is evaluated. Auto: the exact sweep where it is exact
 // (eta 1, enough steps), the closed form of the literal steps where it gives
 // their outcome (explicit steps, no trace, tol or CUDA graph), else the

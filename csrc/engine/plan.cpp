@@ -96,14 +96,56 @@ Plan make_plan(
     }
   }
 
-  // A tensor is internal to a layer when it is used once, by an elementwise or
-  // view op with no other activation input, and is not a module output.
+  // A tensor is internal to a layer when it is used once, is not a module
+  // output, and its one consumer joins it to the consumer's layer:
+  // - layer granularity: an elementwise or view op with no other activation
+  //   input;
+  // - block granularity: any op of the table that is not parametrised
+  //   (linear, conv, matmul or lookup) with no other activation input, or a
+  //   residual add, whose first single-use input joins it (the other input is
+  //   then an input of the layer).
+  auto single_use = [&](int n, uint32_t k) {
+    return g.nodes[n]->num_inputs() == 1 && !ext[n][k].defined() && uses[n][k].size() == 1;
+  };
+  auto is_residual_add = [&](int m) {
+    const std::string name = g.nodes[m]->name();
+    return name == "AddBackward0" || name == "AddBackward1";
+  };
+  // Block granularity's layer boundaries: the table's linear/conv/matmul ops
+  // and lookups, and an op outside the table that reads a parameter (or a
+  // value computed from parameters only) directly.
+  auto parametrised = [&](int m) {
+    if (op[m]) return op[m]->role == OpRole::Lookup || op[m]->weight_edge >= 0;
+    for (const Edge& e : g.nodes[m]->next_edges()) {
+      if (!e.is_valid()) continue;
+      const int leaf = g.leaf_index(e.function.get());
+      if (leaf >= 0 ? g.leaf_kind[leaf] == LeafKind::Parameter
+                    : !g.activation[g.index_of(e.function.get())])
+        return true;
+    }
+    return false;
+  };
+  // The edge of a block-granularity add that continues its layer; -1: none.
+  std::vector<int> joined_edge(N, -2);
+  auto join_edge_of = [&](int m) {
+    if (joined_edge[m] != -2) return joined_edge[m];
+    int chosen = -1;
+    const auto& edges = g.nodes[m]->next_edges();
+    for (size_t j = 0; j < edges.size() && chosen < 0; ++j) {
+      if (!edges[j].is_valid() || g.leaf_index(edges[j].function.get()) >= 0) continue;
+      const int n = g.index_of(edges[j].function.get());
+      if (n >= 0 && g.activation[n] && single_use(n, edges[j].input_nr)) chosen = static_cast<int>(j);
+    }
+    return joined_edge[m] = chosen;
+  };
   auto internal = [&](int n, uint32_t k) {
-    if (granularity != Granularity::Layer) return false;
-    if (g.nodes[n]->num_inputs() != 1 || ext[n][k].defined()) return false;
-    if (uses[n][k].size() != 1) return false;
-    int m = uses[n][k][0].node;
-    return !starts_layer(op[m]) && activation_edges[m] == 1;
+    if (granularity == Granularity::Op || !single_use(n, k)) return false;
+    const Use& use = uses[n][k][0];
+    const int m = use.node;
+    if (granularity == Granularity::Layer) return !starts_layer(op[m]) && activation_edges[m] == 1;
+    if (parametrised(m)) return false;
+    if (activation_edges[m] == 1) return true;
+    return is_residual_add(m) && join_edge_of(m) == static_cast<int>(use.edge);
   };
 
   // Layers, in node order (consumers first), and their output states.
@@ -117,14 +159,12 @@ Plan make_plan(
       layer.chain.push_back(cur);
       layer_of[cur] = static_cast<int>(plan.layers.size());
       // Continue down through this node's single activation input if internal.
+      // (internal() admits at most one input of each consumer.)
       int next = -1;
-      const auto& edges = g.nodes[cur]->next_edges();
-      if (activation_edges[cur] == 1) {
-        for (const Edge& e : edges) {
-          if (!e.is_valid()) continue;
-          int n = g.index_of(e.function.get());
-          if (n >= 0 && g.activation[n] && internal(n, e.input_nr)) next = n;
-        }
+      for (const Edge& e : g.nodes[cur]->next_edges()) {
+        if (!e.is_valid() || g.leaf_index(e.function.get()) >= 0) continue;
+        int n = g.index_of(e.function.get());
+        if (n >= 0 && g.activation[n] && internal(n, e.input_nr)) next = n;
       }
       if (next < 0) break;
       cur = next;

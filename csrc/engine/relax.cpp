@@ -246,9 +246,17 @@ VjpRule Executor::rule_for(const Layer& layer, size_t q, Pass pass) const {
   VjpRule rule;
   if (config_.exact_rule() || pass == Pass::Gradient || pass == Pass::Full) return rule;
   if (pass == Pass::WeightGrad) {
-    // The weight update sees the state through f' unless asked otherwise.
-    rule.drop_activation_derivative =
-        config_.drop_activation_derivative && !config_.weight_update_derivative;
+    // The weight update sees the state through f' unless asked otherwise:
+    // the f' of the activations right after the weight op. An activation
+    // behind another structural op (the ReLU after a block's BatchNorm or
+    // residual add) belongs to that op's layer at layer granularity, where
+    // the update never sees it; a block keeps that, so the fixed point does
+    // not depend on the granularity.
+    bool behind_structural = false;
+    for (size_t r = q + 1; r + 1 < layer.chain.size(); ++r)
+      behind_structural = behind_structural || starts_layer(layer.ops[r]);
+    rule.drop_activation_derivative = config_.drop_activation_derivative &&
+        (!config_.weight_update_derivative || behind_structural);
     return rule;
   }
   rule.drop_activation_derivative = config_.drop_activation_derivative;

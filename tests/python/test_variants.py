@@ -987,3 +987,16 @@ def test_xavier_backward_weight_init(torch_ar):
     assert abs(psi.std().item() - bound / math.sqrt(3)) < 0.01 * bound
     with pytest.raises(ValueError, match="'xavier'"):
         torch_ar.ARBackward(net, variant="feedback_alignment", backward_weight_init="glorot")
+
+
+@pytest.mark.parametrize("net", list(NETS))
+@pytest.mark.parametrize("variant, wud", VARIANT_CONFIGS)
+@pytest.mark.parametrize("settings", [
+    pytest.param({}, id="exact_sweep"), pytest.param({"eta": 0.5, "steps": 200}, id="closed_form"),
+])
+def test_block_granularity_reaches_the_oracle(net, variant, wud, settings, device):
+    """A block holds a weight layer, its activation and what follows it up to the
+    next weight layer: the variants' fixed points are the same."""
+    _, got, expected = ar_and_oracle(net, variant, wud, device, torch.float64,
+                                     granularity="block", **settings)
+    assert_close(got, expected, torch.float64)
