@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -412,6 +413,16 @@ class ARBackward(nn.Module):
         ar.last_stats.depth        # layers between the deepest state and the output
 
     With the defaults (eta=1, steps=None) the gradients equal autograd's.
+
+    The options are RelaxConfig's (see there), and ``backward_weight_params``:
+    with a variant that uses backward weights, psi is made for the weights of
+    nn.Linear and nn.Conv1d/2d/3d modules and for nn.MultiheadAttention's
+    input projections (packed or separate q/k/v); name any other parameter
+    that the model reads as the weight of ``F.linear`` (2-D: psi is [in, out])
+    or ``F.conv*`` (psi of its shape) here to give it one too::
+
+        ar = torch_ar.ARBackward(net, variant="feedback_alignment",
+                                 backward_weight_params=["head.weight_raw"])
     """
 
     def __init__(
@@ -436,6 +447,7 @@ class ARBackward(nn.Module):
         fuse_activations: bool = True,
         cuda_graph: bool = False,
         evaluation: str = "auto",
+        backward_weight_params: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -473,6 +485,12 @@ class ARBackward(nn.Module):
         # frSF's fixed random magnitudes |R|, by the same keys.
         self.backward_weight_magnitude = nn.ParameterDict()
         self._psi_layout: dict[str, str] = {}
+        self._extra_psi_params = tuple(backward_weight_params)
+        if self._extra_psi_params and not get_variant(variant).uses_backward_weights:
+            raise ValueError(
+                f"ARBackward: backward_weight_params given, but variant {variant!r} uses no "
+                "backward weights"
+            )
         if get_variant(variant).uses_backward_weights:
             self._create_backward_weights()
 
@@ -480,16 +498,9 @@ class ARBackward(nn.Module):
         cfg = self.config
         learned = get_variant(cfg.variant).backward_weights == "learned"
         sign_feedback = get_variant(cfg.variant).sign_feedback
-        seen: set[int] = set()
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        for layer in self.module.modules():
-            if not isinstance(layer, _WEIGHT_LAYERS) or id(layer.weight) in seen:
-                continue
-            seen.add(id(layer.weight))
-            w = layer.weight
-            transposed = isinstance(layer, nn.Linear)
+        for name, w in self._weights_read_by_linear_or_conv():
+            transposed = w.dim() == 2  # F.linear's weight; conv weights keep their shape
             shape = w.t().shape if transposed else w.shape
-            name = names[id(w)]
             if cfg.backward_weight_init == "transpose":
                 init = (w.detach().t() if transposed else w.detach()).clone().contiguous()
             elif cfg.backward_weight_init == "xavier":
@@ -509,6 +520,42 @@ class ARBackward(nn.Module):
             self._psi_layout[name] = "transposed" if transposed else "same"
         if sign_feedback is not None:
             self.refresh_sign_feedback()
+
+    def _weights_read_by_linear_or_conv(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, weight) of every parameter that gets a psi, once each: the
+        weights of nn.Linear and nn.Conv1d/2d/3d modules, nn.MultiheadAttention's
+        input projections (packed or separate q/k/v), and the parameters named in
+        backward_weight_params."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        found: list[tuple[str, nn.Parameter]] = []
+        seen: set[int] = set()
+
+        def add(w: nn.Parameter | None) -> None:
+            if w is not None and id(w) in names and id(w) not in seen:
+                seen.add(id(w))
+                found.append((names[id(w)], w))
+
+        for layer in self.module.modules():
+            if isinstance(layer, _WEIGHT_LAYERS):
+                add(layer.weight)
+            elif isinstance(layer, nn.MultiheadAttention):
+                for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                    add(getattr(layer, attr, None))
+        params = dict(self.module.named_parameters())
+        for name in self._extra_psi_params:
+            if name not in params:
+                raise ValueError(
+                    f"ARBackward: backward_weight_params names {name!r}, which is not a "
+                    f"parameter of the module (it has {sorted(params)[:8]}...)"
+                )
+            if params[name].dim() < 2:
+                raise ValueError(
+                    f"ARBackward: backward_weight_params names {name!r} of shape "
+                    f"{tuple(params[name].shape)}; a backward weight replaces the weight of a "
+                    "linear (2-D) or convolution (3-D and more) op"
+                )
+            add(params[name])
+        return found
 
     @torch.no_grad()
     def refresh_sign_feedback(self) -> None:

@@ -268,8 +268,11 @@ VjpRule Executor::rule_for(const Layer& layer, size_t q, Pass pass) const {
         leaf >= 0 && backward_weights_[leaf].defined(),
         "torch_ar: this variant replaces W by a backward weight psi in every linear "
         "and convolution layer, but the weight of node '", node.name(),
-        "' has none. Backward weights are created for nn.Linear and nn.Conv1d/2d/3d "
-        "modules; compute this layer with such a module.");
+        "' has none. Backward weights are created for the weights of nn.Linear and "
+        "nn.Conv1d/2d/3d modules and nn.MultiheadAttention's input projections; give "
+        "another parameter read by F.linear/F.conv* one with ARBackward(..., "
+        "backward_weight_params=[name]). A weight computed from a parameter (a slice of "
+        "a packed projection, say) cannot have one.");
     rule.backward_weight = &backward_weights_[leaf];
   }
   return rule;
