@@ -156,8 +156,9 @@ def resnet_methods(steps: int) -> list[tuple[str, list[str], float, tuple[int, .
     return [
         ("backprop", ["--method", "backprop"], 1.0, (0, 1)),
         ("ar-eta1", exact, 1.2, (0,)),
-        (f"ar-eta0.1-steps{steps}", ["--method", "ar", "--eta", "0.1", "--steps", str(steps)],
-         12.0, (0,)),
+        (f"ar-block-eta0.1-steps{steps}",
+         ["--method", "ar", "--granularity", "block", "--eta", "0.1", "--steps", str(steps)],
+         6.0, (0,)),
         ("ar-eta1-feedback_alignment-psi_matched",
          [*exact, "--variant", "feedback_alignment", "--backward-weight-init", "matched"], 1.3, (0,)),
         ("ar-eta1-learned_backward_weights",
@@ -823,9 +824,9 @@ def main(argv: list[str] | None = None) -> int:
         "--resnet-epochs", type=int, default=20, help="ResNet-20 epochs (default: 20)"
     )
     parser.add_argument(
-        "--resnet-steps", type=int, default=700,
-        help="relaxation steps of the ResNet-20 AR eta 0.1 row; set it to what "
-        "`compare --model resnet20 --recommend 0.999` finds (default: 700)",
+        "--resnet-steps", type=int, default=392,
+        help="relaxation steps of the ResNet-20 AR eta 0.1 row (block granularity): what "
+        "benchmarks/granularity.py's recommendation finds (default: 392)",
     )
     parser.add_argument(
         "--only",
