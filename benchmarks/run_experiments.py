@@ -172,6 +172,9 @@ def resnet_methods(steps: int) -> list[tuple[str, list[str], float, tuple[int, .
         ("ar-eta1-combined",
          [*exact, "--variant", "combined", "--backward-weight-init", "matched"], 1.3, (0,)),
         *[(f"ar-eta1-{v}", [*exact, "--variant", v], 1.3, (0,)) for v in SIGN_VARIANT_NAMES],
+        # The peer row: BioTorch's own FA ResNet-20 (pip install --no-deps biotorch==0.0.16)
+        # under plain backprop, on the same schedule, data order and augmentation.
+        ("biotorch-fa", ["--method", "backprop", "--model", "biotorch-fa-resnet20"], 1.2, (0,)),
     ]
 
 

@@ -396,10 +396,11 @@ def _variant_checks(r: _Runner) -> None:
                 y = y % 5
                 torch.manual_seed(3)
                 ar = torch_ar.ARBackward(net, variant=variant.name, **settings)
-                psis = {n: p.detach().clone() for n, p in ar.backward_weights().items()}
                 net.zero_grad()
                 F.cross_entropy(ar(x), y).backward()
                 got = {n: p.grad.clone() for n, p in net.named_parameters()}
+                # The psi the backward used (brSF draws new magnitudes at each one).
+                psis = {n: p.detach().clone() for n, p in ar.backward_weights().items()}
                 want = _variant_oracle(net, psis, x, y, variant.uses_backward_weights,
                                        variant.drop_activation_derivative)
                 return _worst(got, want)

@@ -71,6 +71,21 @@ def test_resnet20_matches_biotorch() -> None:
     assert shapes(ours) == shapes(theirs)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("biotorch") is None,
+                    reason="biotorch not installed (pip install biotorch==0.0.16, a benchmark-only peer)")
+def test_biotorch_models_train_under_the_trainer() -> None:
+    model = models.build_model("biotorch-fa-resnet20", "cifar10")
+    x = torch.randn(2, 3, 32, 32)
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    convs = [m for m in model.modules() if hasattr(m, "weight_backward")]
+    assert len(convs) == 20  # every conv and the linear layer feed back through their own B
+
+
+def test_biotorch_model_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="biotorch-<mode>-<arch>"):
+        models.build_model("biotorch-xx-resnet20", "cifar10")
+
+
 def test_exact_ar_equals_autograd_on_resnet20(torch_ar) -> None:
     torch.manual_seed(0)
     model = models.build_model("resnet20", "cifar10").double()

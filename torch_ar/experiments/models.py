@@ -206,12 +206,37 @@ def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: 
 MODEL_NAMES = ("mlp", "mlp-default-init", "cnn", "cnn-tanh", "resnet18", *RESNET_DEPTHS)
 
 
+BIOTORCH_MODES = ("fa", "usf", "frsf", "brsf", "dfa")
+
+
+def biotorch_model(mode: str, arch: str, num_classes: int) -> nn.Module:
+    """A BioTorch model (``biotorch.models.<mode>.<arch>``), trained by its own
+    feedback rules under plain ``loss.backward()``: the peer rows of the
+    experiments. BioTorch is an optional benchmark dependency
+    (``pip install --no-deps biotorch==0.0.16``), never one of torch_ar's."""
+    try:
+        import importlib
+
+        module = importlib.import_module(f"biotorch.models.{mode}")
+    except ImportError as e:
+        raise ValueError(
+            f"model 'biotorch-{mode}-{arch}' needs BioTorch (pip install --no-deps "
+            f"biotorch==0.0.16): {e}"
+        ) from e
+    builder = getattr(module, arch, None)
+    if builder is None:
+        raise ValueError(f"BioTorch has no {mode} model {arch!r}")
+    return builder(num_classes=num_classes)
+
+
 def build_model(name: str, dataset: str, **kwargs: Any) -> nn.Module:
     """Build a model by name for a data set (``"fashion-mnist"`` or ``"cifar10"``).
 
     Names: ``mlp`` (paper MLP, paper init), ``mlp-default-init``, ``cnn``,
     ``cnn-tanh``, ``resnet18`` (CIFAR stem), ``resnet20``/``32``/``44``/``56``/``110``
-    (the CIFAR ResNets; ``shortcut="B"`` for 1x1-conv shortcuts), or any ``torchvision.models``
+    (the CIFAR ResNets; ``shortcut="B"`` for 1x1-conv shortcuts),
+    ``biotorch-<mode>-<arch>`` (a BioTorch model, e.g. ``biotorch-fa-resnet20``,
+    when BioTorch is installed), or any ``torchvision.models``
     constructor (built with ``weights=None``; 1-channel images are repeated to
     3 channels). Extra keyword arguments go to the constructor.
     """
@@ -230,4 +255,12 @@ def build_model(name: str, dataset: str, **kwargs: Any) -> nn.Module:
         return resnet18_cifar(classes, c)
     if name in RESNET_DEPTHS:
         return CifarResNet(RESNET_DEPTHS[name], classes, c, **kwargs)
+    if name.startswith("biotorch-"):
+        _, mode, arch = (name.split("-", 2) + ["", ""])[:3]
+        if mode not in BIOTORCH_MODES or not arch:
+            raise ValueError(
+                f"unknown model {name!r}: BioTorch models are biotorch-<mode>-<arch>, mode one "
+                f"of {BIOTORCH_MODES}, e.g. biotorch-fa-resnet20"
+            )
+        return biotorch_model(mode, arch, classes)
     return _torchvision_model(name, c, classes, **kwargs)
