@@ -50,17 +50,21 @@ def seconds(fn, repeats: int) -> list[float]:
     return out
 
 
-def row(name: str, granularity: str, x, y, threshold: float, timed: bool, repeats: int) -> dict:
+def row(name: str, granularity: str, x, y, threshold: float, timed: bool, repeats: int,
+        known: dict | None = None) -> dict:
     torch.manual_seed(0)
     model = build_model(name, "cifar10")
     ar = torch_ar.ARBackward(model, granularity=granularity)
     F.cross_entropy(ar(x), y).backward()
     depth, states = ar.last_stats.depth, ar.last_stats.relaxing_states
-    steps, cosines = compare.recommend_steps(model, F.cross_entropy, x, y, eta=0.1,
-                                             threshold=threshold, granularity=granularity)
+    if known is not None:  # the recommendation of an earlier run on the same batch
+        steps, min_cosine = known["recommended_steps"], known["min_cosine"]
+    else:
+        steps, cosines = compare.recommend_steps(model, F.cross_entropy, x, y, eta=0.1,
+                                                 threshold=threshold, granularity=granularity)
+        min_cosine = min(cosines.values()) if cosines else None
     result = {"model": name, "granularity": granularity, "depth": depth, "states": states,
-              "recommended_steps": steps,
-              "min_cosine": min(cosines.values()) if cosines else None}
+              "recommended_steps": steps, "min_cosine": min_cosine}
     if steps is not None:
         relaxed = torch_ar.ARBackward(model, granularity=granularity, eta=0.1, steps=steps)
         model.zero_grad()
@@ -105,13 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument("--reuse", default=None,
+                   help="granularity.json of an earlier run: its recommended steps are reused")
     args = p.parse_args(argv)
+    known = {}
+    if args.reuse:
+        for r in json.loads(Path(args.reuse).read_text())["rows"]:
+            known[r["model"], r["granularity"]] = r
     torch.set_num_threads(args.threads)
     x, y = cifar_batch(args.batch_size, args.data_dir)
     rows = []
     for name in args.models.split(","):
         for granularity in ("layer", "block"):
-            rows.append(row(name, granularity, x, y, args.threshold, args.time, args.repeats))
+            rows.append(row(name, granularity, x, y, args.threshold, args.time, args.repeats,
+                            known.get((name, granularity))))
             print(json.dumps(rows[-1]), flush=True)
     header = (f"# Layer against block granularity ({cpu_model()}, {args.threads} thread(s), "
               f"torch {torch.__version__}; one CIFAR-10 batch of {args.batch_size}, float32)")
