@@ -444,13 +444,6 @@ write_report() {
     printf '%s\n' "${ROWS[@]}"
     echo
     echo "Total $((SECONDS - START)) s of a ${BUDGET} s budget."
-    for md in "$OUT/selftest.md" "$OUT/gpu_job.md"; do
-      [[ -f "$md" ]] || continue
-      echo
-      echo "---"
-      echo
-      sed 's/^# /## /' "$md"
-    done
     if [[ -f "$LOGS/targets.log" ]]; then
       echo
       echo "## GPU targets"
@@ -459,14 +452,13 @@ write_report() {
       cat "$LOGS/targets.log"
       echo '```'
     fi
-    for f in paper exact; do
-      for md in "$OUT/${f}_"*.md; do
-        [[ -f "$md" ]] || continue
-        echo
-        echo "---"
-        echo
-        sed 's/^# /## /' "$md"
-      done
+    # The tables of every step, in the order the steps run.
+    for md in "$OUT/selftest.md" "$OUT/paper_"*.md "$OUT/exact_"*.md "$OUT/gpu_job.md"; do
+      [[ -f "$md" ]] || continue
+      echo
+      echo "---"
+      echo
+      sed 's/^# /## /' "$md"
     done
     for row in "${ROWS[@]}"; do
       [[ "$row" == *"| ok |"* ]] && continue
