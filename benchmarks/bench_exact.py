@@ -148,8 +148,10 @@ def main() -> None:
             f"median of {args.repeats} interleaved repeats."
         ),
         "",
-        ("| model | batch | states (D) | autograd backward | AR backward | ratio | fwd+bwd ratio "
-         "| wrapper floor: backward, fwd+bwd |"),
+        (
+            "| model | batch | states (D) | autograd backward | AR backward | ratio | fwd+bwd ratio "
+            "| wrapper floor: backward, fwd+bwd |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -161,8 +163,10 @@ def main() -> None:
         )
     lines += [
         "",
-        ("Wrapper floor: the module on a private graph inside a bare autograd.Function "
-         "whose backward is torch.autograd.grad, what any wrapper of this kind costs."),
+        (
+            "Wrapper floor: the module on a private graph inside a bare autograd.Function "
+            "whose backward is torch.autograd.grad, what any wrapper of this kind costs."
+        ),
     ]
     (args.out / f"exact_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -109,8 +109,17 @@ def max_rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 class Case:
     """One model with its input, target and the methods to compare on it."""
 
-    def __init__(self, name: str, model: nn.Module, x: torch.Tensor, device: torch.device,
-                 eta: float, steps: int, lo_steps: int, sweep_calls: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        x: torch.Tensor,
+        device: torch.device,
+        eta: float,
+        steps: int,
+        lo_steps: int,
+        sweep_calls: int,
+    ) -> None:
         self.name, self.device = name, device
         self.model = model.to(device).train()
         self.x = x.to(device)
@@ -150,7 +159,9 @@ class Case:
 
     # -- one run of each method: (forward seconds, backward seconds) --------
 
-    def _timed(self, fwd: Callable[[], object], bwd: Callable[[object], object]) -> tuple[float, float]:
+    def _timed(
+        self, fwd: Callable[[], object], bwd: Callable[[object], object]
+    ) -> tuple[float, float]:
         sync(self.device)
         t0 = time.perf_counter()
         state = fwd()
@@ -196,6 +207,7 @@ class Case:
 
     def run_vjp_sweep(self) -> tuple[float, float]:
         """One input-only VJP sweep (averaged over sweep_calls calls on one graph)."""
+
         def bwd(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
             loss, acts = state
             for _ in range(self.sweep_calls):
@@ -240,9 +252,11 @@ class Case:
         states = self.ar_paper.last_stats.num_states
         sweeps = self.ar_closed.last_stats.sweeps
         blocks = plain_ar.ar_gradients_blocks(
-            self.model, self.x, self.target, self.loss_fn, self.eta, self.steps)
+            self.model, self.x, self.target, self.loss_fn, self.eta, self.steps
+        )
         blocks_exact = plain_ar.ar_gradients_blocks(
-            self.model, self.x, self.target, self.loss_fn, 1.0, len(self.blocks) - 1)
+            self.model, self.x, self.target, self.loss_fn, 1.0, len(self.blocks) - 1
+        )
         out = {
             "torch_ar_depth": depth,
             "torch_ar_states": states,
@@ -257,9 +271,11 @@ class Case:
         }
         if self.is_mlp:
             mlp = plain_ar.ar_gradients_mlp(
-                self.model, self.x, self.target, self.loss_fn, self.eta, self.steps)
+                self.model, self.x, self.target, self.loss_fn, self.eta, self.steps
+            )
             mlp_exact = plain_ar.ar_gradients_mlp(
-                self.model, self.x, self.target, self.loss_fn, 1.0, len(self.mlp_layers) - 1)
+                self.model, self.x, self.target, self.loss_fn, 1.0, len(self.mlp_layers) - 1
+            )
             out["cos_plain_explicit_paper"] = cosine(mlp, ref)
             out["plain_explicit_eta1_rel_err"] = max_rel_err(mlp_exact, ref)
             # Same states, same init, same schedule: the two should agree to rounding.
@@ -274,6 +290,7 @@ class Case:
         CUDA: torch.cuda.max_memory_allocated. CPU: the running total that
         torch's CPU allocator reports to the profiler (profile_memory=True).
         """
+
         def full(run: Callable[[], object]) -> float:
             self.model.zero_grad(set_to_none=True)
             gc.collect()
@@ -293,6 +310,7 @@ class Case:
         def module(m: nn.Module) -> Callable[[], object]:
             def run() -> None:
                 self.loss_fn(m(self.x), self.target).backward()
+
             return run
 
         runs = {
@@ -300,8 +318,11 @@ class Case:
             "ar_exact": module(self.ar_exact),
             "ar_closed": module(self.ar_closed),
             "ar_paper": module(self.ar_paper),
-            **({"ar_paper_graph": module(self.ar_feature[("graph", self.steps)])}
-               if "graph" in self.variants else {}),
+            **(
+                {"ar_paper_graph": module(self.ar_feature[("graph", self.steps)])}
+                if "graph" in self.variants
+                else {}
+            ),
             "plain_paper": lambda: (
                 plain_ar.ar_gradients_mlp if self.is_mlp else plain_ar.ar_gradients_blocks
             )(self.model, self.x, self.target, self.loss_fn, self.eta, self.steps),
@@ -396,7 +417,8 @@ def summarise(case: Case, t: dict[str, dict[str, float]]) -> dict:
     if "plain_autograd_paper" in bw:
         row["plain_autograd_paper_backward_ms"] = bw["plain_autograd_paper"]
         row["plain_autograd_step_ms"] = (
-            bw["plain_autograd_paper"] - bw["plain_autograd_lo"]) / span
+            bw["plain_autograd_paper"] - bw["plain_autograd_lo"]
+        ) / span
         row["plain_autograd_over_ar_backward"] = bw["plain_autograd_paper"] / bw["ar_paper"]
     return row
 
@@ -417,22 +439,28 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# Paper mode (eta {a['eta']}, {a['steps']} steps): torch_ar vs plain-PyTorch AR",
         "",
-        (f"Device: **{meta['machine']}** ({meta['device']}), torch {meta['torch']}, "
-        f"CUDA {meta['cuda'] or 'n/a'}; models from {meta['models_from']}; MSE loss on one-hot "
-        f"targets, float32; median of {a['repeats']} interleaved repeats after "
-        f"{a['warmup']} warm-up round(s). Per-step cost = (T({a['steps']}) - "
-        f"T({a['lo_steps']})) / {a['steps'] - a['lo_steps']} of the literal backward times. "
-        "Ratios plain / torch_ar above 1: torch_ar is faster."),
+        (
+            f"Device: **{meta['machine']}** ({meta['device']}), torch {meta['torch']}, "
+            f"CUDA {meta['cuda'] or 'n/a'}; models from {meta['models_from']}; MSE loss on one-hot "
+            f"targets, float32; median of {a['repeats']} interleaved repeats after "
+            f"{a['warmup']} warm-up round(s). Per-step cost = (T({a['steps']}) - "
+            f"T({a['lo_steps']})) / {a['steps'] - a['lo_steps']} of the literal backward times. "
+            "Ratios plain / torch_ar above 1: torch_ar is faster."
+        ),
         "",
         "## The closed form (default) at the paper's settings",
         "",
-        ("The closed form gives the outcome of the literal steps (max. relative difference "
-        "below) from a few input-VJP sweeps: against the plain loop, which takes the "
-        f"{a['steps']} steps, this is the algorithmic gain."),
+        (
+            "The closed form gives the outcome of the literal steps (max. relative difference "
+            "below) from a few input-VJP sweeps: against the plain loop, which takes the "
+            f"{a['steps']} steps, this is the algorithmic gain."
+        ),
         "",
-        ("| model | batch | autograd bwd | autograd fwd+bwd | closed form bwd (sweeps) "
-        "| closed / autograd bwd | closed / autograd fwd+bwd | plain AR paper bwd "
-        "| plain / closed (bwd) | plain / closed (fwd+bwd) | literal / closed |"),
+        (
+            "| model | batch | autograd bwd | autograd fwd+bwd | closed form bwd (sweeps) "
+            "| closed / autograd bwd | closed / autograd fwd+bwd | plain AR paper bwd "
+            "| plain / closed (bwd) | plain / closed (fwd+bwd) | literal / closed |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -452,8 +480,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         "## The literal steps at the paper's settings",
         "",
-        ("| model | batch | autograd backward | torch_ar (eta 1) | torch_ar literal | plain AR paper "
-        "| plain / torch_ar (backward) | plain / torch_ar (fwd+bwd) | torch_ar literal / autograd |"),
+        (
+            "| model | batch | autograd backward | torch_ar (eta 1) | torch_ar literal | plain AR paper "
+            "| plain / torch_ar (backward) | plain / torch_ar (fwd+bwd) | torch_ar literal / autograd |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -477,11 +507,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         "## One relaxation step vs one input-only VJP sweep",
         "",
-        ("VJP sweep: `torch.autograd.grad(loss, layer_outputs, retain_graph=True)` "
-        "(activation gradients only, no weight gradients): what one step must compute."),
+        (
+            "VJP sweep: `torch.autograd.grad(loss, layer_outputs, retain_graph=True)` "
+            "(activation gradients only, no weight gradients): what one step must compute."
+        ),
         "",
-        ("| model | batch | VJP sweep | torch_ar step | plain AR step | torch_ar step / sweep "
-        "| plain step / sweep |"),
+        (
+            "| model | batch | VJP sweep | torch_ar step | plain AR step | torch_ar step / sweep "
+            "| plain step / sweep |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -495,13 +529,17 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         "## Speed features against the default path",
         "",
-        ("Default: fused activation update, no CUDA graph. `unfused`: "
-        "`fuse_activations=False` (each activation runs its own VJP every step). `graph`: "
-        "`cuda_graph=True` (after step 0, blocks of steps recorded once and replayed; CUDA only). "
-        "default / feature above 1: the feature is faster than the default."),
+        (
+            "Default: fused activation update, no CUDA graph. `unfused`: "
+            "`fuse_activations=False` (each activation runs its own VJP every step). `graph`: "
+            "`cuda_graph=True` (after step 0, blocks of steps recorded once and replayed; CUDA only). "
+            "default / feature above 1: the feature is faster than the default."
+        ),
         "",
-        ("| model | batch | feature | backward | default / feature | plain / feature "
-        "| step | step / sweep |"),
+        (
+            "| model | batch | feature | backward | default / feature | plain / feature "
+            "| step | step / sweep |"
+        ),
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -515,11 +553,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines += ["", "## Peak memory of forward + backward (above model, input and target)", ""]
     if any(r.get("memory_mib") for r in rows):
         lines += [
-            ("CUDA: `torch.cuda.max_memory_allocated`; CPU: the CPU allocator's running "
-            "total as the profiler records it (`profile_memory=True`)."),
+            (
+                "CUDA: `torch.cuda.max_memory_allocated`; CPU: the CPU allocator's running "
+                "total as the profiler records it (`profile_memory=True`)."
+            ),
             "",
-            ("| model | batch | autograd | torch_ar eta 1 | torch_ar closed form "
-            "| torch_ar literal | torch_ar literal, graph | plain AR paper |"),
+            (
+                "| model | batch | autograd | torch_ar eta 1 | torch_ar closed form "
+                "| torch_ar literal | torch_ar literal, graph | plain AR paper |"
+            ),
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
@@ -529,16 +571,22 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                 f"{fmt(m[k], ' MiB', 1)} ({fmt(m[k] / base, 'x')})" if k in m else "n/a"
                 for k in ("ar_exact", "ar_closed", "ar_paper", "ar_paper_graph", "plain_paper")
             ]
-            lines.append(f"| {r['model']} | {r['batch']} | {fmt(base, ' MiB', 1)} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {fmt(base, ' MiB', 1)} | "
+                + " | ".join(cells)
+                + " |"
+            )
     else:
         lines.append("Not measured.")
     lines += [
         "",
         "## Gradients (cosine to autograd's)",
         "",
-        ("| model | torch_ar states (D) | torch_ar eta 1 | torch_ar paper | plain AR paper "
-        "| plain AR eta 1, D steps: max rel. error | torch_ar paper vs plain paper: max rel. error "
-        "| closed form vs literal: max rel. error |"),
+        (
+            "| model | torch_ar states (D) | torch_ar eta 1 | torch_ar paper | plain AR paper "
+            "| plain AR eta 1, D steps: max rel. error | torch_ar paper vs plain paper: max rel. error "
+            "| closed form vs literal: max rel. error |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -554,10 +602,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         )
     lines += [
         "",
-        ("The plain AR relaxes one state per block (a layer with parameters and the "
-        "parameter-free modules after it); torch_ar's states are its layers (a pooling "
-        "op is a layer of its own), so on the CNN the transients differ and only the "
-        "fixed point is shared."),
+        (
+            "The plain AR relaxes one state per block (a layer with parameters and the "
+            "parameter-free modules after it); torch_ar's states are its layers (a pooling "
+            "op is a layer of its own), so on the CNN the transients differ and only the "
+            "fixed point is shared."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -568,14 +618,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--eta", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lo-steps", type=int, default=10,
-                        help="second step count; per-step cost = dT / (steps - lo_steps)")
+    parser.add_argument(
+        "--lo-steps",
+        type=int,
+        default=10,
+        help="second step count; per-step cost = dT / (steps - lo_steps)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="default: 20 on CUDA, 3 on CPU")
     parser.add_argument("--warmup", type=int, default=None, help="default: 3 on CUDA, 1 on CPU")
     parser.add_argument("--mlp-batch", type=int, default=64)
-    parser.add_argument("--cnn-batch", type=int, default=None, help="default: 128 on CUDA, 32 on CPU")
-    parser.add_argument("--sweep-calls", type=int, default=10,
-                        help="VJP sweeps per timed run (their mean is one sample)")
+    parser.add_argument(
+        "--cnn-batch", type=int, default=None, help="default: 128 on CUDA, 32 on CPU"
+    )
+    parser.add_argument(
+        "--sweep-calls",
+        type=int,
+        default=10,
+        help="VJP sweeps per timed run (their mean is one sample)",
+    )
     parser.add_argument("--models", default="mlp,cnn", help="comma list of: mlp, cnn")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args(argv)
@@ -605,8 +665,16 @@ def main(argv: list[str] | None = None) -> None:
     for key in wanted:
         name, build, shape = specs[key]
         start = time.perf_counter()
-        case = Case(name, build(), torch.randn(*shape, generator=g), device,
-                    args.eta, args.steps, args.lo_steps, args.sweep_calls)
+        case = Case(
+            name,
+            build(),
+            torch.randn(*shape, generator=g),
+            device,
+            args.eta,
+            args.steps,
+            args.lo_steps,
+            args.sweep_calls,
+        )
         correctness = case.correctness()
         row = summarise(case, measure(case, args.repeats, args.warmup))
         row["correctness"] = correctness

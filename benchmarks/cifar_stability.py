@@ -35,17 +35,28 @@ from torch_ar.variants import VARIANTS
 
 # The CIFAR-10 table's setting (benchmarks/run_experiments.py, "cifar").
 TABLE = {
-    "dataset": "cifar10", "model": "cnn", "method": "ar", "eta": 0.1, "steps": 252,
-    "loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.9, "batch_size": 64,
-    "augment": True, "normalize": "standard", "device": "cpu", "cosine_every": 0,
+    "dataset": "cifar10",
+    "model": "cnn",
+    "method": "ar",
+    "eta": 0.1,
+    "steps": 252,
+    "loss": "cross-entropy",
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "batch_size": 64,
+    "augment": True,
+    "normalize": "standard",
+    "device": "cpu",
+    "cosine_every": 0,
 }
 CURVATURE_EVERY = 10  # batches between measurements of the output layer's curvature
 USES_PSI = {name for name, v in VARIANTS.items() if v.uses_backward_weights}
 
 
 @torch.no_grad()
-def output_layer_curvature(model: torch.nn.Sequential, x: torch.Tensor,
-                           iterations: int = 50) -> float:
+def output_layer_curvature(
+    model: torch.nn.Sequential, x: torch.Tensor, iterations: int = 50
+) -> float:
     """Largest eigenvalue of the batch-mean cross-entropy's Hessian in the output layer's [W b].
 
     With logits z = W h + b and softmax p, the Hessian-vector product for a
@@ -56,8 +67,9 @@ def output_layer_curvature(model: torch.nn.Sequential, x: torch.Tensor,
     h1 = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
     weight, bias = model[-1].weight, model[-1].bias
     p = torch.softmax(features @ weight.t() + bias, dim=1)
-    direction = torch.randn(weight.shape[0], h1.shape[1], dtype=h1.dtype,
-                            generator=torch.Generator().manual_seed(0))
+    direction = torch.randn(
+        weight.shape[0], h1.shape[1], dtype=h1.dtype, generator=torch.Generator().manual_seed(0)
+    )
     eigenvalue = 0.0
     for _ in range(iterations):
         norm = direction.norm()
@@ -72,11 +84,24 @@ def output_layer_curvature(model: torch.nn.Sequential, x: torch.Tensor,
     return eigenvalue
 
 
-def run_setting(model: str, variant: str, psi_init: str | None, lr: float, batches: int,
-                seed: int, data_dir: str | None) -> dict:
-    config = TrainConfig(**{**TABLE, "model": model}, variant=variant,
-                         backward_weight_init=psi_init, lr=lr, seed=seed, data_dir=data_dir,
-                         limit_train_batches=batches)
+def run_setting(
+    model: str,
+    variant: str,
+    psi_init: str | None,
+    lr: float,
+    batches: int,
+    seed: int,
+    data_dir: str | None,
+) -> dict:
+    config = TrainConfig(
+        **{**TABLE, "model": model},
+        variant=variant,
+        backward_weight_init=psi_init,
+        lr=lr,
+        seed=seed,
+        data_dir=data_dir,
+        limit_train_batches=batches,
+    )
     trainer = Trainer(config)
     names = trainer.param_names
     series: list[dict] = []
@@ -97,19 +122,29 @@ def run_setting(model: str, variant: str, psi_init: str | None, lr: float, batch
         # The CNN has no dropout or BatchNorm: a second forward sees the same function.
         reference = torch.autograd.grad(trainer.loss_fn(trainer.model(x), y), trainer.params)
         with torch.no_grad():
-            series.append({
-                "batch": index,
-                "loss": loss.item(),
-                # Heavy-ball SGD on a quadratic is stable while lr * lambda < 2 (1 + momentum).
-                "output_lr_lambda": (lr * output_layer_curvature(trainer.model, x)
-                                     if index % CURVATURE_EVERY == 0 else None),
-                "norm_ratio": {n: (p.grad.norm() / r.norm()).item()
-                               for n, p, r in zip(names, trainer.params, reference, strict=True)},
-                "cosine": {n: cosine(p.grad, r)
-                           for n, p, r in zip(names, trainer.params, reference, strict=True)},
-                "weight_norm": {n: p.norm().item() for n, p in zip(names, trainer.params,
-                                                                   strict=True)},
-            })
+            series.append(
+                {
+                    "batch": index,
+                    "loss": loss.item(),
+                    # Heavy-ball SGD on a quadratic is stable while lr * lambda < 2 (1 + momentum).
+                    "output_lr_lambda": (
+                        lr * output_layer_curvature(trainer.model, x)
+                        if index % CURVATURE_EVERY == 0
+                        else None
+                    ),
+                    "norm_ratio": {
+                        n: (p.grad.norm() / r.norm()).item()
+                        for n, p, r in zip(names, trainer.params, reference, strict=True)
+                    },
+                    "cosine": {
+                        n: cosine(p.grad, r)
+                        for n, p, r in zip(names, trainer.params, reference, strict=True)
+                    },
+                    "weight_norm": {
+                        n: p.norm().item() for n, p in zip(names, trainer.params, strict=True)
+                    },
+                }
+            )
         trainer.optimizer.step()
     weights = [n for n in names if n.endswith("weight")]
     hidden = weights[:-1]  # the output layer's gradient is exact in every variant
@@ -127,12 +162,17 @@ def run_setting(model: str, variant: str, psi_init: str | None, lr: float, batch
         "hidden_norm_ratio_at_init": {n: first["norm_ratio"][n] for n in hidden},
         "hidden_cosine_at_init": {n: first["cosine"][n] for n in hidden},
         "max_hidden_norm_ratio": max(s["norm_ratio"][n] for s in series for n in hidden),
-        "weight_norm_growth": {n: last["weight_norm"][n] / first["weight_norm"][n]
-                               for n in weights},
-        "max_output_lr_lambda": max((s["output_lr_lambda"] for s in series
-                                     if s["output_lr_lambda"] is not None
-                                     and math.isfinite(s["output_lr_lambda"])),
-                                    default=float("nan")),
+        "weight_norm_growth": {
+            n: last["weight_norm"][n] / first["weight_norm"][n] for n in weights
+        },
+        "max_output_lr_lambda": max(
+            (
+                s["output_lr_lambda"]
+                for s in series
+                if s["output_lr_lambda"] is not None and math.isfinite(s["output_lr_lambda"])
+            ),
+            default=float("nan"),
+        ),
         "loss_first_10": sum(s["loss"] for s in series[:10]) / len(series[:10]),
         "loss_last_10": sum(s["loss"] for s in series[-10:]) / len(series[-10:]),
         "series": series,
@@ -142,19 +182,31 @@ def run_setting(model: str, variant: str, psi_init: str | None, lr: float, batch
 def table(rows: list[dict]) -> str:
     bound = 2 * (1 + TABLE["momentum"])
     header = [
-        "model", "variant", "psi init", "lr",
+        "model",
+        "variant",
+        "psi init",
+        "lr",
         "hidden-layer gradient norm / autograd's at batch 0 (conv1, conv2, conv3)",
-        "their cosines to autograd's", "largest norm ratio, any batch",
-        "loss, batches 0-9 -> last 10", "weight norm growth, conv1 -> output layer",
-        f"lr x lambda_max, output layer (stable below {bound:g})", "outcome",
+        "their cosines to autograd's",
+        "largest norm ratio, any batch",
+        "loss, batches 0-9 -> last 10",
+        "weight norm growth, conv1 -> output layer",
+        f"lr x lambda_max, output layer (stable below {bound:g})",
+        "outcome",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         growth = list(r["weight_norm_growth"].values())
-        outcome = (f"diverged at batch {r['diverged_batch']}" if r["diverged_batch"] is not None
-                   else f"finite for {r['batches']} batches")
+        outcome = (
+            f"diverged at batch {r['diverged_batch']}"
+            if r["diverged_batch"] is not None
+            else f"finite for {r['batches']} batches"
+        )
         cells = [
-            r.get("model", "cnn"), r["variant"], r["psi_init"] or "-", f"{r['lr']:g}",
+            r.get("model", "cnn"),
+            r["variant"],
+            r["psi_init"] or "-",
+            f"{r['lr']:g}",
             ", ".join(f"{v:.2f}" for v in r["hidden_norm_ratio_at_init"].values()),
             ", ".join(f"{v:.2f}" for v in r["hidden_cosine_at_init"].values()),
             f"{r['max_hidden_norm_ratio']:.3g}",
@@ -178,30 +230,49 @@ def names(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=names, default=["cnn"],
-                        help="comma-separated: cnn (the table's), cnn-tanh (default: cnn)")
-    parser.add_argument("--variants", type=names, default=sorted(VARIANTS),
-                        help="comma-separated variants (default: all)")
-    parser.add_argument("--psi-inits", type=names, default=["normal", "matched"],
-                        help="psi initialisations for the variants with psi (default: "
-                        "normal,matched)")
-    parser.add_argument("--lrs", type=lambda t: [float(v) for v in names(t)],
-                        default=[0.05, 0.01],
-                        help="comma-separated learning rates (default: 0.05,0.01: the table's "
-                        "and the lower one)")
-    parser.add_argument("--batches", type=int, default=400,
-                        help="batches of epoch 1 (default: 400)")
+    parser.add_argument(
+        "--models",
+        type=names,
+        default=["cnn"],
+        help="comma-separated: cnn (the table's), cnn-tanh (default: cnn)",
+    )
+    parser.add_argument(
+        "--variants",
+        type=names,
+        default=sorted(VARIANTS),
+        help="comma-separated variants (default: all)",
+    )
+    parser.add_argument(
+        "--psi-inits",
+        type=names,
+        default=["normal", "matched"],
+        help="psi initialisations for the variants with psi (default: normal,matched)",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=lambda t: [float(v) for v in names(t)],
+        default=[0.05, 0.01],
+        help="comma-separated learning rates (default: 0.05,0.01: the table's and the lower one)",
+    )
+    parser.add_argument(
+        "--batches", type=int, default=400, help="batches of epoch 1 (default: 400)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None,
-                        help="CIFAR-10 folder (default: the usual search)")
+    parser.add_argument(
+        "--data-dir", default=None, help="CIFAR-10 folder (default: the usual search)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write every setting's rows and series as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    settings = [(model, lr, variant, psi_init) for model in args.models for lr in args.lrs
-                for variant in args.variants
-                for psi_init in (args.psi_inits if variant in USES_PSI else [None])]
+    settings = [
+        (model, lr, variant, psi_init)
+        for model in args.models
+        for lr in args.lrs
+        for variant in args.variants
+        for psi_init in (args.psi_inits if variant in USES_PSI else [None])
+    ]
     for model, lr, variant, psi_init in settings:
         row = run_setting(model, variant, psi_init, lr, args.batches, args.seed, args.data_dir)
         rows.append(row)

@@ -39,12 +39,13 @@ def last_hidden(net: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stability(net: torch.nn.Sequential, images: torch.Tensor, batch: int, lr: float,
-              mean, std) -> dict[str, float]:
+def stability(
+    net: torch.nn.Sequential, images: torch.Tensor, batch: int, lr: float, mean, std
+) -> dict[str, float]:
     worst, activation = 0.0, 0.0
     batches = 0
     for start in range(0, len(images) - batch + 1, batch):
-        x = normalize(images[start:start + batch], mean, std, dtype=torch.float64)
+        x = normalize(images[start : start + batch], mean, std, dtype=torch.float64)
         h = last_hidden(net, x)
         h1 = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
         # lambda_max(2 H^T H) = 2 sigma_max(H)^2
@@ -77,7 +78,7 @@ def analyse(folder: Path) -> dict:
         # The checkpoint holds the wrapper's state (module.*, and psi for the variants).
         prefix = "module."
         trained.load_state_dict(
-            {k[len(prefix):]: v for k, v in checkpoint["net"].items() if k.startswith(prefix)}
+            {k[len(prefix) :]: v for k, v in checkpoint["net"].items() if k.startswith(prefix)}
             or checkpoint["net"]
         )
         at_checkpoint = stability(trained.double(), *args)
@@ -102,16 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = [analyse(folder) for folder in args.runs]
-    print("| run | inputs | lr x lambda_max at init | at epoch | lr x lambda_max there "
-          "| output weight norm | diverged in epoch |")
+    print(
+        "| run | inputs | lr x lambda_max at init | at epoch | lr x lambda_max there "
+        "| output weight norm | diverged in epoch |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         there = r["at_checkpoint"] or {}
-        print(f"| {r['run']} | {r['normalize']} | {r['at_init']['lr_times_lambda_max']:.3f} "
-              f"| {r['checkpoint_epoch'] or '-'} "
-              f"| {there.get('lr_times_lambda_max', float('nan')):.3f} "
-              f"| {there.get('output_weight_norm', float('nan')):.2f} "
-              f"| {r['diverged_epoch'] or '-'} |")
+        print(
+            f"| {r['run']} | {r['normalize']} | {r['at_init']['lr_times_lambda_max']:.3f} "
+            f"| {r['checkpoint_epoch'] or '-'} "
+            f"| {there.get('lr_times_lambda_max', float('nan')):.3f} "
+            f"| {there.get('output_weight_norm', float('nan')):.2f} "
+            f"| {r['diverged_epoch'] or '-'} |"
+        )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

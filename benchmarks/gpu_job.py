@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from torch_ar.experiments import compare, training  # noqa: E402
-from torch_ar.experiments.data import load_dataset  # noqa: E402
-from torch_ar.experiments.models import build_model  # noqa: E402
+from torch_ar.experiments import compare, training
+from torch_ar.experiments.data import load_dataset
+from torch_ar.experiments.models import build_model
 
 # The setting of each model (SGD momentum 0.9, cross-entropy, batch 128).
 MODELS = {"cnn": {"lr": 0.01}, "resnet20": {"lr": 0.1}}
@@ -43,7 +43,12 @@ def recommended_steps(model_name: str, data_dir: str | None, device: str, batch:
     x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
     y = data.train_labels[:batch].to(device)
     steps, _ = compare.recommend_steps(
-        model, torch.nn.functional.cross_entropy, x, y, eta=0.1, max_steps=20_000,
+        model,
+        torch.nn.functional.cross_entropy,
+        x,
+        y,
+        eta=0.1,
+        max_steps=20_000,
         granularity="block",
     )
     if steps is None:
@@ -53,12 +58,23 @@ def recommended_steps(model_name: str, data_dir: str | None, device: str, batch:
 
 def run_row(model_name: str, method: str, ar: dict, args: argparse.Namespace) -> dict:
     config = training.TrainConfig(
-        dataset="cifar10", data_dir=args.data_dir, model=model_name,
-        method="ar" if method != "backprop" else "backprop", loss="cross-entropy",
-        optimizer="sgd", momentum=0.9, lr=MODELS[model_name]["lr"], batch_size=args.batch_size,
-        test_batch_size=1000, epochs=1, device=args.device, seed=0,
-        limit_train_batches=args.limit_train_batches, limit_test_batches=args.limit_test_batches,
-        cosine_every=args.cosine_every, **ar,
+        dataset="cifar10",
+        data_dir=args.data_dir,
+        model=model_name,
+        method="ar" if method != "backprop" else "backprop",
+        loss="cross-entropy",
+        optimizer="sgd",
+        momentum=0.9,
+        lr=MODELS[model_name]["lr"],
+        batch_size=args.batch_size,
+        test_batch_size=1000,
+        epochs=1,
+        device=args.device,
+        seed=0,
+        limit_train_batches=args.limit_train_batches,
+        limit_test_batches=args.limit_test_batches,
+        cosine_every=args.cosine_every,
+        **ar,
     )
     log = io.StringIO()
     trainer = training.Trainer(config, stream=log)
@@ -69,20 +85,28 @@ def run_row(model_name: str, method: str, ar: dict, args: argparse.Namespace) ->
     record = trainer.fit()[-1]
     seconds = time.perf_counter() - start
     return {
-        "model": model_name, "method": method, **ar,
-        "train_images": images, "seconds": round(seconds, 2),
+        "model": model_name,
+        "method": method,
+        **ar,
+        "train_images": images,
+        "seconds": round(seconds, 2),
         "images_per_s": round(images / seconds, 1),
-        "test_acc": record["test_acc"], "train_loss": record["train_loss"],
-        "cosine_mean": record.get("cosine_mean"), "cosine_min": record.get("cosine_min"),
-        "ar_steps": record.get("ar_steps"), "log": log.getvalue().strip().splitlines()[-1],
+        "test_acc": record["test_acc"],
+        "train_loss": record["train_loss"],
+        "cosine_mean": record.get("cosine_mean"),
+        "cosine_min": record.get("cosine_min"),
+        "ar_steps": record.get("ar_steps"),
+        "log": log.getvalue().strip().splitlines()[-1],
     }
 
 
 def table(rows: list[dict], device: str) -> str:
     lines = [
-        f"# One epoch of CIFAR-10 on {device}", "",
+        f"# One epoch of CIFAR-10 on {device}",
+        "",
         "SGD momentum 0.9, cross-entropy, batch 128, standardised inputs, random crop + flip; "
-        "seed 0; lr 0.01 (cnn), 0.1 (resnet20). Test accuracy after the one epoch.", "",
+        "seed 0; lr 0.01 (cnn), 0.1 (resnet20). Test accuracy after the one epoch.",
+        "",
         "| model | method | images/s | test acc | cosine to autograd (mean / min) |",
         "|---|---|---:|---:|---|",
     ]
@@ -91,8 +115,10 @@ def table(rows: list[dict], device: str) -> str:
             lines.append(f"| {r['model']} | {r['method']} | FAILED: {r['error'][:120]} | | |")
             continue
         cos = "" if r["cosine_mean"] is None else f"{r['cosine_mean']:.6f} / {r['cosine_min']:.6f}"
-        lines.append(f"| {r['model']} | {r['method']} | {r['images_per_s']:.0f} | "
-                     f"{100 * r['test_acc']:.2f}% | {cos} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['images_per_s']:.0f} | "
+            f"{100 * r['test_acc']:.2f}% | {cos} |"
+        )
     return "\n".join(lines)
 
 
@@ -106,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-train-batches", type=int, default=None)
     p.add_argument("--limit-test-batches", type=int, default=None)
     p.add_argument("--cosine-every", type=int, default=50)
-    p.add_argument("--steps", type=int, default=None,
-                   help="eta 0.1's step count (default: compare --recommend's, per model)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="eta 0.1's step count (default: compare --recommend's, per model)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else None
     if out:
@@ -116,25 +146,36 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for model_name in args.models.split(","):
         try:
-            steps = args.steps or recommended_steps(model_name, args.data_dir, args.device,
-                                                    args.batch_size)
+            steps = args.steps or recommended_steps(
+                model_name, args.data_dir, args.device, args.batch_size
+            )
         except Exception as exc:  # noqa: BLE001  (reported as the row's failure)
             steps, failed = None, True
             rows.append({"model": model_name, "method": "AR eta 0.1", "error": f"recommend: {exc}"})
         methods = [("backprop", {}), ("AR eta 1", {"eta": 1.0})]
         if steps is not None:
-            methods.append((f"AR eta 0.1 / {steps} steps (block)",
-                            {"eta": 0.1, "steps": steps, "granularity": "block"}))
+            methods.append(
+                (
+                    f"AR eta 0.1 / {steps} steps (block)",
+                    {"eta": 0.1, "steps": steps, "granularity": "block"},
+                )
+            )
         for method, ar in methods:
             try:
                 row = run_row(model_name, method, ar, args)
             except Exception as exc:  # noqa: BLE001
                 failed = True
-                row = {"model": model_name, "method": method, "error": f"{type(exc).__name__}: {exc}"}
+                row = {
+                    "model": model_name,
+                    "method": method,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
             rows.append(row)
             print(json.dumps(row), flush=True)
             if out:
-                (out / "gpu_job.json").write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
+                (out / "gpu_job.json").write_text(
+                    json.dumps({"device": args.device, "rows": rows}, indent=1)
+                )
                 (out / "gpu_job.md").write_text(table(rows, args.device) + "\n")
     print(table(rows, args.device))
     return 1 if failed else 0

@@ -28,11 +28,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch_ar  # noqa: E402
-from machine import cpu_model  # noqa: E402
-from torch_ar.experiments import compare  # noqa: E402
-from torch_ar.experiments.data import load_dataset, normalize  # noqa: E402
-from torch_ar.experiments.models import build_model  # noqa: E402
+from machine import cpu_model
+
+import torch_ar
+from torch_ar.experiments import compare
+from torch_ar.experiments.data import load_dataset, normalize
+from torch_ar.experiments.models import build_model
 
 
 def cifar_batch(size: int, data_dir: str | None):
@@ -50,8 +51,16 @@ def seconds(fn, repeats: int) -> list[float]:
     return out
 
 
-def row(name: str, granularity: str, x, y, threshold: float, timed: bool, repeats: int,
-        known: dict | None = None) -> dict:
+def row(
+    name: str,
+    granularity: str,
+    x,
+    y,
+    threshold: float,
+    timed: bool,
+    repeats: int,
+    known: dict | None = None,
+) -> dict:
     torch.manual_seed(0)
     model = build_model(name, "cifar10")
     ar = torch_ar.ARBackward(model, granularity=granularity)
@@ -60,17 +69,25 @@ def row(name: str, granularity: str, x, y, threshold: float, timed: bool, repeat
     if known is not None:  # the recommendation of an earlier run on the same batch
         steps, min_cosine = known["recommended_steps"], known["min_cosine"]
     else:
-        steps, cosines = compare.recommend_steps(model, F.cross_entropy, x, y, eta=0.1,
-                                                 threshold=threshold, granularity=granularity)
+        steps, cosines = compare.recommend_steps(
+            model, F.cross_entropy, x, y, eta=0.1, threshold=threshold, granularity=granularity
+        )
         min_cosine = min(cosines.values()) if cosines else None
-    result = {"model": name, "granularity": granularity, "depth": depth, "states": states,
-              "recommended_steps": steps, "min_cosine": min_cosine}
+    result = {
+        "model": name,
+        "granularity": granularity,
+        "depth": depth,
+        "states": states,
+        "recommended_steps": steps,
+        "min_cosine": min_cosine,
+    }
     if steps is not None:
         relaxed = torch_ar.ARBackward(model, granularity=granularity, eta=0.1, steps=steps)
         model.zero_grad()
         F.cross_entropy(relaxed(x), y).backward()
         result["closed_form_sweeps"] = relaxed.last_stats.sweeps
         if timed:
+
             def autograd_step():
                 model.zero_grad()
                 F.cross_entropy(model(x), y).backward()
@@ -88,14 +105,20 @@ def row(name: str, granularity: str, x, y, threshold: float, timed: bool, repeat
 
 
 def table(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| model | granularity | D | states | recommended steps (eta 0.1) | closed-form sweeps |"
-             " closed form / autograd fwd+bwd |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "| model | granularity | D | states | recommended steps (eta 0.1) | closed-form sweeps |"
+        " closed form / autograd fwd+bwd |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ratio = r.get("closed_form_over_autograd")
-        lines.append(f"| {r['model']} | {r['granularity']} | {r['depth']} | {r['states']} | "
-                     f"{r['recommended_steps']} | {r.get('closed_form_sweeps', '')} | "
-                     f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+        lines.append(
+            f"| {r['model']} | {r['granularity']} | {r['depth']} | {r['states']} | "
+            f"{r['recommended_steps']} | {r.get('closed_form_sweeps', '')} | "
+            f"{'' if ratio is None else f'{ratio:.2f}x'} |"
+        )
     return "\n".join(lines)
 
 
@@ -109,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
-    p.add_argument("--reuse", default=None,
-                   help="granularity.json of an earlier run: its recommended steps are reused")
+    p.add_argument(
+        "--reuse",
+        default=None,
+        help="granularity.json of an earlier run: its recommended steps are reused",
+    )
     args = p.parse_args(argv)
     known = {}
     if args.reuse:
@@ -121,17 +147,34 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models.split(","):
         for granularity in ("layer", "block"):
-            rows.append(row(name, granularity, x, y, args.threshold, args.time, args.repeats,
-                            known.get((name, granularity))))
+            rows.append(
+                row(
+                    name,
+                    granularity,
+                    x,
+                    y,
+                    args.threshold,
+                    args.time,
+                    args.repeats,
+                    known.get((name, granularity)),
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
-    header = (f"# Layer against block granularity ({cpu_model()}, {args.threads} thread(s), "
-              f"torch {torch.__version__}; one CIFAR-10 batch of {args.batch_size}, float32)")
+    header = (
+        f"# Layer against block granularity ({cpu_model()}, {args.threads} thread(s), "
+        f"torch {torch.__version__}; one CIFAR-10 batch of {args.batch_size}, float32)"
+    )
     print(table(rows, header))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": f"{cpu_model()}, {platform.machine()}", "batch": args.batch_size,
-                "threshold": args.threshold, "threads": args.threads, "timed": args.time}
+        meta = {
+            "machine": f"{cpu_model()}, {platform.machine()}",
+            "batch": args.batch_size,
+            "threshold": args.threshold,
+            "threads": args.threads,
+            "timed": args.time,
+        }
         (out / "granularity.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
         (out / "granularity.md").write_text(table(rows, header) + "\n")
     return 0

@@ -32,8 +32,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch_ar  # noqa: E402
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model
+
+import torch_ar
 
 # torch_ar variant for each BioTorch mode.
 MODES = {"fa": "feedback_alignment", "usf": "sign_symmetry", "frsf": "sign_symmetry_fixed_random"}
@@ -74,13 +75,18 @@ def give_psi(ar: torch_ar.ARBackward, bio, mode: str) -> None:
 def gradients(model, x, y) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()
-            if p.grad is not None and "_backward" not in n}
+    return {
+        n: p.grad.detach().clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None and "_backward" not in n
+    }
 
 
 def batch(dtype: torch.dtype, size: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(size, 3, 32, 32, generator=g).to(dtype), torch.randint(0, 10, (size,), generator=g)
+    return torch.randn(size, 3, 32, 32, generator=g).to(dtype), torch.randint(
+        0, 10, (size,), generator=g
+    )
 
 
 def check(mode: str, settings: dict, batch_size: int) -> dict:
@@ -92,14 +98,21 @@ def check(mode: str, settings: dict, batch_size: int) -> dict:
     got = gradients(ar, x, y)
     got = {k.removeprefix("module."): v for k, v in got.items()}
     total = torch.cat([w.flatten() for w in want.values()]).norm().item()
-    errors = {n: ((got[n] - w).norm() / max(w.norm().item(), 1e-3 * total)).item()
-              for n, w in want.items()}
+    errors = {
+        n: ((got[n] - w).norm() / max(w.norm().item(), 1e-3 * total)).item()
+        for n, w in want.items()
+    }
     stats = ar.last_stats
     return {
-        "mode": mode, "variant": MODES[mode], **settings,
-        "evaluation": stats.evaluation, "depth": stats.depth,
-        "max_rel_err": max(errors.values()), "worst_param": max(errors, key=errors.get),
-        "params": len(errors), "missing": sorted(set(want) - set(got)),
+        "mode": mode,
+        "variant": MODES[mode],
+        **settings,
+        "evaluation": stats.evaluation,
+        "depth": stats.depth,
+        "max_rel_err": max(errors.values()),
+        "worst_param": max(errors, key=errors.get),
+        "params": len(errors),
+        "missing": sorted(set(want) - set(got)),
     }
 
 
@@ -116,9 +129,15 @@ def timing(mode: str, batch_size: int, repeats: int) -> dict:
             gradients(model, x, y)
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    return {"mode": mode, "batch": batch_size, "threads": 1, "repeats": repeats,
-            "biotorch_s": med["biotorch"], "torch_ar_s": med["torch_ar"],
-            "ratio": med["torch_ar"] / med["biotorch"]}
+    return {
+        "mode": mode,
+        "batch": batch_size,
+        "threads": 1,
+        "repeats": repeats,
+        "biotorch_s": med["biotorch"],
+        "torch_ar_s": med["torch_ar"],
+        "ratio": med["torch_ar"] / med["biotorch"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,14 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         # eta 0.5 / 200 steps: within 1e-13 of the fixed point at ResNet-20's
         # depth 48 (P[Binomial(200, 0.5) < 48]), so the literal steps and the
         # closed form are checked, not only their limit.
-        for settings in ({}, {"eta": 0.5, "steps": 200},
-                         {"eta": 0.5, "steps": 200, "evaluation": "literal"}):
+        for settings in (
+            {},
+            {"eta": 0.5, "steps": 200},
+            {"eta": 0.5, "steps": 200, "evaluation": "literal"},
+        ):
             row = check(mode, settings, args.batch_size)
             rows.append(row)
             print(json.dumps(row), flush=True)
     ok = all(r["max_rel_err"] <= 1e-9 and not r["missing"] for r in rows)
-    result = {"machine": f"{cpu_model()}, {platform.machine()}", "torch": torch.__version__,
-              "float64 batch": args.batch_size, "gradients": rows, "all_equal": ok}
+    result = {
+        "machine": f"{cpu_model()}, {platform.machine()}",
+        "torch": torch.__version__,
+        "float64 batch": args.batch_size,
+        "gradients": rows,
+        "all_equal": ok,
+    }
     if args.time:
         result["timing"] = [timing(m, 128, args.repeats) for m in MODES]
         for t in result["timing"]:

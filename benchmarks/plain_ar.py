@@ -91,7 +91,9 @@ def _act(activation: nn.Module | None, a: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(a)
 
 
-def _act_derivative(activation: nn.Module | None, a: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+def _act_derivative(
+    activation: nn.Module | None, a: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor | None:
     """f'(a) given a and h = f(a); None for the identity."""
     if activation is None:
         return None
@@ -105,8 +107,8 @@ def _act_derivative(activation: nn.Module | None, a: torch.Tensor, h: torch.Tens
 @dataclass
 class MLPForward:
     layers: list[MLPLayer]
-    h: list[torch.Tensor]                 # h[0] input, h[l+1] output of layer l
-    fprime: list[torch.Tensor | None]     # f'(a_l) per layer
+    h: list[torch.Tensor]  # h[0] input, h[l+1] output of layer l
+    fprime: list[torch.Tensor | None]  # f'(a_l) per layer
 
 
 @torch.no_grad()
@@ -136,16 +138,16 @@ def mlp_relax(
 ) -> list[torch.Tensor]:
     """Relaxed states x_1..x_L (x_L = grad_out, clamped), as a list indexed by layer output."""
     L = len(fw.layers)
-    x = [None] + [fw.h[l].clone() for l in range(1, L)] + [grad_out]  # x[0] unused
-    # Updating in place in ascending order reads x_{l+1} before it is updated
+    x = [None] + [fw.h[i].clone() for i in range(1, L)] + [grad_out]  # x[0] unused
+    # Updating in place in ascending order reads x_{i+1} before it is updated
     # in this step: the Jacobi (parallel) update. Descending order is the
     # Gauss-Seidel sweep from the output down.
     order = range(1, L) if schedule == "jacobi" else range(L - 1, 0, -1)
     for _ in range(steps):
-        for l in order:
-            W = fw.layers[l].linear.weight
-            jt = _delta(fw.fprime[l], x[l + 1]) @ W  # J_l^T x_{l+1}
-            x[l] += eta * (jt - x[l])
+        for i in order:
+            W = fw.layers[i].linear.weight
+            jt = _delta(fw.fprime[i], x[i + 1]) @ W  # J_l^T x_{i+1}
+            x[i] += eta * (jt - x[i])
     return x
 
 
@@ -153,9 +155,9 @@ def mlp_relax(
 def mlp_weight_grads(fw: MLPForward, x: list[torch.Tensor]) -> list[torch.Tensor]:
     """dL/dW_l and dL/db_l from the relaxed states, in model.parameters() order."""
     grads: list[torch.Tensor] = []
-    for l, layer in enumerate(fw.layers):
-        delta = _delta(fw.fprime[l], x[l + 1])
-        grads.append(delta.t() @ fw.h[l])
+    for i, layer in enumerate(fw.layers):
+        delta = _delta(fw.fprime[i], x[i + 1])
+        grads.append(delta.t() @ fw.h[i])
         if layer.linear.bias is not None:
             grads.append(delta.sum(0))
     return grads
@@ -200,7 +202,7 @@ def split_blocks(model: nn.Sequential) -> list[nn.Sequential]:
 @dataclass
 class BlocksForward:
     blocks: list[nn.Sequential]
-    inputs: list[torch.Tensor]   # detached block inputs (requires_grad except the first)
+    inputs: list[torch.Tensor]  # detached block inputs (requires_grad except the first)
     outputs: list[torch.Tensor]  # block outputs, each with its own small graph
 
 
@@ -259,7 +261,9 @@ def ar_gradients_blocks(
 ) -> list[torch.Tensor]:
     """AR gradients of any Sequential, one per model.parameters() (autograd per block)."""
     fw = blocks_forward(split_blocks(model), x)
-    states = blocks_relax(fw, output_gradient(fw.outputs[-1], target, loss_fn), eta, steps, schedule)
+    states = blocks_relax(
+        fw, output_gradient(fw.outputs[-1], target, loss_fn), eta, steps, schedule
+    )
     return blocks_weight_grads(fw, states)
 
 

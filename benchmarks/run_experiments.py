@@ -129,8 +129,13 @@ KOLEN_POLLACK_DECAY = "5e-3"
 CIFAR_LR = 0.05
 # Rows repeated at a lower learning rate: the variants that diverge
 # at CIFAR_LR, with backprop and exact AR at the same rate as their references.
-LOWER_LR_ROWS = ("backprop", "ar-eta0.1-steps{steps}", "ar-feedback_alignment",
-                 "ar-no_nonlinear_derivative", "ar-combined")
+LOWER_LR_ROWS = (
+    "backprop",
+    "ar-eta0.1-steps{steps}",
+    "ar-feedback_alignment",
+    "ar-no_nonlinear_derivative",
+    "ar-combined",
+)
 # At the lower rate only: the random-psi variants with psi drawn at each forward
 # weight's own scale, as the paper draws psi like W (README, Variants).
 MATCHED_PSI_ROWS = ("ar-feedback_alignment", "ar-combined")
@@ -140,10 +145,23 @@ MATCHED_PSI_ROWS = ("ar-feedback_alignment", "ar-combined")
 # BatchNorm, SGD momentum 0.9, lr 0.1 with a cosine schedule, weight decay
 # 5e-4 on the forward weights, batch 128, standard augmentation.
 RESNET_COMMON = [
-    *CIFAR_PROBLEM[:-1], "128",
-    "--model", "resnet20", "--augment", "--optimizer", "sgd", "--lr", "0.1",
-    "--momentum", "0.9", "--weight-decay", "5e-4", "--lr-schedule", "cosine",
-    "--cosine-every", "50",
+    *CIFAR_PROBLEM[:-1],
+    "128",
+    "--model",
+    "resnet20",
+    "--augment",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.1",
+    "--momentum",
+    "0.9",
+    "--weight-decay",
+    "5e-4",
+    "--lr-schedule",
+    "cosine",
+    "--cosine-every",
+    "50",
 ]
 SIGN_VARIANT_NAMES = ("sign_symmetry", "sign_symmetry_fixed_random", "sign_symmetry_batch_random")
 
@@ -156,21 +174,50 @@ def resnet_methods(steps: int) -> list[tuple[str, list[str], float, tuple[int, .
     return [
         ("backprop", ["--method", "backprop"], 1.0, (0, 1)),
         ("ar-eta1", exact, 1.2, (0,)),
-        (f"ar-block-eta0.1-steps{steps}",
-         ["--method", "ar", "--granularity", "block", "--eta", "0.1", "--steps", str(steps)],
-         6.0, (0,)),
-        ("ar-eta1-feedback_alignment-psi_matched",
-         [*exact, "--variant", "feedback_alignment", "--backward-weight-init", "matched"], 1.3, (0,)),
-        ("ar-eta1-learned_backward_weights",
-         [*exact, "--variant", "learned_backward_weights", "--backward-weight-init", "matched"],
-         1.3, (0,)),
-        ("ar-eta1-learned_backward_weights-kp",
-         [*exact, "--variant", "learned_backward_weights", "--backward-weight-init", "matched",
-          "--backward-weight-decay", KOLEN_POLLACK_DECAY], 1.3, (0,)),
-        ("ar-eta1-no_nonlinear_derivative", [*exact, "--variant", "no_nonlinear_derivative"],
-         1.2, (0,)),
-        ("ar-eta1-combined",
-         [*exact, "--variant", "combined", "--backward-weight-init", "matched"], 1.3, (0,)),
+        (
+            f"ar-block-eta0.1-steps{steps}",
+            ["--method", "ar", "--granularity", "block", "--eta", "0.1", "--steps", str(steps)],
+            6.0,
+            (0,),
+        ),
+        (
+            "ar-eta1-feedback_alignment-psi_matched",
+            [*exact, "--variant", "feedback_alignment", "--backward-weight-init", "matched"],
+            1.3,
+            (0,),
+        ),
+        (
+            "ar-eta1-learned_backward_weights",
+            [*exact, "--variant", "learned_backward_weights", "--backward-weight-init", "matched"],
+            1.3,
+            (0,),
+        ),
+        (
+            "ar-eta1-learned_backward_weights-kp",
+            [
+                *exact,
+                "--variant",
+                "learned_backward_weights",
+                "--backward-weight-init",
+                "matched",
+                "--backward-weight-decay",
+                KOLEN_POLLACK_DECAY,
+            ],
+            1.3,
+            (0,),
+        ),
+        (
+            "ar-eta1-no_nonlinear_derivative",
+            [*exact, "--variant", "no_nonlinear_derivative"],
+            1.2,
+            (0,),
+        ),
+        (
+            "ar-eta1-combined",
+            [*exact, "--variant", "combined", "--backward-weight-init", "matched"],
+            1.3,
+            (0,),
+        ),
         *[(f"ar-eta1-{v}", [*exact, "--variant", v], 1.3, (0,)) for v in SIGN_VARIANT_NAMES],
         # The peer row: BioTorch's own FA ResNet-20 (pip install --no-deps biotorch==0.0.16)
         # under plain backprop, on the same schedule, data order and augmentation.
@@ -196,8 +243,13 @@ def cifar_methods(steps: int) -> list[tuple[str, list[str], float, bool]]:
         *[(f"ar-{v}", [*relaxed, "--variant", v], 2.0, False) for v in VARIANT_NAMES],
         (
             "ar-learned_backward_weights-kp",
-            [*relaxed, "--variant", "learned_backward_weights", "--backward-weight-decay",
-             KOLEN_POLLACK_DECAY],
+            [
+                *relaxed,
+                "--variant",
+                "learned_backward_weights",
+                "--backward-weight-decay",
+                KOLEN_POLLACK_DECAY,
+            ],
             2.0,
             False,
         ),
@@ -277,17 +329,39 @@ def plan(args: argparse.Namespace) -> list[Job]:
     if "resnet20" in args.only:
         for name, method_args, cost, run_seeds in resnet_methods(args.resnet_steps):
             for seed in run_seeds:
-                command = ["train", *RESNET_COMMON, *method_args, "--epochs",
-                           str(args.resnet_epochs), "--seed", str(seed)]
-                jobs.append(Job(f"cifar10-resnet20-{name}-s{seed}", "cifar10-resnet20", command,
-                                args.resnet_epochs, cost * args.resnet_epochs * 60))
+                command = [
+                    "train",
+                    *RESNET_COMMON,
+                    *method_args,
+                    "--epochs",
+                    str(args.resnet_epochs),
+                    "--seed",
+                    str(seed),
+                ]
+                jobs.append(
+                    Job(
+                        f"cifar10-resnet20-{name}-s{seed}",
+                        "cifar10-resnet20",
+                        command,
+                        args.resnet_epochs,
+                        cost * args.resnet_epochs * 60,
+                    )
+                )
     if "compare" in args.only:
         jobs.append(
             Job(
                 "compare-fmnist-mlp",
                 "compare",
-                ["compare", *FASHION_PROBLEM, "--etas", "0.1,0.5,1", "--steps", "200",
-                 "--seed", "0"],
+                [
+                    "compare",
+                    *FASHION_PROBLEM,
+                    "--etas",
+                    "0.1,0.5,1",
+                    "--steps",
+                    "200",
+                    "--seed",
+                    "0",
+                ],
                 0,
                 1.0,
             )
@@ -295,22 +369,52 @@ def plan(args: argparse.Namespace) -> list[Job]:
         for model, batch in (("cnn", "64"), ("resnet18", "32")):
             for init in ("forward", "zero"):
                 command = [
-                    "compare", *CIFAR_PROBLEM[:-1], batch, "--model", model,
-                    "--etas", "0.1,0.5", "--steps", "1000", "--at", "log",
-                    "--init", init, "--recommend", "0.999", "--seed", "0",
+                    "compare",
+                    *CIFAR_PROBLEM[:-1],
+                    batch,
+                    "--model",
+                    model,
+                    "--etas",
+                    "0.1,0.5",
+                    "--steps",
+                    "1000",
+                    "--at",
+                    "log",
+                    "--init",
+                    init,
+                    "--recommend",
+                    "0.999",
+                    "--seed",
+                    "0",
                 ]
-                jobs.append(Job(f"compare-cifar10-{model}-{init}", "compare", command, 0,
-                                5.0 if model == "cnn" else 30.0))
+                jobs.append(
+                    Job(
+                        f"compare-cifar10-{model}-{init}",
+                        "compare",
+                        command,
+                        0,
+                        5.0 if model == "cnn" else 30.0,
+                    )
+                )
     return jobs
 
 
-def _cifar_job(name: str, method_args: list[str], cost: float, seed: int, lr: float,
-               args: argparse.Namespace) -> Job:
+def _cifar_job(
+    name: str, method_args: list[str], cost: float, seed: int, lr: float, args: argparse.Namespace
+) -> Job:
     group = "cifar10-cnn" if lr == CIFAR_LR else f"cifar10-cnn-lr{lr:g}"
-    command = ["train", *cifar_common(lr), *method_args, "--epochs", str(args.cifar_epochs),
-               "--seed", str(seed)]
-    return Job(f"{group}-{name}-s{seed}", group, command, args.cifar_epochs,
-               cost * args.cifar_epochs * 10)
+    command = [
+        "train",
+        *cifar_common(lr),
+        *method_args,
+        "--epochs",
+        str(args.cifar_epochs),
+        "--seed",
+        str(seed),
+    ]
+    return Job(
+        f"{group}-{name}-s{seed}", group, command, args.cifar_epochs, cost * args.cifar_epochs * 10
+    )
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -429,11 +533,13 @@ INPUTS = {"none": "[0, 1] inputs", "standard": "standardised inputs"}
 def _stability_text(rows: list[dict]) -> str:
     """Why feedback alignment diverges: benchmarks/fa_stability.py's measurement."""
     lines = [
-        ("Divergence, measured by `benchmarks/fa_stability.py` (`results/fa_stability.json`): "
-        "with the summed MSE loss the output layer's SGD step is stable only while lr x the "
-        "largest eigenvalue of 2 [H 1]^T [H 1] (H: the last hidden layer on a training batch) "
-        "stays below 2. Largest value over the training batches, at initialisation and at "
-        "the last checkpoint (end of the last completed epoch):"),
+        (
+            "Divergence, measured by `benchmarks/fa_stability.py` (`results/fa_stability.json`): "
+            "with the summed MSE loss the output layer's SGD step is stable only while lr x the "
+            "largest eigenvalue of 2 [H 1]^T [H 1] (H: the last hidden layer on a training batch) "
+            "stays below 2. Largest value over the training batches, at initialisation and at "
+            "the last checkpoint (end of the last completed epoch):"
+        ),
         "",
         "| run | at init | at epoch | there | output weight norm | diverged in epoch |",
         "|---|---|---|---|---|---|",
@@ -457,19 +563,23 @@ def _cifar_stability_text(rows: list[dict]) -> str:
     """Why variants diverge on the CIFAR CNN: benchmarks/cifar_stability.py's measurement."""
     from cifar_stability import table  # beside this script
 
-    return "\n".join([
-        ("Divergence, measured by `benchmarks/cifar_stability.py` "
-         "(`results/cifar_stability.json`): the first 400 batches of epoch 1 at this "
-         "table's settings and at lr 0.01, with autograd's gradient taken at the same weights "
-         "on every batch. Psi `normal` is N(0, 0.05) (the "
-         "paper's, the default), `matched` draws each psi at its own weight's standard "
-         "deviation. The output layer's curvature is lr x the largest eigenvalue of the "
-         "cross-entropy's Hessian in its weights, largest over the measured batches (every "
-         "10th); heavy-ball SGD is stable on a quadratic while it stays below 2 (1 + "
-         "momentum) = 3.8."),
-        "",
-        table(rows),
-    ])
+    return "\n".join(
+        [
+            (
+                "Divergence, measured by `benchmarks/cifar_stability.py` "
+                "(`results/cifar_stability.json`): the first 400 batches of epoch 1 at this "
+                "table's settings and at lr 0.01, with autograd's gradient taken at the same weights "
+                "on every batch. Psi `normal` is N(0, 0.05) (the "
+                "paper's, the default), `matched` draws each psi at its own weight's standard "
+                "deviation. The output layer's curvature is lr x the largest eigenvalue of the "
+                "cross-entropy's Hessian in its weights, largest over the measured batches (every "
+                "10th); heavy-ball SGD is stable on a quadratic while it stays below 2 (1 + "
+                "momentum) = 3.8."
+            ),
+            "",
+            table(rows),
+        ]
+    )
 
 
 def _compare_table(folder: Path) -> str:
@@ -506,8 +616,9 @@ def _compare_table(folder: Path) -> str:
             if tolerance is not None
             else f"cosine >= {threshold:g} (an earlier run: cosine only, no length check)"
         )
-        lines.append(f"Smallest step count with every parameter's {criterion} "
-                     f"(`--recommend`): {found}.")
+        lines.append(
+            f"Smallest step count with every parameter's {criterion} (`--recommend`): {found}."
+        )
     return "\n".join(lines)
 
 
@@ -518,8 +629,10 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
     walls = _walls(results, jobs)
     info = machine()
     lines = [
-        ("# Activation Relaxation: the paper on Fashion-MNIST, CIFAR-10 on the CPU, "
-        "gradient quality against relaxation steps"),
+        (
+            "# Activation Relaxation: the paper on Fashion-MNIST, CIFAR-10 on the CPU, "
+            "gradient quality against relaxation steps"
+        ),
         "",
         (
             "Written by `python benchmarks/run_experiments.py` "
@@ -628,8 +741,10 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
         if angles:
             lines += [
                 "",
-                ("Angle between the backward weights psi and W^T (90°: unrelated, 0°: aligned), "
-                "per layer, mean over seeds:"),
+                (
+                    "Angle between the backward weights psi and W^T (90°: unrelated, 0°: aligned), "
+                    "per layer, mean over seeds:"
+                ),
                 "",
                 angles,
             ]
@@ -642,8 +757,10 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
         if group == "fashion-mnist":
             lines += [
                 "",
-                ("Test accuracy (%) per epoch, mean over the seeds that completed the epoch "
-                "(a diverged run counts until its last completed epoch):"),
+                (
+                    "Test accuracy (%) per epoch, mean over the seeds that completed the epoch "
+                    "(a diverged run counts until its last completed epoch):"
+                ),
                 "",
             ]
             table = plots.group_runs(runs)
@@ -653,11 +770,7 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
             for label, group_runs in table.items():
                 cells = []
                 for e in range(epochs):
-                    vals = [
-                        r.epochs[e]["test_acc"]
-                        for r in group_runs
-                        if len(r.epochs) > e
-                    ]
+                    vals = [r.epochs[e]["test_acc"] for r in group_runs if len(r.epochs) > e]
                     cells.append(f"{100 * sum(vals) / len(vals):.2f}" if vals else "—")
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         prefix = {"fashion-mnist": "fashion_mnist_"}.get(group, group.replace("-", "_") + "_")
@@ -793,7 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=seeds, default=[0, 1, 2], help="Fashion-MNIST seeds (default: 0,1,2)"
     )
-    parser.add_argument("--cifar-epochs", type=int, default=10, help="CIFAR-10 epochs (default: 10)")
+    parser.add_argument(
+        "--cifar-epochs", type=int, default=10, help="CIFAR-10 epochs (default: 10)"
+    )
     parser.add_argument(
         "--cifar-seeds",
         type=seeds,
@@ -827,7 +942,9 @@ def main(argv: list[str] | None = None) -> int:
         "--resnet-epochs", type=int, default=20, help="ResNet-20 epochs (default: 20)"
     )
     parser.add_argument(
-        "--resnet-steps", type=int, default=392,
+        "--resnet-steps",
+        type=int,
+        default=392,
         help="relaxation steps of the ResNet-20 AR eta 0.1 row (block granularity): what "
         "benchmarks/granularity.py's recommendation finds (default: 392)",
     )

@@ -7,10 +7,10 @@
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
-      "_C", // m_name
+      "_C",                                                            // m_name
       "torch_ar native operators, reached through torch.ops.torch_ar", // m_doc
-      -1, // m_size
-      nullptr, // m_methods
+      -1,                                                              // m_size
+      nullptr,                                                         // m_methods
   };
   return PyModule_Create(&module_def);
 }

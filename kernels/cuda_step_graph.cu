@@ -48,13 +48,15 @@ namespace {
 
 namespace allocator = c10::cuda::CUDACachingAllocator;
 
-bool is_pool(const at::cuda::MempoolId_t& pool) { return pool.first != 0 || pool.second != 0; }
+bool is_pool(const at::cuda::MempoolId_t& pool) {
+  return pool.first != 0 || pool.second != 0;
+}
 
 struct Lane {
   Lane(c10::DeviceIndex device, c10::cuda::CUDAStream stream) : device(device), stream(stream) {}
   const c10::DeviceIndex device;
   const c10::cuda::CUDAStream stream;
-  at::cuda::MempoolId_t pool{0, 0};  // none yet, or released
+  at::cuda::MempoolId_t pool{0, 0}; // none yet, or released
   bool leased = false;
 };
 
@@ -79,7 +81,8 @@ class Lanes {
       const c10::cuda::CUDAGuard guard(device);
       cudaStream_t raw = nullptr;
       C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking));
-      lanes_.push_back(std::make_unique<Lane>(device, c10::cuda::getStreamFromExternal(raw, device)));
+      lanes_.push_back(
+          std::make_unique<Lane>(device, c10::cuda::getStreamFromExternal(raw, device)));
       lane = lanes_.back().get();
     }
     if (!is_pool(lane->pool)) {
@@ -293,7 +296,9 @@ std::unique_ptr<StepGraph> make_cuda_step_graph(const c10::Device& device) {
   return std::make_unique<CudaStepGraph>(device);
 }
 
-int64_t release_idle_cuda_graph_memory() { return Lanes::instance().release_idle_pools(); }
+int64_t release_idle_cuda_graph_memory() {
+  return Lanes::instance().release_idle_pools();
+}
 
 // Registered when the library loads, like the operator kernels.
 const bool registered = [] {

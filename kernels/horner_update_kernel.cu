@@ -22,7 +22,7 @@ namespace rm = relax_math;
 
 struct HornerSlot {
   void* out;
-  const void* x0;  // nullptr: absent (zero)
+  const void* x0; // nullptr: absent (zero)
   const void* b;
   const void* t;
   const void* r;
@@ -38,10 +38,9 @@ __device__ __forceinline__ at::opmath_type<scalar_t> load_or_zero(const void* p,
 }
 
 template <typename scalar_t>
-__device__ void horner_chunk(
-    const HornerSlot& slot, int64_t begin, int64_t end, double alpha, double beta,
-    double flush_below, bool residual, double& out_sq, double& res_sq, double& tgt_sq,
-    double& bad) {
+__device__ void horner_chunk(const HornerSlot& slot, int64_t begin, int64_t end, double alpha,
+                             double beta, double flush_below, bool residual, double& out_sq,
+                             double& res_sq, double& tgt_sq, double& bad) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t a = static_cast<opmath_t>(alpha);
   const opmath_t c = static_cast<opmath_t>(beta);
@@ -49,10 +48,9 @@ __device__ void horner_chunk(
   scalar_t* out = static_cast<scalar_t*>(slot.out);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const opmath_t b = load_or_zero<scalar_t>(slot.b, i);
-    const opmath_t y = rm::flush_tiny(
-        rm::horner_stage(a, load_or_zero<scalar_t>(slot.x0, i), c, b,
-                         load_or_zero<scalar_t>(slot.t, i)),
-        flush);
+    const opmath_t y = rm::flush_tiny(rm::horner_stage(a, load_or_zero<scalar_t>(slot.x0, i), c, b,
+                                                       load_or_zero<scalar_t>(slot.t, i)),
+                                      flush);
     const scalar_t stored = static_cast<scalar_t>(y);
     out[i] = stored;
     const opmath_t ys = static_cast<opmath_t>(stored);
@@ -71,10 +69,10 @@ __device__ void horner_chunk(
 // Per chunk: the output's, residual's and target's sums of squares and the
 // count of non-finite values.
 template <int Capacity>
-__global__ void __launch_bounds__(mt::kThreads) horner_update_kernel(
-    const __grid_constant__ mt::Table<HornerSlot, Capacity> table,
-    double* __restrict__ chunk_sums, double alpha, double beta, double flush_below,
-    bool residual) {
+__global__ void __launch_bounds__(mt::kThreads)
+    horner_update_kernel(const __grid_constant__ mt::Table<HornerSlot, Capacity> table,
+                         double* __restrict__ chunk_sums, double alpha, double beta,
+                         double flush_below, bool residual) {
   __shared__ double shared[mt::kWarps];
   const int64_t num_chunks = table.first_chunk[table.num_tensors];
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
@@ -98,25 +96,26 @@ __global__ void __launch_bounds__(mt::kThreads) horner_update_kernel(
   }
 }
 
-at::Tensor horner_update_cuda(
-    at::TensorList out,
-    const horner_update_detail::OptionalList& initial,
-    const horner_update_detail::OptionalList& loss_terms,
-    const horner_update_detail::OptionalList& targets,
-    const horner_update_detail::OptionalList& residual_targets,
-    double alpha,
-    double beta,
-    double flush_below,
-    bool residual) {
-  auto in = horner_update_detail::check_inputs(
-      out, initial, loss_terms, targets, residual_targets, flush_below, c10::DeviceType::CUDA);
+at::Tensor horner_update_cuda(at::TensorList out, const horner_update_detail::OptionalList& initial,
+                              const horner_update_detail::OptionalList& loss_terms,
+                              const horner_update_detail::OptionalList& targets,
+                              const horner_update_detail::OptionalList& residual_targets,
+                              double alpha, double beta, double flush_below, bool residual) {
+  auto in = horner_update_detail::check_inputs(out, initial, loss_terms, targets, residual_targets,
+                                               flush_below, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(out[0].device());
   const size_t n = out.size();
-  auto ptr = [](const at::Tensor& t) -> const void* { return t.defined() ? t.const_data_ptr() : nullptr; };
+  auto ptr = [](const at::Tensor& t) -> const void* {
+    return t.defined() ? t.const_data_ptr() : nullptr;
+  };
   std::vector<HornerSlot> slots(n);
   for (size_t i = 0; i < n; ++i) {
-    slots[i] = {in.out[i].data_ptr(), ptr(in.initial[i]), ptr(in.loss_terms[i]),
-                ptr(in.targets[i]), ptr(in.residual_targets[i]), in.out[i].numel(),
+    slots[i] = {in.out[i].data_ptr(),
+                ptr(in.initial[i]),
+                ptr(in.loss_terms[i]),
+                ptr(in.targets[i]),
+                ptr(in.residual_targets[i]),
+                in.out[i].numel(),
                 mt::element_type_of(in.out[i].scalar_type(), "horner_update_")};
   }
   // Columns: three norms, then the non-finite count.

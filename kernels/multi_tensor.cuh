@@ -109,7 +109,7 @@ __device__ __forceinline__ double block_sum(double value, double* shared) {
       value += __shfl_down_sync(0xffffffffu, value, offset);
     }
   }
-  __syncthreads();  // `shared` is reused by the next call
+  __syncthreads(); // `shared` is reused by the next call
   return value;
 }
 
@@ -124,7 +124,7 @@ template <typename Slot, int Capacity>
 __device__ ChunkRange chunk_range(const Table<Slot, Capacity>& table, int64_t chunk) {
   int32_t lo = 0;
   int32_t hi = table.num_tensors - 1;
-  while (lo < hi) {  // the last tensor whose first chunk is <= chunk
+  while (lo < hi) { // the last tensor whose first chunk is <= chunk
     const int32_t mid = (lo + hi + 1) / 2;
     if (table.first_chunk[mid] <= chunk) {
       lo = mid;
@@ -142,10 +142,9 @@ __device__ ChunkRange chunk_range(const Table<Slot, Capacity>& table, int64_t ch
 // thread and is the same on every run. Columns below RootColumns are sums of
 // squares (their root is the norm); the rest are counts.
 template <typename Slot, int Capacity, int Columns, int RootColumns>
-__global__ void __launch_bounds__(kThreads) norms_from_chunks_kernel(
-    const __grid_constant__ Table<Slot, Capacity> table,
-    const double* __restrict__ chunk_sums,
-    double* __restrict__ norms) {
+__global__ void __launch_bounds__(kThreads)
+    norms_from_chunks_kernel(const __grid_constant__ Table<Slot, Capacity> table,
+                             const double* __restrict__ chunk_sums, double* __restrict__ norms) {
   __shared__ double shared[kWarps];
   const int t = blockIdx.x;
   const int64_t first = table.first_chunk[t];
@@ -173,8 +172,8 @@ inline int64_t resident_blocks(const void* kernel) {
   if (blocks == 0) {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-    blocks = int64_t(std::max(per_sm, 1)) *
-        at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    blocks =
+        int64_t(std::max(per_sm, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   }
   return blocks;
 }
@@ -184,14 +183,9 @@ inline int64_t resident_blocks(const void* kernel) {
 // caching allocator: inside a CUDA graph capture, from its pool.
 template <int Columns, int RootColumns, typename Slot, int Capacity, typename... Params,
           typename... Args>
-void launch_batch(
-    ChunkKernel<Slot, Capacity, Params...> kernel,
-    const std::vector<Slot>& slots,
-    size_t first,
-    size_t count,
-    double* norms,
-    const at::TensorOptions& options,
-    Args&&... args) {
+void launch_batch(ChunkKernel<Slot, Capacity, Params...> kernel, const std::vector<Slot>& slots,
+                  size_t first, size_t count, double* norms, const at::TensorOptions& options,
+                  Args&&... args) {
   Table<Slot, Capacity> table{};
   table.num_tensors = static_cast<int32_t>(count);
   table.first_chunk[0] = 0;
@@ -223,12 +217,10 @@ void launch_batch(
 // batches of the large one. Returns the [slots, Columns] float64 results.
 template <int Columns, int RootColumns, typename Slot, int Large, typename... Params,
           typename... Args>
-at::Tensor launch_all(
-    ChunkKernel<Slot, kSmallTable, Params...> small_kernel,
-    ChunkKernel<Slot, Large, Params...> large_kernel,
-    const std::vector<Slot>& slots,
-    const at::TensorOptions& options,
-    const Args&... args) {
+at::Tensor launch_all(ChunkKernel<Slot, kSmallTable, Params...> small_kernel,
+                      ChunkKernel<Slot, Large, Params...> large_kernel,
+                      const std::vector<Slot>& slots, const at::TensorOptions& options,
+                      const Args&... args) {
   static_assert(sizeof(Table<Slot, Large>) < 32000, "kernel parameters over 32 KB");
   const size_t n = slots.size();
   at::Tensor results = at::empty({static_cast<int64_t>(n), Columns}, options);
@@ -237,9 +229,8 @@ at::Tensor launch_all(
     launch_batch<Columns, RootColumns>(small_kernel, slots, 0, n, out, options, args...);
   } else {
     for (size_t first = 0; first < n; first += Large) {
-      launch_batch<Columns, RootColumns>(
-          large_kernel, slots, first, std::min<size_t>(Large, n - first), out, options,
-          args...);
+      launch_batch<Columns, RootColumns>(large_kernel, slots, first,
+                                         std::min<size_t>(Large, n - first), out, options, args...);
     }
   }
   return results;

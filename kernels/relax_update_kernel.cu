@@ -28,25 +28,19 @@ namespace rm = relax_math;
 struct TensorSlot {
   void* state;
   const void* target;
-  const void* activation_input;  // nullptr: no activation
+  const void* activation_input; // nullptr: no activation
   void* activation_grad;
   int64_t numel;
   int32_t element_type;
   int32_t activation_kind;
-  double p0;  // double: a float64 state must see the exact slope/bounds
+  double p0; // double: a float64 state must see the exact slope/bounds
   double p1;
 };
 constexpr int kLargeTable = 320;
 
 template <typename scalar_t>
-__device__ void relax_chunk(
-    const TensorSlot& slot,
-    int64_t begin,
-    int64_t end,
-    double eta,
-    double flush_below,
-    double& residual_sq,
-    double& target_sq) {
+__device__ void relax_chunk(const TensorSlot& slot, int64_t begin, int64_t end, double eta,
+                            double flush_below, double& residual_sq, double& target_sq) {
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* state = static_cast<scalar_t*>(slot.state);
   const scalar_t* target = static_cast<const scalar_t*>(slot.target);
@@ -65,9 +59,9 @@ __device__ void relax_chunk(
     state[i] = stored;
     if (act_in != nullptr) {
       // From the stored (rounded) value, as the unfused VJP would read it.
-      act_grad[i] = static_cast<scalar_t>(rm::activation_vjp<opmath_t>(
-          slot.activation_kind, static_cast<opmath_t>(stored),
-          static_cast<opmath_t>(act_in[i]), p0, p1));
+      act_grad[i] = static_cast<scalar_t>(
+          rm::activation_vjp<opmath_t>(slot.activation_kind, static_cast<opmath_t>(stored),
+                                       static_cast<opmath_t>(act_in[i]), p0, p1));
     }
     residual_sq += static_cast<double>(d) * static_cast<double>(d);
     target_sq += static_cast<double>(t) * static_cast<double>(t);
@@ -76,11 +70,10 @@ __device__ void relax_chunk(
 
 // Per chunk: the state's residual and target sums of squares.
 template <int Capacity>
-__global__ void __launch_bounds__(mt::kThreads) relax_update_multi_tensor_kernel(
-    const __grid_constant__ mt::Table<TensorSlot, Capacity> table,
-    double* __restrict__ chunk_sums,
-    double eta,
-    double flush_below) {
+__global__ void __launch_bounds__(mt::kThreads)
+    relax_update_multi_tensor_kernel(const __grid_constant__ mt::Table<TensorSlot, Capacity> table,
+                                     double* __restrict__ chunk_sums, double eta,
+                                     double flush_below) {
   __shared__ double shared[mt::kWarps];
   const int64_t num_chunks = table.first_chunk[table.num_tensors];
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
@@ -89,32 +82,28 @@ __global__ void __launch_bounds__(mt::kThreads) relax_update_multi_tensor_kernel
     double residual_sq = 0.0;
     double target_sq = 0.0;
     mt::with_element_type(slot.element_type, [&](auto element) {
-      relax_chunk<decltype(element)>(
-          slot, range.begin, range.end, eta, flush_below, residual_sq, target_sq);
+      relax_chunk<decltype(element)>(slot, range.begin, range.end, eta, flush_below, residual_sq,
+                                     target_sq);
     });
     residual_sq = mt::block_sum(residual_sq, shared);
     target_sq = mt::block_sum(target_sq, shared);
-    if (threadIdx.x == 0) {  // one slot per chunk: no atomics, a fixed order after
+    if (threadIdx.x == 0) { // one slot per chunk: no atomics, a fixed order after
       chunk_sums[2 * c] = residual_sq;
       chunk_sums[2 * c + 1] = target_sq;
     }
   }
 }
 
-at::Tensor relax_update_cuda_impl(
-    at::TensorList states,
-    at::TensorList targets,
-    double eta,
-    double flush_below,
-    const std::vector<relax_update_detail::ActivationOf>& activations,
-    at::TensorList activation_inputs,
-    at::TensorList activation_grads) {
-  relax_update_detail::check_inputs(
-      states, targets, flush_below, c10::DeviceType::CUDA);
+at::Tensor relax_update_cuda_impl(at::TensorList states, at::TensorList targets, double eta,
+                                  double flush_below,
+                                  const std::vector<relax_update_detail::ActivationOf>& activations,
+                                  at::TensorList activation_inputs,
+                                  at::TensorList activation_grads) {
+  relax_update_detail::check_inputs(states, targets, flush_below, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(states[0].device());
   const size_t n = states.size();
-  auto walked = relax_update_detail::walked_tensors(
-      states, targets, activations, activation_inputs, activation_grads);
+  auto walked = relax_update_detail::walked_tensors(states, targets, activations, activation_inputs,
+                                                    activation_grads);
   std::vector<at::Tensor>& work_states = walked.states;
   const std::vector<at::Tensor>& work_targets = walked.targets;
   const std::vector<at::Tensor>& work_inputs = walked.activation_inputs;
@@ -123,10 +112,15 @@ at::Tensor relax_update_cuda_impl(
   std::vector<TensorSlot> slots(n);
   for (size_t i = 0; i < n; ++i) {
     TensorSlot& slot = slots[i];
-    slot = {work_states[i].data_ptr(), work_targets[i].const_data_ptr(), nullptr, nullptr,
+    slot = {work_states[i].data_ptr(),
+            work_targets[i].const_data_ptr(),
+            nullptr,
+            nullptr,
             work_states[i].numel(),
             mt::element_type_of(work_states[i].scalar_type(), "relax_update_"),
-            kDerivativeNone, 0.0, 0.0};
+            kDerivativeNone,
+            0.0,
+            0.0};
     if (!activations.empty() && activations[i].kind != kDerivativeNone) {
       const auto& act = activations[i];
       slot.activation_input = work_inputs[act.entry].const_data_ptr();
@@ -137,38 +131,30 @@ at::Tensor relax_update_cuda_impl(
     }
   }
 
-  at::Tensor norms = mt::launch_all<2, 2>(
-      relax_update_multi_tensor_kernel<mt::kSmallTable>,
-      relax_update_multi_tensor_kernel<kLargeTable>, slots,
-      states[0].options().dtype(at::kDouble), eta, flush_below);
+  at::Tensor norms = mt::launch_all<2, 2>(relax_update_multi_tensor_kernel<mt::kSmallTable>,
+                                          relax_update_multi_tensor_kernel<kLargeTable>, slots,
+                                          states[0].options().dtype(at::kDouble), eta, flush_below);
   relax_update_detail::write_back_states(states, work_states);
   relax_update_detail::write_back_states(activation_grads, work_grads);
   return norms;
 }
 
-at::Tensor relax_update_cuda(
-    at::TensorList states,
-    at::TensorList targets,
-    double eta,
-    double flush_below) {
+at::Tensor relax_update_cuda(at::TensorList states, at::TensorList targets, double eta,
+                             double flush_below) {
   return relax_update_cuda_impl(states, targets, eta, flush_below, {}, {}, {});
 }
 
-at::Tensor relax_update_activation_cuda(
-    at::TensorList states,
-    at::TensorList targets,
-    double eta,
-    double flush_below,
-    at::IntArrayRef activation_states,
-    at::IntArrayRef activation_kinds,
-    at::ArrayRef<double> activation_params,
-    at::TensorList activation_inputs,
-    at::TensorList activation_grads) {
+at::Tensor relax_update_activation_cuda(at::TensorList states, at::TensorList targets, double eta,
+                                        double flush_below, at::IntArrayRef activation_states,
+                                        at::IntArrayRef activation_kinds,
+                                        at::ArrayRef<double> activation_params,
+                                        at::TensorList activation_inputs,
+                                        at::TensorList activation_grads) {
   const auto activations = relax_update_detail::check_activations(
       states, activation_states, activation_kinds, activation_params, activation_inputs,
       activation_grads);
-  return relax_update_cuda_impl(
-      states, targets, eta, flush_below, activations, activation_inputs, activation_grads);
+  return relax_update_cuda_impl(states, targets, eta, flush_below, activations, activation_inputs,
+                                activation_grads);
 }
 
 } // namespace

@@ -1,8 +1,10 @@
 """torch_ar: gradients by Activation Relaxation for any nn.Module.
 
-    ar = torch_ar.ARBackward(net)
-    loss = criterion(ar(x), y)
-    loss.backward()   # net's .grad filled by activation relaxation
+```python
+ar = torch_ar.ARBackward(net)
+loss = criterion(ar(x), y)
+loss.backward()  # net's .grad filled by activation relaxation
+```
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
@@ -13,8 +15,8 @@ from torch_ar import (
 )
 from torch_ar.ar_backward import ARBackward, RelaxationDivergedError, RelaxationStats
 from torch_ar.config import RelaxConfig
-from torch_ar.ops import SupportedOp, release_cuda_graph_memory, supported_ops
 from torch_ar.diagnostics import SelftestReport, selftest
+from torch_ar.ops import SupportedOp, release_cuda_graph_memory, supported_ops
 from torch_ar.variants import VARIANTS
 
 __all__ = [

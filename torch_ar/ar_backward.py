@@ -117,12 +117,14 @@ class _ForwardRun:
         self.config = owner.config
         self.flat, self.spec = _flatten_inputs(args, kwargs)
         self.input_positions = [
-            i for i, v in enumerate(self.flat)
+            i
+            for i, v in enumerate(self.flat)
             if isinstance(v, torch.Tensor) and v.is_floating_point()
         ]
         # Integer inputs (token ids): a lookup by them makes a neuron.
         self.data_indices = [
-            v for v in self.flat
+            v
+            for v in self.flat
             if isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex()
         ]
         self.inlined_checkpoints = 0
@@ -135,12 +137,13 @@ class _ForwardRun:
         # Backward weights, one per parameter that has one (else None).
         self.psis: list[torch.Tensor | None] = (
             [owner._backward_weight_of(n) for n in self.param_names]
-            if owner._psi_layout else [None] * len(self.params)
+            if owner._psi_layout
+            else [None] * len(self.params)
         )
         self.psi_tensors = [p for p in self.psis if p is not None]
         self.input_leaves: list[torch.Tensor] = []
-        self.outputs: list[torch.Tensor] = []       # differentiable inner outputs
-        self.output_slots: list[int] = []           # their index among returned tensors
+        self.outputs: list[torch.Tensor] = []  # differentiable inner outputs
+        self.output_slots: list[int] = []  # their index among returned tensors
         self.out_flat: list[Any] = []
         self.out_spec = None
         self.tensor_positions: list[int] = []
@@ -151,8 +154,7 @@ class _ForwardRun:
         # gradients (to skip the step), not an exception.
         nonfinite = owner.config.nonfinite
         self.raise_on_nonfinite = nonfinite == "raise" or (
-            nonfinite == "auto"
-            and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+            nonfinite == "auto" and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
         )
 
     @property
@@ -165,9 +167,10 @@ class _ForwardRun:
         for pos, leaf in zip(self.input_positions, self.input_leaves):
             flat[pos] = leaf
         args, kwargs = (tuple(flat), {}) if self.spec is None else tree_unflatten(flat, self.spec)
-        with torch.enable_grad(), inline_checkpoints(
-            self.config.calls_layers_repeatedly
-        ) as inlined:
+        with (
+            torch.enable_grad(),
+            inline_checkpoints(self.config.calls_layers_repeatedly) as inlined,
+        ):
             if self.config.needs_forward_values:
                 recorder = ForwardValueRecorder()
                 with recorder:
@@ -221,8 +224,9 @@ class _ForwardRun:
             self.forward_values_handle = torch.ops.torch_ar.stash_forward_values(
                 self.forward_values
             )
-            weakref.finalize(self, torch.ops.torch_ar.drop_forward_values,
-                             self.forward_values_handle)
+            weakref.finalize(
+                self, torch.ops.torch_ar.drop_forward_values, self.forward_values_handle
+            )
         self.forward_values = []
         return [self.out_flat[pos].detach() for pos in self.tensor_positions]
 
@@ -275,7 +279,9 @@ def _flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
 
 def _check_supported_tensor(t: torch.Tensor, what: str) -> None:
     if t.is_complex():
-        raise TypeError(f"ARBackward: {what} is complex ({t.dtype}); only real tensors are supported")
+        raise TypeError(
+            f"ARBackward: {what} is complex ({t.dtype}); only real tensors are supported"
+        )
     if t.layout != torch.strided:
         raise TypeError(
             f"ARBackward: {what} has layout {t.layout}; only dense (strided) tensors are supported"
@@ -289,11 +295,9 @@ class _ARFunction(torch.autograd.Function):
     def forward(ctx, run: _ForwardRun, *tensors: torch.Tensor):
         ctx.set_materialize_grads(False)
         ctx.run = run
-        returned = run.run_module(tensors[len(run.params) + len(run.psi_tensors):])
+        returned = run.run_module(tensors[len(run.params) + len(run.psi_tensors) :])
         differentiable = set(run.output_slots)
-        ctx.mark_non_differentiable(
-            *[t for k, t in enumerate(returned) if k not in differentiable]
-        )
+        ctx.mark_non_differentiable(*[t for k, t in enumerate(returned) if k not in differentiable])
         return tuple(returned)
 
     @staticmethod
@@ -308,8 +312,8 @@ class _ARFunction(torch.autograd.Function):
             )
         n_params, n_psi = len(run.params), len(run.psi_tensors)
         needs_all = list(ctx.needs_input_grad[1:])
-        needs_psi = needs_all[n_params:n_params + n_psi]
-        needs = needs_all[:n_params] + needs_all[n_params + n_psi:]
+        needs_psi = needs_all[n_params : n_params + n_psi]
+        needs = needs_all[:n_params] + needs_all[n_params + n_psi :]
         # psi's increment is W's (transposed), so W's gradient is needed for it.
         k = 0
         for i, psi in enumerate(run.psis):
@@ -326,7 +330,8 @@ class _ARFunction(torch.autograd.Function):
         backward_weights = (
             [p.detach() if p is not None else None for p in run.psis]
             + [None] * len(run.input_leaves)
-            if variant.uses_backward_weights else []
+            if variant.uses_backward_weights
+            else []
         )
         try:
             result = torch.ops.torch_ar.relax(
@@ -460,9 +465,17 @@ class ARBackward(nn.Module):
             )
         self.module = module
         self.config = RelaxConfig(
-            eta=eta, steps=steps, tol=tol, init=init, schedule=schedule,
-            granularity=granularity, trace=trace, trace_cosine=trace_cosine,
-            max_steps=max_steps, check_every=check_every, variant=variant,
+            eta=eta,
+            steps=steps,
+            tol=tol,
+            init=init,
+            schedule=schedule,
+            granularity=granularity,
+            trace=trace,
+            trace_cosine=trace_cosine,
+            max_steps=max_steps,
+            check_every=check_every,
+            variant=variant,
             weight_update_derivative=weight_update_derivative,
             backward_weight_init=backward_weight_init,
             backward_weight_std=backward_weight_std,
@@ -610,8 +623,7 @@ class ARBackward(nn.Module):
         weights get psi of W's own shape, applied by the transposed convolution.
         """
         return {
-            name: self.backward_weight_store[name.replace(".", "__")]
-            for name in self._psi_layout
+            name: self.backward_weight_store[name.replace(".", "__")] for name in self._psi_layout
         }
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -642,8 +654,13 @@ class ARBackward(nn.Module):
     ) -> None:
         # Leaf names are built only if the stats are read.
         raw = (
-            (run.param_names, len(run.input_leaves)), summary, residuals, residual_trace,
-            cosine_trace, names, run.inlined_checkpoints,
+            (run.param_names, len(run.input_leaves)),
+            summary,
+            residuals,
+            residual_trace,
+            cosine_trace,
+            names,
+            run.inlined_checkpoints,
         )
         # object.__setattr__: nn.Module's own costs more than the rest of this.
         object.__setattr__(self, "_last_raw", raw)

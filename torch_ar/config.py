@@ -95,8 +95,10 @@ class RelaxConfig:
                 f"nonfinite must be 'auto', 'raise' or 'propagate', got {self.nonfinite!r}"
             )
         variant = get_variant(self.variant)
-        if variant.drop_activation_derivative and self.weight_update_derivative and (
-            self.granularity == "op"
+        if (
+            variant.drop_activation_derivative
+            and self.weight_update_derivative
+            and (self.granularity == "op")
         ):
             raise ValueError(
                 f"variant {self.variant!r} with weight_update_derivative=True needs "
@@ -109,8 +111,12 @@ class RelaxConfig:
                 "backward_weight_init must be 'normal', 'matched', 'xavier' or 'transpose', "
                 f"got {self.backward_weight_init!r}"
             )
-        if not (isinstance(self.backward_weight_std, (int, float)) and self.backward_weight_std > 0):
-            raise ValueError(f"backward_weight_std must be positive, got {self.backward_weight_std!r}")
+        if not (
+            isinstance(self.backward_weight_std, (int, float)) and self.backward_weight_std > 0
+        ):
+            raise ValueError(
+                f"backward_weight_std must be positive, got {self.backward_weight_std!r}"
+            )
         if not (
             isinstance(self.backward_weight_decay, (int, float)) and self.backward_weight_decay >= 0
         ):
@@ -154,10 +160,14 @@ class RelaxConfig:
             raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {self.evaluation!r}")
         if self.evaluation == "closed_form":
             literal_only = [
-                name for name, on in (
-                    ("trace", self.trace), ("trace_cosine", self.trace_cosine),
-                    ("tol", self.tol is not None), ("cuda_graph", self.cuda_graph),
-                ) if on
+                name
+                for name, on in (
+                    ("trace", self.trace),
+                    ("trace_cosine", self.trace_cosine),
+                    ("tol", self.tol is not None),
+                    ("cuda_graph", self.cuda_graph),
+                )
+                if on
             ]
             if literal_only:
                 raise ValueError(
@@ -176,8 +186,12 @@ class RelaxConfig:
         trace) evaluates each node once, as autograd does.
         """
         exact_sweep = (
-            self.eta == 1.0 and self.variant == "exact" and self.steps is None
-            and self.tol is None and not self.trace and not self.trace_cosine
+            self.eta == 1.0
+            and self.variant == "exact"
+            and self.steps is None
+            and self.tol is None
+            and not self.trace
+            and not self.trace_cosine
         )
         return not exact_sweep
 

@@ -75,13 +75,21 @@ class SelftestReport:
             result = "ok" if c.ok else f"FAILED {c.detail}".strip()
             lines.append(f"| {c.name} | {result} | {err} | {lim} |")
         passed = sum(c.ok for c in self.checks)
-        lines += ["", f"{passed} passed, {len(self.checks) - passed} failed in {self.seconds:.1f} s"]
+        lines += [
+            "",
+            f"{passed} passed, {len(self.checks) - passed} failed in {self.seconds:.1f} s",
+        ]
         return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps(
-            {"device": self.device, "ok": self.ok, "seconds": self.seconds,
-             "versions": self.versions, "checks": [asdict(c) for c in self.checks]},
+            {
+                "device": self.device,
+                "ok": self.ok,
+                "seconds": self.seconds,
+                "versions": self.versions,
+                "checks": [asdict(c) for c in self.checks],
+            },
             indent=1,
         )
 
@@ -112,7 +120,10 @@ def _driver_version() -> str:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         )
         return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
@@ -150,16 +161,43 @@ class ResidualBlock(nn.Module):
 def _graphs() -> dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]]:
     """Small models that together reach every kind of layer the engine plans."""
     return {
-        "mlp": lambda: (nn.Sequential(
-            nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(),
-            nn.Linear(32, 10)), (6, 3, 4, 4)),
-        "cnn+bn": lambda: (nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 8, 3, padding=1), nn.Sigmoid(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(), nn.Linear(8, 10)), (4, 3, 8, 8)),
-        "residual": lambda: (nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ResidualBlock(8), ResidualBlock(8),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)), (4, 3, 8, 8)),
+        "mlp": lambda: (
+            nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(48, 32),
+                nn.ReLU(),
+                nn.Linear(32, 32),
+                nn.Tanh(),
+                nn.Linear(32, 10),
+            ),
+            (6, 3, 4, 4),
+        ),
+        "cnn+bn": lambda: (
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 8, 3, padding=1),
+                nn.Sigmoid(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(8, 10),
+            ),
+            (4, 3, 8, 8),
+        ),
+        "residual": lambda: (
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.ReLU(),
+                ResidualBlock(8),
+                ResidualBlock(8),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(8, 10),
+            ),
+            (4, 3, 8, 8),
+        ),
     }
 
 
@@ -187,8 +225,9 @@ def _ar_grads(net, x, y, **kwargs):
     ar = torch_ar.ARBackward(net, **kwargs)
     net.zero_grad()
     F.cross_entropy(ar(x), y).backward()
-    return {n: p.grad.clone() if p.grad is not None else None
-            for n, p in net.named_parameters()}, ar
+    return {
+        n: p.grad.clone() if p.grad is not None else None for n, p in net.named_parameters()
+    }, ar
 
 
 def _worst(got: dict, want: dict) -> float:
@@ -216,8 +255,12 @@ class _Runner:
         self.device = device
         self.checks: list[Check] = []
 
-    def check(self, name: str, run: Callable[[], float | tuple[float, str]],
-              limit: float | None = TOLERANCE) -> None:
+    def check(
+        self,
+        name: str,
+        run: Callable[[], float | tuple[float, str]],
+        limit: float | None = TOLERANCE,
+    ) -> None:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -233,7 +276,9 @@ class _Runner:
                 detail = fallbacks[0][:160]
             self.checks.append(Check(name, ok, value, limit, "" if ok else detail))
         except Exception as exc:  # noqa: BLE001  (a check that raises has failed)
-            self.checks.append(Check(name, False, None, limit, f"{type(exc).__name__}: {exc}"[:300]))
+            self.checks.append(
+                Check(name, False, None, limit, f"{type(exc).__name__}: {exc}"[:300])
+            )
 
 
 def _kernel_checks(r: _Runner) -> None:
@@ -254,8 +299,9 @@ def _kernel_checks(r: _Runner) -> None:
         xs = x.to(dev).contiguous(memory_format=fmt)
         ts, as_, g = (v.to(dev).contiguous(memory_format=fmt) for v in (t, a, torch.zeros_like(x)))
         if fused:
-            norms = ops.relax_update_activation_([xs], [ts], eta, 0.0, [0], [1], [0.0, 0.0],
-                                                 [as_], [g])
+            norms = ops.relax_update_activation_(
+                [xs], [ts], eta, 0.0, [0], [1], [0.0, 0.0], [as_], [g]
+            )
         else:
             norms = ops.relax_update_([xs], [ts], eta, 0.0)
         err = max(rel_err(xs, want_x), rel_err(norms, want_norms))
@@ -274,8 +320,10 @@ def _kernel_checks(r: _Runner) -> None:
         tag = str(dtype).replace("torch.", "")
         for fused in (False, True):
             for cl in (False, True):
-                name = (f"kernel relax_update_{'activation_' if fused else ''} {tag}"
-                        f"{' channels_last' if cl else ''}")
+                name = (
+                    f"kernel relax_update_{'activation_' if fused else ''} {tag}"
+                    f"{' channels_last' if cl else ''}"
+                )
                 r.check(name, lambda d=dtype, f=fused, c=cl: relax_update(d, f, c), limit)
 
     def horner(dtype, residual: bool, missing: bool) -> float:
@@ -285,20 +333,37 @@ def _kernel_checks(r: _Runner) -> None:
         alpha, beta = 0.25, 0.7
         want = alpha * x0 + beta * b + (0 if missing else t)
         target = b + res
-        want_norms = torch.tensor([[want.double().norm(),
-                                    (target - want).double().norm() if residual else 0.0,
-                                    target.double().norm() if residual else 0.0, 0.0]])
+        want_norms = torch.tensor(
+            [
+                [
+                    want.double().norm(),
+                    (target - want).double().norm() if residual else 0.0,
+                    target.double().norm() if residual else 0.0,
+                    0.0,
+                ]
+            ]
+        )
         out = torch.empty(n, dtype=dtype, device=dev)
         norms = ops.horner_update_(
-            [out], [x0.to(dev)], [b.to(dev)], [None if missing else t.to(dev)],
-            [res.to(dev) if residual else None], alpha, beta, 0.0, residual)
+            [out],
+            [x0.to(dev)],
+            [b.to(dev)],
+            [None if missing else t.to(dev)],
+            [res.to(dev) if residual else None],
+            alpha,
+            beta,
+            0.0,
+            residual,
+        )
         return max(rel_err(out, want), rel_err(norms, want_norms))
 
     for dtype, limit in ((torch.float64, 1e-15), (torch.float32, 1e-6)):
         tag = str(dtype).replace("torch.", "")
         for residual, missing in ((False, False), (True, False), (True, True)):
-            name = (f"kernel horner_update_ {tag}{' residual' if residual else ''}"
-                    f"{' missing term' if missing else ''}")
+            name = (
+                f"kernel horner_update_ {tag}{' residual' if residual else ''}"
+                f"{' missing term' if missing else ''}"
+            )
             r.check(name, lambda d=dtype, re=residual, m=missing: horner(d, re, m), limit)
 
 
@@ -325,8 +390,15 @@ def _engine_checks(r: _Runner, graphs: dict) -> None:
             def closed_vs_literal(problem=problem, fused=True, graph=False) -> float:
                 net, x, y = problem()
                 settings = {"eta": 0.2, "steps": 12}
-                literal, ar = _ar_grads(net, x, y, evaluation="literal", fuse_activations=fused,
-                                        cuda_graph=graph, **settings)
+                literal, ar = _ar_grads(
+                    net,
+                    x,
+                    y,
+                    evaluation="literal",
+                    fuse_activations=fused,
+                    cuda_graph=graph,
+                    **settings,
+                )
                 if graph and ar.last_stats.graph_steps == 0:
                     return float("inf"), "no step was replayed from a CUDA graph"
                 closed, _ = _ar_grads(net, x, y, **settings)
@@ -335,15 +407,20 @@ def _engine_checks(r: _Runner, graphs: dict) -> None:
             r.check(f"engine {tag}: exact sweep = autograd", exact)
             r.check(f"engine {tag}: literal steps eta 1 = autograd", literal_eta1)
             r.check(f"engine {tag}: closed form = literal steps (fused)", closed_vs_literal)
-            r.check(f"engine {tag}: closed form = literal steps (unfused)",
-                    lambda p=problem: closed_vs_literal(p, fused=False))
+            r.check(
+                f"engine {tag}: closed form = literal steps (unfused)",
+                lambda p=problem: closed_vs_literal(p, fused=False),
+            )
             if cuda:
-                r.check(f"engine {tag}: CUDA graph replay = closed form",
-                        lambda p=problem: closed_vs_literal(p, graph=True))
+                r.check(
+                    f"engine {tag}: CUDA graph replay = closed form",
+                    lambda p=problem: closed_vs_literal(p, graph=True),
+                )
 
 
-def _variant_oracle(net: nn.Sequential, psis: dict, x, y, backward_weights: bool,
-                    drop_derivative: bool) -> dict[str, torch.Tensor]:
+def _variant_oracle(
+    net: nn.Sequential, psis: dict, x, y, backward_weights: bool, drop_derivative: bool
+) -> dict[str, torch.Tensor]:
     """One reverse sweep of an MLP with the variant's VJPs, written without the engine."""
     activations = {nn.ReLU: lambda a: (a > 0).to(a.dtype), nn.Tanh: lambda a: 1 - a.tanh() ** 2}
     layers = list(net)
@@ -367,7 +444,7 @@ def _variant_oracle(net: nn.Sequential, psis: dict, x, y, backward_weights: bool
         delta = fprime * g  # the weight update keeps f' (weight_update_derivative)
         grads[names[id(lin.weight)]] = delta.t() @ inp
         grads[names[id(lin.bias)]] = delta.sum(0)
-        back = (g if drop_derivative else delta)
+        back = g if drop_derivative else delta
         psi = psis.get(names[id(lin.weight)]) if backward_weights else None
         g = back @ (lin.weight if psi is None else psi.t())
     return grads
@@ -379,16 +456,27 @@ def _variant_checks(r: _Runner) -> None:
     dev = r.device
 
     def make():
-        return (nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16),
-                              nn.Tanh(), nn.Linear(16, 5)), (7, 12))
+        return (
+            nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(12, 16),
+                nn.ReLU(),
+                nn.Linear(16, 16),
+                nn.Tanh(),
+                nn.Linear(16, 5),
+            ),
+            (7, 12),
+        )
 
     for variant in VARIANTS.values():
         if variant.name == "exact":
             continue
-        for evaluation, settings in (("exact sweep", {}),
-                                     ("closed form", {"eta": 0.5, "steps": 200}),
-                                     ("literal", {"eta": 0.5, "steps": 200,
-                                                  "evaluation": "literal"})):
+        for evaluation, settings in (
+            ("exact sweep", {}),
+            ("closed form", {"eta": 0.5, "steps": 200}),
+            ("literal", {"eta": 0.5, "steps": 200, "evaluation": "literal"}),
+        ):
+
             def run(variant=variant, settings=settings) -> float:
                 import torch_ar
 
@@ -401,8 +489,14 @@ def _variant_checks(r: _Runner) -> None:
                 got = {n: p.grad.clone() for n, p in net.named_parameters()}
                 # The psi the backward used (brSF draws new magnitudes at each one).
                 psis = {n: p.detach().clone() for n, p in ar.backward_weights().items()}
-                want = _variant_oracle(net, psis, x, y, variant.uses_backward_weights,
-                                       variant.drop_activation_derivative)
+                want = _variant_oracle(
+                    net,
+                    psis,
+                    x,
+                    y,
+                    variant.uses_backward_weights,
+                    variant.drop_activation_derivative,
+                )
                 return _worst(got, want)
 
             r.check(f"variant {variant.name}: {evaluation} = oracle", run)
@@ -415,8 +509,9 @@ def _cuda_rng_checks(r: _Runner) -> None:
     def after(refuse: bool) -> float:
         import torch_ar
 
-        net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8),
-                            nn.ReLU(), nn.Linear(8, 2)).to(dev)
+        net = nn.Sequential(
+            nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+        ).to(dev)
         x = torch.randn(4, 8, device=dev)
         if refuse:
             torch.ops.torch_ar._refuse_next_cuda_graph_capture()
@@ -457,7 +552,9 @@ def selftest(device: str | torch.device = "cpu", *, verbose: bool = False) -> Se
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("selftest: device 'cuda' asked for, but torch.cuda.is_available() is False")
+            raise RuntimeError(
+                "selftest: device 'cuda' asked for, but torch.cuda.is_available() is False"
+            )
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
     start = time.perf_counter()
@@ -477,7 +574,9 @@ def selftest(device: str | torch.device = "cpu", *, verbose: bool = False) -> Se
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torch_ar selftest", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_ar selftest", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this file")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -485,7 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     report = selftest(args.device)
     print(report.table())
     for failure in report.failures:
-        print(f"FAILED: {failure.name}: {failure.detail or f'error {failure.error}'}", file=sys.stderr)
+        print(
+            f"FAILED: {failure.name}: {failure.detail or f'error {failure.error}'}", file=sys.stderr
+        )
     if args.json:
         with open(args.json, "w") as f:
             f.write(report.to_json())

@@ -9,13 +9,13 @@ import torch
 
 @dataclass(frozen=True)
 class SupportedOp:
-    node: str              # autograd node name, e.g. "ReluBackward0"
-    op: str                # what users call it
-    role: str              # "structural" (starts a layer), "elementwise" or "view" (joins it)
-    specialised: bool      # input-only VJP of the engine's own (else the op's backward)
-    activation: bool       # a nonlinearity f: passes states through without f'
+    node: str  # autograd node name, e.g. "ReluBackward0"
+    op: str  # what users call it
+    role: str  # "structural" (starts a layer), "elementwise" or "view" (joins it)
+    specialised: bool  # input-only VJP of the engine's own (else the op's backward)
+    activation: bool  # a nonlinearity f: passes states through without f'
     backward_weight: bool  # takes psi in the variants without weight transport
-    fused_update: bool     # its f' is applied by the state update kernel (no own VJP launch)
+    fused_update: bool  # its f' is applied by the state update kernel (no own VJP launch)
 
 
 def supported_ops() -> list[SupportedOp]:
@@ -30,7 +30,12 @@ def supported_ops() -> list[SupportedOp]:
         node, op, role, kind, activation, psi, fused = line.split("|")
         rows.append(
             SupportedOp(
-                node, op, role, kind == "specialised", activation == "activation", psi != "",
+                node,
+                op,
+                role,
+                kind == "specialised",
+                activation == "activation",
+                psi != "",
                 fused == "fused",
             )
         )

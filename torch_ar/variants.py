@@ -45,33 +45,49 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("exact", "none", False, "true Jacobians: converges to backprop"),
         Variant(
-            "learned_backward_weights", "learned", False,
+            "learned_backward_weights",
+            "learned",
+            False,
             "linear/conv layers propagate through learned psi (no weight transport)",
         ),
         Variant(
-            "feedback_alignment", "fixed", False,
+            "feedback_alignment",
+            "fixed",
+            False,
             "linear/conv layers propagate through random fixed psi",
         ),
         Variant(
-            "no_nonlinear_derivative", "none", True,
+            "no_nonlinear_derivative",
+            "none",
+            True,
             "activations pass states through unchanged during relaxation",
         ),
         Variant(
-            "combined", "learned", True,
+            "combined",
+            "learned",
+            True,
             "learned psi and no nonlinear derivative",
         ),
         Variant(
-            "sign_symmetry", "fixed", False,
+            "sign_symmetry",
+            "fixed",
+            False,
             "psi = sign(W) x the layer's Xavier scale, from W at every backward (uSF)",
             "uniform",
         ),
         Variant(
-            "sign_symmetry_fixed_random", "fixed", False,
-            "psi = |R| x sign(W), R random and fixed (frSF)", "fixed_random",
+            "sign_symmetry_fixed_random",
+            "fixed",
+            False,
+            "psi = |R| x sign(W), R random and fixed (frSF)",
+            "fixed_random",
         ),
         Variant(
-            "sign_symmetry_batch_random", "fixed", False,
-            "psi = |R_t| x sign(W), R_t drawn at every backward (brSF)", "batch_random",
+            "sign_symmetry_batch_random",
+            "fixed",
+            False,
+            "psi = |R_t| x sign(W), R_t drawn at every backward (brSF)",
+            "batch_random",
         ),
     )
 }
@@ -82,6 +98,4 @@ def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"variant must be one of {sorted(VARIANTS)}, got {name!r}"
-        ) from None
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {name!r}") from None

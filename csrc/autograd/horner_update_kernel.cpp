@@ -14,35 +14,30 @@
 namespace torch_ar {
 namespace {
 
-at::Tensor horner_update_autograd(
-    at::TensorList out,
-    const horner_update_detail::OptionalList& initial,
-    const horner_update_detail::OptionalList& loss_terms,
-    const horner_update_detail::OptionalList& targets,
-    const horner_update_detail::OptionalList& residual_targets,
-    double alpha,
-    double beta,
-    double flush_below,
-    bool residual) {
+at::Tensor horner_update_autograd(at::TensorList out,
+                                  const horner_update_detail::OptionalList& initial,
+                                  const horner_update_detail::OptionalList& loss_terms,
+                                  const horner_update_detail::OptionalList& targets,
+                                  const horner_update_detail::OptionalList& residual_targets,
+                                  double alpha, double beta, double flush_below, bool residual) {
   if (at::GradMode::is_enabled()) {
     for (size_t i = 0; i < out.size(); ++i)
-      TORCH_CHECK(
-          !out[i].requires_grad(), "horner_update_ is not differentiable, but out[", i,
-          "] requires grad; pass detached tensors or call it under torch.no_grad()");
+      TORCH_CHECK(!out[i].requires_grad(), "horner_update_ is not differentiable, but out[", i,
+                  "] requires grad; pass detached tensors or call it under torch.no_grad()");
   }
   at::Tensor norms;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torch_ar::horner_update_", "")
-                         .typed<at::Tensor(
-                             at::TensorList, const horner_update_detail::OptionalList&,
-                             const horner_update_detail::OptionalList&,
-                             const horner_update_detail::OptionalList&,
-                             const horner_update_detail::OptionalList&, double, double,
-                             double, bool)>();
-    norms = op.call(out, initial, loss_terms, targets, residual_targets, alpha, beta,
-                    flush_below, residual);
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("torch_ar::horner_update_", "")
+            .typed<at::Tensor(at::TensorList, const horner_update_detail::OptionalList&,
+                              const horner_update_detail::OptionalList&,
+                              const horner_update_detail::OptionalList&,
+                              const horner_update_detail::OptionalList&, double, double, double,
+                              bool)>();
+    norms = op.call(out, initial, loss_terms, targets, residual_targets, alpha, beta, flush_below,
+                    residual);
   }
   for (const at::Tensor& t : out) t.unsafeGetTensorImpl()->bump_version();
   return norms;

@@ -7,9 +7,9 @@
 
 #include "ops/relax_update.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -21,14 +21,10 @@ void refuse_requires_grad(at::TensorList tensors, const char* list) {
     return;
   }
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(
-        !tensors[i].requires_grad(),
-        "relax_update_ is not differentiable, but ",
-        list,
-        "[",
-        i,
-        "] requires grad; pass detached tensors or call it under "
-        "torch.no_grad()");
+    TORCH_CHECK(!tensors[i].requires_grad(), "relax_update_ is not differentiable, but ", list, "[",
+                i,
+                "] requires grad; pass detached tensors or call it under "
+                "torch.no_grad()");
   }
 }
 
@@ -38,11 +34,8 @@ void bump_versions(at::TensorList written) {
   }
 }
 
-at::Tensor relax_update_autograd(
-    at::TensorList states,
-    at::TensorList targets,
-    double eta,
-    double flush_below) {
+at::Tensor relax_update_autograd(at::TensorList states, at::TensorList targets, double eta,
+                                 double flush_below) {
   refuse_requires_grad(states, "states");
   refuse_requires_grad(targets, "targets");
   at::Tensor norms;
@@ -54,25 +47,22 @@ at::Tensor relax_update_autograd(
   return norms;
 }
 
-at::Tensor relax_update_activation_autograd(
-    at::TensorList states,
-    at::TensorList targets,
-    double eta,
-    double flush_below,
-    at::IntArrayRef activation_states,
-    at::IntArrayRef activation_kinds,
-    at::ArrayRef<double> activation_params,
-    at::TensorList activation_inputs,
-    at::TensorList activation_grads) {
+at::Tensor relax_update_activation_autograd(at::TensorList states, at::TensorList targets,
+                                            double eta, double flush_below,
+                                            at::IntArrayRef activation_states,
+                                            at::IntArrayRef activation_kinds,
+                                            at::ArrayRef<double> activation_params,
+                                            at::TensorList activation_inputs,
+                                            at::TensorList activation_grads) {
   refuse_requires_grad(states, "states");
   refuse_requires_grad(targets, "targets");
   refuse_requires_grad(activation_grads, "activation_grads");
   at::Tensor norms;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    norms = relax_update_activation_(
-        states, targets, eta, flush_below, activation_states, activation_kinds,
-        activation_params, activation_inputs, activation_grads);
+    norms = relax_update_activation_(states, targets, eta, flush_below, activation_states,
+                                     activation_kinds, activation_params, activation_inputs,
+                                     activation_grads);
   }
   bump_versions(states);
   bump_versions(activation_grads);

@@ -60,8 +60,8 @@ Norms horner_scalar(const Operands<scalar_t>& p, int64_t n, double alpha, double
   Norms acc;
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t b = static_cast<opmath_t>(p.b[i]);
-    opmath_t y = rm::horner_stage(a, static_cast<opmath_t>(p.x0[i]), c, b,
-                                  static_cast<opmath_t>(p.t[i]));
+    opmath_t y =
+        rm::horner_stage(a, static_cast<opmath_t>(p.x0[i]), c, b, static_cast<opmath_t>(p.t[i]));
     const scalar_t stored = static_cast<scalar_t>(rm::flush_tiny(y, flush));
     p.out[i] = stored;
     const double yd = static_cast<double>(static_cast<opmath_t>(stored));
@@ -106,7 +106,7 @@ Norms horner_vec(const Operands<scalar_t>& p, int64_t n, double alpha, double be
   dquad_t out_lanes[2] = {};
   dquad_t res_lanes[2] = {};
   dquad_t tgt_lanes[2] = {};
-  dquad_t bad_lanes[2] = {};  // minus the count of NaN/Inf (a true compare is -1)
+  dquad_t bad_lanes[2] = {}; // minus the count of NaN/Inf (a true compare is -1)
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int h = 0; h < 2; ++h) {
@@ -156,18 +156,13 @@ Norms horner_range(const Operands<scalar_t>& p, int64_t n, double alpha, double 
   }
 }
 
-at::Tensor horner_update_cpu(
-    at::TensorList out,
-    const horner_update_detail::OptionalList& initial,
-    const horner_update_detail::OptionalList& loss_terms,
-    const horner_update_detail::OptionalList& targets,
-    const horner_update_detail::OptionalList& residual_targets,
-    double alpha,
-    double beta,
-    double flush_below,
-    bool residual) {
-  auto in = horner_update_detail::check_inputs(
-      out, initial, loss_terms, targets, residual_targets, flush_below, c10::DeviceType::CPU);
+at::Tensor horner_update_cpu(at::TensorList out, const horner_update_detail::OptionalList& initial,
+                             const horner_update_detail::OptionalList& loss_terms,
+                             const horner_update_detail::OptionalList& targets,
+                             const horner_update_detail::OptionalList& residual_targets,
+                             double alpha, double beta, double flush_below, bool residual) {
+  auto in = horner_update_detail::check_inputs(out, initial, loss_terms, targets, residual_targets,
+                                               flush_below, c10::DeviceType::CPU);
   const int64_t n = static_cast<int64_t>(out.size());
   std::vector<Item> items;
   int64_t total = 0;
@@ -190,17 +185,19 @@ at::Tensor horner_update_cpu(
             auto read = [&](const at::Tensor& t) -> const scalar_t* {
               return t.defined() ? t.const_data_ptr<scalar_t>() + item.begin : zero;
             };
-            Operands<scalar_t> ops{
-                in.out[i].mutable_data_ptr<scalar_t>() + item.begin, read(in.initial[i]),
-                read(in.loss_terms[i]), read(in.targets[i]), read(in.residual_targets[i])};
-            partial[j] = horner_range<scalar_t>(
-                ops, item.end - item.begin, alpha, beta, flush_below, residual);
+            Operands<scalar_t> ops{in.out[i].mutable_data_ptr<scalar_t>() + item.begin,
+                                   read(in.initial[i]), read(in.loss_terms[i]), read(in.targets[i]),
+                                   read(in.residual_targets[i])};
+            partial[j] = horner_range<scalar_t>(ops, item.end - item.begin, alpha, beta,
+                                                flush_below, residual);
           });
     }
   };
   const int64_t num_items = static_cast<int64_t>(items.size());
-  if (total < kSerialBelowElements) run_items(0, num_items);
-  else at::parallel_for(0, num_items, 1, run_items);
+  if (total < kSerialBelowElements)
+    run_items(0, num_items);
+  else
+    at::parallel_for(0, num_items, 1, run_items);
   horner_update_detail::write_back(out, in.out);
 
   // Item order, not thread order: the norms do not depend on the thread count.

@@ -42,12 +42,8 @@ struct SquaredNorms {
 // Scalar path: reduced-precision dtypes (computed in float) and the tails
 // of the vectorised path.
 template <typename scalar_t>
-SquaredNorms relax_range_scalar(
-    scalar_t* state,
-    const scalar_t* target,
-    int64_t n,
-    double eta,
-    double flush_below) {
+SquaredNorms relax_range_scalar(scalar_t* state, const scalar_t* target, int64_t n, double eta,
+                                double flush_below) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t eta_c = static_cast<opmath_t>(eta);
   const opmath_t flush_c = static_cast<opmath_t>(flush_below);
@@ -83,12 +79,8 @@ struct Quad<double> {
 };
 
 template <typename scalar_t>
-SquaredNorms relax_range_vec(
-    scalar_t* __restrict__ state,
-    const scalar_t* __restrict__ target,
-    int64_t n,
-    double eta,
-    double flush_below) {
+SquaredNorms relax_range_vec(scalar_t* __restrict__ state, const scalar_t* __restrict__ target,
+                             int64_t n, double eta, double flush_below) {
   using quad_t = typename Quad<scalar_t>::type;
   using double_quad_t = Quad<double>::type;
   const quad_t eta_c = quad_t{} + static_cast<scalar_t>(eta);
@@ -114,8 +106,7 @@ SquaredNorms relax_range_vec(
       target_lanes[h] += td * td;
     }
   }
-  SquaredNorms acc = relax_range_scalar<scalar_t>(
-      state + i, target + i, n - i, eta, flush_below);
+  SquaredNorms acc = relax_range_scalar<scalar_t>(state + i, target + i, n - i, eta, flush_below);
   for (int h = 0; h < 2; ++h) {
     for (int k = 0; k < 4; ++k) {
       acc.residual += residual_lanes[h][k];
@@ -126,14 +117,9 @@ SquaredNorms relax_range_vec(
 }
 
 template <typename scalar_t>
-SquaredNorms relax_range(
-    scalar_t* state,
-    const scalar_t* target,
-    int64_t n,
-    double eta,
-    double flush_below) {
-  if constexpr (
-      std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+SquaredNorms relax_range(scalar_t* state, const scalar_t* target, int64_t n, double eta,
+                         double flush_below) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     return relax_range_vec<scalar_t>(state, target, n, eta, flush_below);
   } else {
     return relax_range_scalar<scalar_t>(state, target, n, eta, flush_below);
@@ -144,13 +130,8 @@ SquaredNorms relax_range(
 // NaN behaviour, of ATen's threshold/leaky_relu/tanh/sigmoid/hardtanh backward).
 // The kind is a template argument so each loop is a straight line.
 template <typename scalar_t, int32_t Kind>
-void activation_range_of(
-    const scalar_t* __restrict__ x,
-    const scalar_t* __restrict__ input,
-    scalar_t* __restrict__ grad,
-    int64_t n,
-    double p0,
-    double p1) {
+void activation_range_of(const scalar_t* __restrict__ x, const scalar_t* __restrict__ input,
+                         scalar_t* __restrict__ grad, int64_t n, double p0, double p1) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t q0 = static_cast<opmath_t>(p0);
   const opmath_t q1 = static_cast<opmath_t>(p1);
@@ -161,12 +142,8 @@ void activation_range_of(
 }
 
 template <typename scalar_t>
-void activation_range(
-    const scalar_t* x,
-    const scalar_t* input,
-    scalar_t* grad,
-    int64_t n,
-    const relax_update_detail::ActivationOf& act) {
+void activation_range(const scalar_t* x, const scalar_t* input, scalar_t* grad, int64_t n,
+                      const relax_update_detail::ActivationOf& act) {
   switch (act.kind) {
     case kReluResult:
       return activation_range_of<scalar_t, kReluResult>(x, input, grad, n, act.p0, act.p1);
@@ -185,19 +162,15 @@ void activation_range(
   }
 }
 
-at::Tensor relax_update_cpu_impl(
-    at::TensorList states,
-    at::TensorList targets,
-    double eta,
-    double flush_below,
-    const std::vector<relax_update_detail::ActivationOf>& activations,
-    at::TensorList activation_inputs,
-    at::TensorList activation_grads) {
-  relax_update_detail::check_inputs(
-      states, targets, flush_below, c10::DeviceType::CPU);
+at::Tensor relax_update_cpu_impl(at::TensorList states, at::TensorList targets, double eta,
+                                 double flush_below,
+                                 const std::vector<relax_update_detail::ActivationOf>& activations,
+                                 at::TensorList activation_inputs,
+                                 at::TensorList activation_grads) {
+  relax_update_detail::check_inputs(states, targets, flush_below, c10::DeviceType::CPU);
   const int64_t n = static_cast<int64_t>(states.size());
-  auto walked = relax_update_detail::walked_tensors(
-      states, targets, activations, activation_inputs, activation_grads);
+  auto walked = relax_update_detail::walked_tensors(states, targets, activations, activation_inputs,
+                                                    activation_grads);
   std::vector<at::Tensor>& work_states = walked.states;
   const std::vector<at::Tensor>& work_targets = walked.targets;
   const std::vector<at::Tensor>& work_inputs = walked.activation_inputs;
@@ -223,22 +196,17 @@ at::Tensor relax_update_cpu_impl(
       const at::Tensor& target = work_targets[item.tensor];
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kHalf, at::kBFloat16, state.scalar_type(), "relax_update_cpu", [&] {
-            partial[j] = relax_range<scalar_t>(
-                state.mutable_data_ptr<scalar_t>() + item.begin,
-                target.const_data_ptr<scalar_t>() + item.begin,
-                item.end - item.begin,
-                eta,
-                flush_below);
-            const auto& act = activations.empty()
-                ? relax_update_detail::ActivationOf{}
-                : activations[item.tensor];
+            partial[j] = relax_range<scalar_t>(state.mutable_data_ptr<scalar_t>() + item.begin,
+                                               target.const_data_ptr<scalar_t>() + item.begin,
+                                               item.end - item.begin, eta, flush_below);
+            const auto& act = activations.empty() ? relax_update_detail::ActivationOf{}
+                                                  : activations[item.tensor];
             if (act.kind != kDerivativeNone) {
               activation_range<scalar_t>(
                   state.const_data_ptr<scalar_t>() + item.begin,
                   work_inputs[act.entry].const_data_ptr<scalar_t>() + item.begin,
                   work_grads[act.entry].mutable_data_ptr<scalar_t>() + item.begin,
-                  item.end - item.begin,
-                  act);
+                  item.end - item.begin, act);
             }
           });
     }
@@ -265,30 +233,22 @@ at::Tensor relax_update_cpu_impl(
   return norms;
 }
 
-at::Tensor relax_update_cpu(
-    at::TensorList states,
-    at::TensorList targets,
-    double eta,
-    double flush_below) {
+at::Tensor relax_update_cpu(at::TensorList states, at::TensorList targets, double eta,
+                            double flush_below) {
   return relax_update_cpu_impl(states, targets, eta, flush_below, {}, {}, {});
 }
 
-at::Tensor relax_update_activation_cpu(
-    at::TensorList states,
-    at::TensorList targets,
-    double eta,
-    double flush_below,
-    at::IntArrayRef activation_states,
-    at::IntArrayRef activation_kinds,
-    at::ArrayRef<double> activation_params,
-    at::TensorList activation_inputs,
-    at::TensorList activation_grads) {
+at::Tensor relax_update_activation_cpu(at::TensorList states, at::TensorList targets, double eta,
+                                       double flush_below, at::IntArrayRef activation_states,
+                                       at::IntArrayRef activation_kinds,
+                                       at::ArrayRef<double> activation_params,
+                                       at::TensorList activation_inputs,
+                                       at::TensorList activation_grads) {
   const auto activations = relax_update_detail::check_activations(
-      states, activation_states, activation_kinds, activation_params,
-      activation_inputs, activation_grads);
-  return relax_update_cpu_impl(
-      states, targets, eta, flush_below, activations, activation_inputs,
+      states, activation_states, activation_kinds, activation_params, activation_inputs,
       activation_grads);
+  return relax_update_cpu_impl(states, targets, eta, flush_below, activations, activation_inputs,
+                               activation_grads);
 }
 
 } // namespace

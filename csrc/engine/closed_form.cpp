@@ -72,7 +72,7 @@ void apply_derivative_inplace(at::Tensor& g, const vjp::FusedDerivative& d) {
     case kHardtanhInput:
       at::hardtanh_backward_out(g, g, d.input, d.p0, d.p1);
       break;
-    default:  // kScale: d.input is f'(a)
+    default: // kScale: d.input is f'(a)
       g.mul_(d.input);
       break;
   }
@@ -117,8 +117,8 @@ void Executor::propagate_consuming(int L, Pass pass, variable_list grads) {
   propagate_from(L, pass, static_cast<size_t>(k), {std::move(g)});
 }
 
-std::vector<at::Tensor> Executor::closed_form(
-    std::vector<at::Tensor> forward_values, bool release_saved, RelaxStats& stats) {
+std::vector<at::Tensor> Executor::closed_form(std::vector<at::Tensor> forward_values,
+                                              bool release_saved, RelaxStats& stats) {
   const size_t S = plan_.slots.size();
   const int num_layers = static_cast<int>(plan_.layers.size());
   const int relax_pass = static_cast<int>(Pass::Relax);
@@ -142,8 +142,10 @@ std::vector<at::Tensor> Executor::closed_form(
     for (int s : layer.out_slots) {
       if (s < 0) continue;
       below_[s] = b;
-      if (plan_.slots[s].clamped) has_clamped[L] = 1;
-      else if (plan_.slots[s].needed) has_relaxing[L] = 1;
+      if (plan_.slots[s].clamped)
+        has_clamped[L] = 1;
+      else if (plan_.slots[s].needed)
+        has_relaxing[L] = 1;
     }
   }
   int max_below = 0;
@@ -160,7 +162,8 @@ std::vector<at::Tensor> Executor::closed_form(
     for (int s : relaxing_) {
       at::Tensor fv = std::move(forward_values[s]);
       if (!fv.defined()) continue;
-      initial[s] = fv.scalar_type() == state_dtype_[s] ? fv.detach() : fv.detach().to(state_dtype_[s]);
+      initial[s] =
+          fv.scalar_type() == state_dtype_[s] ? fv.detach() : fv.detach().to(state_dtype_[s]);
     }
   }
   forward_values.clear();
@@ -192,7 +195,7 @@ std::vector<at::Tensor> Executor::closed_form(
     for (int s : relaxing_) reduced = reduced || state_dtype_[s] != at::kDouble;
     return reduced ? static_cast<double>(FLT_MIN) : DBL_MIN;
   }();
-  std::vector<at::Tensor> residual(S);  // J x_T, accumulated in the last stage
+  std::vector<at::Tensor> residual(S); // J x_T, accumulated in the last stage
   bool on_cpu = true;
   for (int s : relaxing_) {
     const auto& slot = plan_.slots[s];
@@ -205,11 +208,11 @@ std::vector<at::Tensor> Executor::closed_form(
     at::Tensor norms;
     std::vector<int> slots;
     int stage;
-    at::Tensor scaled;  // stage 0: overflow-safe (|target - x_T|, |target|), or undefined
+    at::Tensor scaled; // stage 0: overflow-safe (|target - x_T|, |target|), or undefined
   };
   std::vector<Pending> pending;
   std::vector<double> final_residual(S, 0.0);
-  std::vector<std::pair<double, double>> dn(S, {0.0, 0.0});  // (|target - x_T|, |target|)
+  std::vector<std::pair<double, double>> dn(S, {0.0, 0.0}); // (|target - x_T|, |target|)
   bool nonfinite = false;
   // Reads one launch's norms: divergence from the non-finite counts (a norm
   // may overflow for finite float64 values), residuals of x_T in stage 0,
@@ -272,7 +275,7 @@ std::vector<at::Tensor> Executor::closed_form(
         const auto& slot = plan_.slots[s];
         const auto& meta = graph_.nodes[slot.node]->input_metadata(slot.output_nr);
         acc = at::empty_symint(meta.shape_as_dim_vector(), meta.options().dtype(state_dtype_[s]));
-        t.emplace_back();  // nothing arrived: J y_{k+1} is zero here
+        t.emplace_back(); // nothing arrived: J y_{k+1} is zero here
       } else {
         t.push_back(acc);
       }
@@ -312,8 +315,8 @@ std::vector<at::Tensor> Executor::closed_form(
         at::Tensor target = at::zeros_like(out[i]);
         if (b[i].defined()) target.add_(b[i]);
         if (r[i].defined()) target.add_(r[i]);
-        rows.push_back(at::stack({scaled_norm_on_device(target - out[i]),
-                                  scaled_norm_on_device(target)}));
+        rows.push_back(
+            at::stack({scaled_norm_on_device(target - out[i]), scaled_norm_on_device(target)}));
       }
       scaled = at::stack(rows);
     }
@@ -322,7 +325,7 @@ std::vector<at::Tensor> Executor::closed_form(
       x_[s] = std::move(out[i]);
       target_[s] = at::Tensor();
       residual[s] = at::Tensor();
-      if (last) {  // x0 and b have done their work here
+      if (last) { // x0 and b have done their work here
         initial[s] = at::Tensor();
         loss[s] = at::Tensor();
       }
@@ -370,7 +373,7 @@ std::vector<at::Tensor> Executor::closed_form(
   for (int k = K; k >= 1; --k) {
     auto runs = [&](int L) {
       return k < K && has_relaxing[L] && layer_below[L] >= k + 1 &&
-          plan_.layers[L].has_work[relax_pass];
+             plan_.layers[L].has_work[relax_pass];
     };
     std::vector<int> remaining(S, 0);
     std::vector<char> own_done(S, 1);
@@ -472,7 +475,7 @@ std::vector<at::Tensor> Executor::closed_form(
   double worst = 0.0;
   for (int s : relaxing_) {
     final_residual[s] = dn[s].first / std::max(dn[s].second, floor);
-    worst = std::max(worst, final_residual[s]);  // NaN (unknown) is skipped
+    worst = std::max(worst, final_residual[s]); // NaN (unknown) is skipped
   }
   stats.evaluation = Evaluation::ClosedForm;
   stats.depth = plan_.depth;
@@ -480,8 +483,8 @@ std::vector<at::Tensor> Executor::closed_form(
   stats.sweeps = K;
   stats.nonfinite = nonfinite;
   stats.max_residual = nonfinite ? std::numeric_limits<double>::infinity() : worst;
-  const bool exact_by_depth = config_.eta == 1.0 &&
-      (sweep ? config_.steps >= 1 : config_.steps >= plan_.depth);
+  const bool exact_by_depth =
+      config_.eta == 1.0 && (sweep ? config_.steps >= 1 : config_.steps >= plan_.depth);
   stats.converged = !nonfinite && (exact_by_depth || worst <= 1e-6);
   stats.residuals = at::tensor(final_residual, at::kDouble);
 

@@ -40,18 +40,18 @@ double binomial_upper_tail(int64_t n, double p, int64_t m) {
   const double log_q = std::log1p(-p);
   // Lower part P[X < m]: m terms, log C(n, j) built up one factor at a time.
   double lower = 0.0;
-  double log_choose_j = 0.0;  // log C(n, 0)
+  double log_choose_j = 0.0; // log C(n, 0)
   for (int64_t j = 0; j < m; ++j) {
     lower += std::exp(log_choose_j + static_cast<double>(j) * log_p +
                       static_cast<double>(n - j) * log_q);
     log_choose_j += std::log(static_cast<double>(n - j) / static_cast<double>(j + 1));
   }
-  if (lower <= 0.5) return 1.0 - lower;  // the tail is >= 0.5: no cancellation
+  if (lower <= 0.5) return 1.0 - lower; // the tail is >= 0.5: no cancellation
   // The tail is small: past the median the terms fall; sum them from m up,
   // each from the previous by the ratio of consecutive binomial terms.
   const double odds = p / (1.0 - p);
-  double term = std::exp(log_choose_j + static_cast<double>(m) * log_p +
-                         static_cast<double>(n - m) * log_q);
+  double term =
+      std::exp(log_choose_j + static_cast<double>(m) * log_p + static_cast<double>(n - m) * log_q);
   double tail = 0.0;
   for (int64_t j = m; j <= n && term > 0.0; ++j) {
     tail += term;
@@ -61,8 +61,8 @@ double binomial_upper_tail(int64_t n, double p, int64_t m) {
   return tail;
 }
 
-HornerCoefficients horner_coefficients(
-    Schedule schedule, double eta, int64_t steps, int64_t max_power) {
+HornerCoefficients horner_coefficients(Schedule schedule, double eta, int64_t steps,
+                                       int64_t max_power) {
   TORCH_CHECK(eta > 0.0 && eta <= 1.0, "torch_ar: eta must be in (0, 1], got ", eta);
   TORCH_CHECK(steps >= 1, "torch_ar: the closed form needs steps >= 1, got ", steps);
   TORCH_CHECK(max_power >= 0, "torch_ar: max_power must be >= 0, got ", max_power);
@@ -79,10 +79,10 @@ HornerCoefficients horner_coefficients(
   const double log_q = eta < 1.0 ? std::log1p(-eta) : 0.0;
   for (int64_t k = 0; k <= max_power; ++k) {
     // (1-eta)^T C(T+k-1, k) eta^k; zero at eta = 1 (T >= 1).
-    c.initial.push_back(
-        eta == 1.0 ? 0.0
-                   : std::exp(static_cast<double>(steps) * log_q + log_choose(steps + k - 1, k) +
-                              static_cast<double>(k) * std::log(eta)));
+    c.initial.push_back(eta == 1.0 ? 0.0
+                                   : std::exp(static_cast<double>(steps) * log_q +
+                                              log_choose(steps + k - 1, k) +
+                                              static_cast<double>(k) * std::log(eta)));
     c.loss.push_back(binomial_upper_tail(steps + k, eta, k + 1));
   }
   return c;

@@ -26,16 +26,16 @@
 namespace torch_ar {
 
 struct HornerCoefficients {
-  std::vector<double> initial;  // coefficient of J^k x_0, k = 0..K
-  std::vector<double> loss;     // coefficient of J^k b
+  std::vector<double> initial; // coefficient of J^k x_0, k = 0..K
+  std::vector<double> loss;    // coefficient of J^k b
 };
 
 // max_power: the largest power of J that can be nonzero (the longest chain
 // of relaxing states minus one). The result has min(K, ...) + 1 entries
 // where K = max_power, or fewer for Jacobi with steps < max_power (J^k with
 // k > T never appears).
-HornerCoefficients horner_coefficients(
-    Schedule schedule, double eta, int64_t steps, int64_t max_power);
+HornerCoefficients horner_coefficients(Schedule schedule, double eta, int64_t steps,
+                                       int64_t max_power);
 
 // P[Bin(n, p) >= m], accurate in relative terms however small it is.
 double binomial_upper_tail(int64_t n, double p, int64_t m);

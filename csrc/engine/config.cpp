@@ -27,8 +27,8 @@ Evaluation parse_evaluation(const std::string& name) {
   if (name == "auto") return Evaluation::Auto;
   if (name == "closed_form") return Evaluation::ClosedForm;
   if (name == "literal") return Evaluation::Literal;
-  TORCH_CHECK(
-      false, "torch_ar: evaluation must be 'auto', 'closed_form' or 'literal', got '", name, "'");
+  TORCH_CHECK(false, "torch_ar: evaluation must be 'auto', 'closed_form' or 'literal', got '", name,
+              "'");
 }
 
 } // namespace torch_ar

@@ -33,9 +33,9 @@ struct EngineConfig {
   bool keep_graph = false;   // keep saved forward values for another backward
   int64_t check_every = 1;   // read residuals back every k steps (tol, divergence)
   // Variant mechanics (which variant means what lives in torch_ar/variants.py).
-  bool use_backward_weights = false;        // linear/conv input-VJPs use psi, not W
-  bool drop_activation_derivative = false;  // activations pass states through
-  bool weight_update_derivative = true;     // keep f' in the weight gradient anyway
+  bool use_backward_weights = false;       // linear/conv input-VJPs use psi, not W
+  bool drop_activation_derivative = false; // activations pass states through
+  bool weight_update_derivative = true;    // keep f' in the weight gradient anyway
   // NaN/Inf states: raise (naming node and step), or let them through to the
   // gradients as autograd would (so a GradScaler can skip the step).
   bool raise_on_nonfinite = true;

@@ -4,8 +4,8 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -34,24 +34,21 @@ Evaluation choose_evaluation(const EngineConfig& c, int64_t depth) {
   }
   const bool closed_form_gives_it =
       c.steps >= 1 && !c.trace && !c.trace_cosine && c.tol <= 0 && !c.cuda_graph;
-  TORCH_CHECK(
-      closed_form_gives_it || c.evaluation != Evaluation::ClosedForm,
-      "torch_ar: evaluation='closed_form' needs explicit steps and no trace, trace_cosine, "
-      "tol or cuda_graph (those need the literal steps)");
+  TORCH_CHECK(closed_form_gives_it || c.evaluation != Evaluation::ClosedForm,
+              "torch_ar: evaluation='closed_form' needs explicit steps and no trace, trace_cosine, "
+              "tol or cuda_graph (those need the literal steps)");
   return closed_form_gives_it ? Evaluation::ClosedForm : Evaluation::Literal;
 }
 
-std::vector<bool> relaxing_state_values(
-    const std::vector<at::Tensor>& outputs,
-    const std::vector<at::Tensor>& leaves,
-    const std::vector<bool>& leaf_is_input,
-    const std::vector<at::Tensor>& values,
-    Granularity granularity,
-    const std::vector<at::Tensor>& data_indices) {
+std::vector<bool> relaxing_state_values(const std::vector<at::Tensor>& outputs,
+                                        const std::vector<at::Tensor>& leaves,
+                                        const std::vector<bool>& leaf_is_input,
+                                        const std::vector<at::Tensor>& values,
+                                        Granularity granularity,
+                                        const std::vector<at::Tensor>& data_indices) {
   at::NoGradGuard no_grad;
   const std::vector<bool> every_leaf(leaves.size(), true);
-  CapturedGraph graph =
-      capture_graph(outputs, leaves, leaf_is_input, every_leaf, data_indices);
+  CapturedGraph graph = capture_graph(outputs, leaves, leaf_is_input, every_leaf, data_indices);
   Plan plan = make_plan(graph, std::vector<at::Tensor>(graph.roots.size()), granularity);
   std::unordered_map<const torch::autograd::Node*, std::vector<bool>> relaxing;
   for (const auto& slot : plan.slots) {
@@ -73,9 +70,8 @@ std::vector<bool> relaxing_state_values(
 
 namespace {
 
-std::vector<at::Tensor> match_forward_values(
-    const Plan& plan,
-    const std::vector<at::Tensor>& recorded) {
+std::vector<at::Tensor> match_forward_values(const Plan& plan,
+                                             const std::vector<at::Tensor>& recorded) {
   std::vector<at::Tensor> result(plan.slots.size());
   if (recorded.empty()) return result;
   std::unordered_map<const torch::autograd::Node*, std::vector<at::Tensor>> by_node;
@@ -120,14 +116,14 @@ EngineResult run_here(EngineInputs& in, const EngineConfig& config) {
   std::vector<at::Tensor> initial = match_forward_values(plan, in.forward_values);
   in.forward_values.clear();
   if (evaluation == Evaluation::ClosedForm) {
-    result.leaf_grads = executor.closed_form(
-        std::move(initial), /*release_saved=*/!config.keep_graph, result.stats);
+    result.leaf_grads = executor.closed_form(std::move(initial),
+                                             /*release_saved=*/!config.keep_graph, result.stats);
   } else if (evaluation == Evaluation::ExactSweep) {
     result.leaf_grads = executor.exact_sweep(/*release_saved=*/!config.keep_graph);
     RelaxStats& st = result.stats;
     st.depth = plan.depth;
-    st.steps = config.steps >= 0 ? config.steps
-                                 : (config.schedule == Schedule::Sweep ? 1 : plan.depth);
+    st.steps =
+        config.steps >= 0 ? config.steps : (config.schedule == Schedule::Sweep ? 1 : plan.depth);
     st.nonfinite = executor.sweep_nonfinite();
     st.converged = !st.nonfinite;
     st.exact_shortcut = true;
@@ -176,7 +172,7 @@ EngineResult run_engine(EngineInputs in, const EngineConfig& config) {
   std::exception_ptr error;
   std::thread worker([&] {
     try {
-      at::init_num_threads();  // honour torch.set_num_threads in this thread too
+      at::init_num_threads(); // honour torch.set_num_threads in this thread too
       at::ThreadLocalStateGuard guard(tls);
       std::optional<c10::StreamGuard> stream_guard;
       if (stream) stream_guard.emplace(*stream);

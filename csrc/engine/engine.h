@@ -11,18 +11,18 @@
 namespace torch_ar {
 
 struct EngineInputs {
-  std::vector<at::Tensor> outputs;        // module outputs (inner graph)
-  std::vector<at::Tensor> output_grads;   // dL/d output; undefined: not in the loss
-  std::vector<at::Tensor> leaves;         // parameters and inputs, in return order
+  std::vector<at::Tensor> outputs;      // module outputs (inner graph)
+  std::vector<at::Tensor> output_grads; // dL/d output; undefined: not in the loss
+  std::vector<at::Tensor> leaves;       // parameters and inputs, in return order
   std::vector<bool> leaf_is_input;
   std::vector<bool> leaf_needs_grad;
-  std::vector<at::Tensor> forward_values; // recorded forward tensors (init="forward")
+  std::vector<at::Tensor> forward_values;   // recorded forward tensors (init="forward")
   std::vector<at::Tensor> backward_weights; // per leaf: psi of a linear/conv weight
-  std::vector<at::Tensor> data_indices;   // integer module inputs (token ids, ...)
+  std::vector<at::Tensor> data_indices;     // integer module inputs (token ids, ...)
 };
 
 struct EngineResult {
-  std::vector<at::Tensor> leaf_grads;     // undefined where no gradient
+  std::vector<at::Tensor> leaf_grads; // undefined where no gradient
   RelaxStats stats;
 };
 
@@ -34,13 +34,12 @@ EngineResult run_engine(EngineInputs inputs, const EngineConfig& config);
 
 // Which of `values` (tensors recorded during forward) are relaxing states of
 // the graph behind `outputs`: only those need keeping for init="forward".
-std::vector<bool> relaxing_state_values(
-    const std::vector<at::Tensor>& outputs,
-    const std::vector<at::Tensor>& leaves,
-    const std::vector<bool>& leaf_is_input,
-    const std::vector<at::Tensor>& values,
-    Granularity granularity,
-    const std::vector<at::Tensor>& data_indices = {});
+std::vector<bool> relaxing_state_values(const std::vector<at::Tensor>& outputs,
+                                        const std::vector<at::Tensor>& leaves,
+                                        const std::vector<bool>& leaf_is_input,
+                                        const std::vector<at::Tensor>& values,
+                                        Granularity granularity,
+                                        const std::vector<at::Tensor>& data_indices = {});
 
 // True when eta, steps, tol and tracing allow the single exact sweep.
 bool can_take_exact_sweep(const EngineConfig& config, int64_t depth);

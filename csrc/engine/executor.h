@@ -19,17 +19,17 @@ struct RelaxStats {
   int64_t depth = 0;
   bool converged = false;
   bool exact_shortcut = false;
-  bool nonfinite = false;     // a state became NaN/Inf (and was let through)
+  bool nonfinite = false; // a state became NaN/Inf (and was let through)
   double max_residual = 0.0;
-  int64_t graph_steps = 0;    // steps replayed from a recorded (CUDA) graph
-  int64_t fused_activations = 0;  // states whose f' the update kernel applied
-  Evaluation evaluation = Evaluation::Literal;  // how the states were computed
-  int64_t sweeps = 0;         // passes over the layers that applied J
-  int64_t relaxing_states = 0;    // states that relax (not clamped to the loss)
-  int64_t params_outside_relaxation = 0;  // see Plan
-  at::Tensor residuals;       // [num_states] float64, final relative residual
-  at::Tensor residual_trace;  // [steps, num_states] float64 (trace)
-  at::Tensor cosine_trace;    // [steps, num_leaves] float64 (trace_cosine)
+  int64_t graph_steps = 0;                     // steps replayed from a recorded (CUDA) graph
+  int64_t fused_activations = 0;               // states whose f' the update kernel applied
+  Evaluation evaluation = Evaluation::Literal; // how the states were computed
+  int64_t sweeps = 0;                          // passes over the layers that applied J
+  int64_t relaxing_states = 0;                 // states that relax (not clamped to the loss)
+  int64_t params_outside_relaxation = 0;       // see Plan
+  at::Tensor residuals;                        // [num_states] float64, final relative residual
+  at::Tensor residual_trace;                   // [steps, num_states] float64 (trace)
+  at::Tensor cosine_trace;                     // [steps, num_leaves] float64 (trace_cosine)
   std::vector<std::string> state_names;
 };
 
@@ -62,8 +62,8 @@ class Executor {
   // saved values are freed once it has run when release_saved. Fills the
   // stats (residuals of x_T, sweeps) and returns the leaf gradients.
   // forward_values (per state) are dropped as soon as each state is final.
-  std::vector<at::Tensor> closed_form(
-      std::vector<at::Tensor> forward_values, bool release_saved, RelaxStats& stats);
+  std::vector<at::Tensor> closed_form(std::vector<at::Tensor> forward_values, bool release_saved,
+                                      RelaxStats& stats);
 
  private:
   // Runs layer L's VJP from the current states of its outputs; routes the
@@ -112,25 +112,25 @@ class Executor {
   std::vector<at::Tensor> backward_weights_;
   const CapturedGraph& graph_;
   EngineConfig config_;
-  bool persistent_targets_ = false;  // literal steps: reuse buffers in place
+  bool persistent_targets_ = false; // literal steps: reuse buffers in place
 
-  std::vector<at::Tensor> x_;       // per slot
-  std::vector<at::ScalarType> state_dtype_;  // per slot: the dtype a relaxing state has
+  std::vector<at::Tensor> x_;               // per slot
+  std::vector<at::ScalarType> state_dtype_; // per slot: the dtype a relaxing state has
   // Closed form: where contribute_state accumulates (nullptr: the literal
   // targets), and the fewest levels of relaxing states below a state for
   // its contributions to be kept.
   std::vector<at::Tensor>* sink_ = nullptr;
   int sink_min_below_ = 0;
-  std::vector<int> below_;  // per slot: longest chain of relaxing states beneath it
-  std::vector<at::ScalarType> vjp_dtype_;  // per slot: the dtype its VJPs expect
-  std::vector<at::Tensor> target_;  // per slot: ext + sum of consumer VJPs
-  std::vector<char> fresh_;         // target_ written this step
-  std::vector<int> relaxing_;       // needed, non-clamped slots
+  std::vector<int> below_;                // per slot: longest chain of relaxing states beneath it
+  std::vector<at::ScalarType> vjp_dtype_; // per slot: the dtype its VJPs expect
+  std::vector<at::Tensor> target_;        // per slot: ext + sum of consumer VJPs
+  std::vector<char> fresh_;               // target_ written this step
+  std::vector<int> relaxing_;             // needed, non-clamped slots
   std::vector<at::Tensor> leaf_grad_;
   std::vector<variable_list> param_side_buf_;
   std::vector<std::vector<std::pair<int, at::Tensor>>> constant_contrib_;
   std::vector<char> constant_ready_;
-  std::vector<char> constant_target_;  // per slot: every contribution is constant
+  std::vector<char> constant_target_; // per slot: every contribution is constant
   bool sweep_nonfinite_ = false;
 
   // A fused activation at the top of a layer (under reshapes at most):
@@ -138,16 +138,16 @@ class Executor {
   // written by the update kernel.
   struct FusedActivation {
     int64_t kind = 0;
-    at::Tensor input;          // in the state's shape
+    at::Tensor input; // in the state's shape
     double p0 = 0.0;
     double p1 = 0.0;
-    at::Tensor grad;           // in the state's shape, written by the kernel
-    at::Tensor grad_for_node;  // the same memory in the activation's shape
-    size_t chain_index = 0;    // the activation's place in the layer's chain
+    at::Tensor grad;          // in the state's shape, written by the kernel
+    at::Tensor grad_for_node; // the same memory in the activation's shape
+    size_t chain_index = 0;   // the activation's place in the layer's chain
   };
   std::vector<FusedActivation> fused_;
-  std::vector<int> fused_of_slot_;   // per slot: index into fused_, -1
-  std::vector<int> fused_of_layer_;  // per layer: index into fused_, -1
+  std::vector<int> fused_of_slot_;  // per slot: index into fused_, -1
+  std::vector<int> fused_of_layer_; // per layer: index into fused_, -1
   // Closed form, per layer: the chain index of an activation whose f' can be
   // applied in place (-1: none, -2: not looked at yet), and that f'.
   std::vector<int> inplace_at_;

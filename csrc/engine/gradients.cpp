@@ -43,8 +43,10 @@ void Executor::propagate_param_side() {
     const auto& targets = plan_.param_side_targets[n];
     for (size_t j = 0; j < out.size(); ++j) {
       if (!mask[j] || !out[j].defined()) continue;
-      if (targets[j].kind == TargetKind::Leaf) contribute_leaf(targets[j].index, out[j]);
-      else if (targets[j].kind == TargetKind::ParamSide) contribute_param_side(targets[j], out[j]);
+      if (targets[j].kind == TargetKind::Leaf)
+        contribute_leaf(targets[j].index, out[j]);
+      else if (targets[j].kind == TargetKind::ParamSide)
+        contribute_param_side(targets[j], out[j]);
     }
   }
 }
@@ -126,11 +128,10 @@ std::vector<at::Tensor> Executor::exact_sweep(bool release_saved) {
     sweep_nonfinite_ = worst >= 0;
     if (worst >= 0 && config_.raise_on_nonfinite) {
       const StateSlot& slot = plan_.slots[worst];
-      TORCH_CHECK(
-          false, "torch_ar: relaxation diverged at step ", slot.level,
-          ": the state of node '", slot.name,
-          "' became NaN or infinite (eta=1, exact sweep). Check the inputs, the "
-          "loss and custom backward functions for NaN/Inf.");
+      TORCH_CHECK(false, "torch_ar: relaxation diverged at step ", slot.level,
+                  ": the state of node '", slot.name,
+                  "' became NaN or infinite (eta=1, exact sweep). Check the inputs, the "
+                  "loss and custom backward functions for NaN/Inf.");
     }
   }
   propagate_param_side();

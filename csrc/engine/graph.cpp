@@ -32,12 +32,11 @@ bool looks_up_data(Node& node, const std::vector<at::Tensor>& data_indices) {
 
 } // namespace
 
-CapturedGraph capture_graph(
-    const std::vector<at::Tensor>& outputs,
-    const std::vector<at::Tensor>& leaves,
-    const std::vector<bool>& leaf_is_input,
-    const std::vector<bool>& leaf_needs_grad,
-    const std::vector<at::Tensor>& data_indices) {
+CapturedGraph capture_graph(const std::vector<at::Tensor>& outputs,
+                            const std::vector<at::Tensor>& leaves,
+                            const std::vector<bool>& leaf_is_input,
+                            const std::vector<bool>& leaf_needs_grad,
+                            const std::vector<at::Tensor>& data_indices) {
   TORCH_INTERNAL_ASSERT(leaves.size() == leaf_is_input.size());
   TORCH_INTERNAL_ASSERT(leaves.size() == leaf_needs_grad.size());
   CapturedGraph g;
@@ -86,20 +85,18 @@ CapturedGraph capture_graph(
   for (auto it = post_order.rbegin(); it != post_order.rend(); ++it) {
     const auto& n = *it;
     if (is_accumulate_grad(n.get())) {
-      TORCH_CHECK(
-          g.leaf_of.count(n.get()),
-          "torch_ar: the wrapped module's forward used a tensor that requires "
-          "grad but is neither one of its parameters nor one of its inputs "
-          "(for example a parameter of another module, or a tensor captured "
-          "from outside). Register it as a parameter or pass it as an input.");
+      TORCH_CHECK(g.leaf_of.count(n.get()),
+                  "torch_ar: the wrapped module's forward used a tensor that requires "
+                  "grad but is neither one of its parameters nor one of its inputs "
+                  "(for example a parameter of another module, or a tensor captured "
+                  "from outside). Register it as a parameter or pass it as an input.");
       continue;
     }
     const std::string name = n->name();
-    TORCH_CHECK(
-        name.find("CompiledFunction") == std::string::npos,
-        "torch_ar: the forward graph contains '", name,
-        "', an opaque region produced by torch.compile. Activation relaxation "
-        "needs the individual ops; wrap the uncompiled module instead.");
+    TORCH_CHECK(name.find("CompiledFunction") == std::string::npos,
+                "torch_ar: the forward graph contains '", name,
+                "', an opaque region produced by torch.compile. Activation relaxation "
+                "needs the individual ops; wrap the uncompiled module instead.");
     g.node_index[n.get()] = static_cast<int>(g.nodes.size());
     g.nodes.push_back(n);
   }
@@ -127,9 +124,8 @@ CapturedGraph capture_graph(
   return g;
 }
 
-std::vector<bool> outputs_reaching(
-    const std::vector<at::Tensor>& outputs,
-    const std::vector<at::Tensor>& leaves) {
+std::vector<bool> outputs_reaching(const std::vector<at::Tensor>& outputs,
+                                   const std::vector<at::Tensor>& leaves) {
   std::unordered_set<const Node*> targets;
   for (const auto& leaf : leaves) {
     if (!leaf.defined() || !leaf.requires_grad()) continue;

@@ -7,8 +7,8 @@
 
 #include <memory>
 #include <type_traits>
-#include <utility>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace torch_ar {
@@ -53,17 +53,15 @@ struct CapturedGraph {
 // the order their gradients are returned. data_indices: the module's integer
 // inputs (token ids, say); a lookup whose indices are one of them, or a view
 // of one, depends on data even when the table it reads is a parameter.
-CapturedGraph capture_graph(
-    const std::vector<at::Tensor>& outputs,
-    const std::vector<at::Tensor>& leaves,
-    const std::vector<bool>& leaf_is_input,
-    const std::vector<bool>& leaf_needs_grad,
-    const std::vector<at::Tensor>& data_indices = {});
+CapturedGraph capture_graph(const std::vector<at::Tensor>& outputs,
+                            const std::vector<at::Tensor>& leaves,
+                            const std::vector<bool>& leaf_is_input,
+                            const std::vector<bool>& leaf_needs_grad,
+                            const std::vector<at::Tensor>& data_indices = {});
 
 // For each output: does its graph reach one of `leaves` (as autograd would
 // need for the output to be differentiable with respect to them)?
-std::vector<bool> outputs_reaching(
-    const std::vector<at::Tensor>& outputs,
-    const std::vector<at::Tensor>& leaves);
+std::vector<bool> outputs_reaching(const std::vector<at::Tensor>& outputs,
+                                   const std::vector<at::Tensor>& leaves);
 
 } // namespace torch_ar

@@ -71,7 +71,8 @@ void GraphRecorder::record(const std::function<void()>& step) {
   if (step_error || !captured) {
     device_->discard_graph();
     stop_routing_and_release();
-    if (!step_error) fail("the capture was invalidated (the step did something a graph cannot record)");
+    if (!step_error)
+      fail("the capture was invalidated (the step did something a graph cannot record)");
     try {
       std::rethrow_exception(step_error);
     } catch (const c10::Error& e) {

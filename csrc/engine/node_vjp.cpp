@@ -36,11 +36,9 @@ at::Tensor conform_to_input(const Node& node, size_t j, at::Tensor grad) {
   const Edge& e = node.next_edge(j);
   const auto& meta = e.function->input_metadata(e.input_nr);
   if (!meta.is_same_shape(grad)) {
-    TORCH_CHECK(
-        meta.is_expandable_to_shape(grad),
-        "torch_ar: ", node.name(), " produced a gradient of shape ", grad.sizes(),
-        " for its input ", j, ", which cannot be reduced to that input's shape ",
-        meta.shape_as_dim_vector());
+    TORCH_CHECK(meta.is_expandable_to_shape(grad), "torch_ar: ", node.name(),
+                " produced a gradient of shape ", grad.sizes(), " for its input ", j,
+                ", which cannot be reduced to that input's shape ", meta.shape_as_dim_vector());
     grad = meta.reduce_grad(grad);
   }
   const auto dtype = c10::typeMetaToScalarType(meta.options().dtype());
@@ -51,12 +49,8 @@ at::Tensor conform_to_input(const Node& node, size_t j, at::Tensor grad) {
 
 } // namespace
 
-variable_list node_vjp(
-    Node& node,
-    const OpInfo* op,
-    variable_list grads,
-    const std::vector<bool>& mask,
-    const VjpRule& rule) {
+variable_list node_vjp(Node& node, const OpInfo* op, variable_list grads,
+                       const std::vector<bool>& mask, const VjpRule& rule) {
   TORCH_INTERNAL_ASSERT(mask.size() == node.num_outputs());
   variable_list out;
   bool done = false;
@@ -66,18 +60,15 @@ variable_list node_vjp(
     if (!out.empty() && mask[0]) out[0] = grads[0];
     done = true;
   } else if (rule.backward_weight) {
-    TORCH_CHECK(
-        op && op->psi_vjp && op->psi_vjp(node, grads, mask, *rule.backward_weight, out),
-        "torch_ar: cannot apply a backward weight to node '", node.name(), "'");
+    TORCH_CHECK(op && op->psi_vjp && op->psi_vjp(node, grads, mask, *rule.backward_weight, out),
+                "torch_ar: cannot apply a backward weight to node '", node.name(), "'");
     done = true;
   } else if (op && op->vjp) {
     done = op->vjp(node, grads, mask, out);
   }
   if (!done) out = call_generic(node, std::move(grads), mask);
-  TORCH_CHECK(
-      out.size() == node.num_outputs(),
-      "torch_ar: ", node.name(), " returned ", out.size(),
-      " gradients, expected ", node.num_outputs());
+  TORCH_CHECK(out.size() == node.num_outputs(), "torch_ar: ", node.name(), " returned ", out.size(),
+              " gradients, expected ", node.num_outputs());
   for (size_t j = 0; j < out.size(); ++j) {
     if (!mask[j] || !node.next_edge(j).is_valid()) {
       out[j] = at::Tensor();

@@ -17,15 +17,11 @@ using torch::autograd::variable_list;
 
 // How a variant changes a node's VJP.
 struct VjpRule {
-  bool drop_activation_derivative = false;  // activations pass the state through
-  const at::Tensor* backward_weight = nullptr;  // psi for a linear/conv node
+  bool drop_activation_derivative = false;     // activations pass the state through
+  const at::Tensor* backward_weight = nullptr; // psi for a linear/conv node
 };
 
-variable_list node_vjp(
-    torch::autograd::Node& node,
-    const OpInfo* op,
-    variable_list grads,
-    const std::vector<bool>& mask,
-    const VjpRule& rule = {});
+variable_list node_vjp(torch::autograd::Node& node, const OpInfo* op, variable_list grads,
+                       const std::vector<bool>& mask, const VjpRule& rule = {});
 
 } // namespace torch_ar

@@ -9,7 +9,7 @@ namespace torch_ar {
 namespace {
 
 struct Use {
-  int node;   // consumer node
+  int node; // consumer node
   size_t edge;
 };
 
@@ -38,10 +38,8 @@ int weight_leaf_of(const CapturedGraph& g, int n, const OpInfo* op) {
 
 } // namespace
 
-Plan make_plan(
-    const CapturedGraph& g,
-    const std::vector<at::Tensor>& output_grads,
-    Granularity granularity) {
+Plan make_plan(const CapturedGraph& g, const std::vector<at::Tensor>& output_grads,
+               Granularity granularity) {
   TORCH_INTERNAL_ASSERT(output_grads.size() == g.roots.size());
   Plan plan;
   plan.graph = &g;
@@ -91,8 +89,7 @@ Plan make_plan(
     if (g.activation[n]) {
       ext[n][root.input_nr] = accumulate(ext[n][root.input_nr], grad);
     } else {
-      plan.param_side_ext.push_back(
-          {EdgeTarget{TargetKind::ParamSide, n, root.input_nr}, grad});
+      plan.param_side_ext.push_back({EdgeTarget{TargetKind::ParamSide, n, root.input_nr}, grad});
     }
   }
 
@@ -134,7 +131,8 @@ Plan make_plan(
     for (size_t j = 0; j < edges.size() && chosen < 0; ++j) {
       if (!edges[j].is_valid() || g.leaf_index(edges[j].function.get()) >= 0) continue;
       const int n = g.index_of(edges[j].function.get());
-      if (n >= 0 && g.activation[n] && single_use(n, edges[j].input_nr)) chosen = static_cast<int>(j);
+      if (n >= 0 && g.activation[n] && single_use(n, edges[j].input_nr))
+        chosen = static_cast<int>(j);
     }
     return joined_edge[m] = chosen;
   };
@@ -226,7 +224,7 @@ Plan make_plan(
     for (const Edge& e : g.nodes[n]->next_edges()) {
       EdgeTarget t = classify(e, -1);
       bool want = (t.kind == TargetKind::Leaf && g.leaf_needs_grad[t.index]) ||
-          (t.kind == TargetKind::ParamSide && g.needed[t.index]);
+                  (t.kind == TargetKind::ParamSide && g.needed[t.index]);
       plan.param_side_targets[n].push_back(t);
       mask.push_back(want);
     }
@@ -261,8 +259,8 @@ Plan make_plan(
               break;
             case TargetKind::Leaf: {
               const bool input = g.leaf_kind[t[j].index] == LeafKind::Input;
-              want = (wanted & (input ? kToInputLeaf : kToParamLeaf)) &&
-                  g.leaf_needs_grad[t[j].index];
+              want =
+                  (wanted & (input ? kToInputLeaf : kToParamLeaf)) && g.leaf_needs_grad[t[j].index];
               break;
             }
             case TargetKind::ParamSide:
@@ -329,7 +327,8 @@ Plan make_plan(
       if (!layer.needed) continue;
       bool from_relaxation = false;
       for (int s : layer.out_slots)
-        from_relaxation = from_relaxation || (s >= 0 && !plan.slots[s].clamped && plan.slots[s].needed);
+        from_relaxation =
+            from_relaxation || (s >= 0 && !plan.slots[s].clamped && plan.slots[s].needed);
       for (size_t q = 0; q < layer.chain.size(); ++q)
         for (size_t j = 0; j < layer.targets[q].size(); ++j)
           if (layer.masks[gp][q][j]) reach(layer.targets[q][j], from_relaxation);
@@ -342,7 +341,8 @@ Plan make_plan(
     }
     for (size_t l = 0; l < num_leaves; ++l) {
       if (plan.leaf_direct[l].defined()) reached[l] = 1;
-      if (g.leaf_kind[l] == LeafKind::Parameter && g.leaf_needs_grad[l] && reached[l] && !relaxed[l])
+      if (g.leaf_kind[l] == LeafKind::Parameter && g.leaf_needs_grad[l] && reached[l] &&
+          !relaxed[l])
         ++plan.params_outside_relaxation;
     }
   }

@@ -19,74 +19,80 @@ enum class TargetKind { None, Chain, State, Leaf, ParamSide };
 
 struct EdgeTarget {
   TargetKind kind = TargetKind::None;
-  int index = -1;         // state, leaf or param-side node index
-  uint32_t input_nr = 0;  // for ParamSide: which output of that node
+  int index = -1;        // state, leaf or param-side node index
+  uint32_t input_nr = 0; // for ParamSide: which output of that node
 };
 
 // What a layer's VJP may be asked to produce, by the kind of edge target.
 enum TargetClass : unsigned {
-  kToState = 1,      // relaxation states
-  kToInputLeaf = 2,  // module inputs that want a gradient
-  kToParamLeaf = 4,  // parameters
-  kToParamSide = 8,  // parameter-only nodes (e.g. W.t()) on the way to parameters
+  kToState = 1,     // relaxation states
+  kToInputLeaf = 2, // module inputs that want a gradient
+  kToParamLeaf = 4, // parameters
+  kToParamSide = 8, // parameter-only nodes (e.g. W.t()) on the way to parameters
 };
 
 // The passes over a layer and the targets each one fills.
 enum class Pass {
-  Relax = 0,       // states only: every relaxation step
-  Propagate = 1,   // states and inputs: a variant's single sweep
-  InputGrad = 2,   // inputs only: a variant's gradients at the equilibrium
-  WeightGrad = 3,  // parameters only: a variant's weight update
-  Gradient = 4,    // inputs and parameters: exact gradients at the equilibrium
-  Full = 5,        // everything: the exact single sweep
+  Relax = 0,      // states only: every relaxation step
+  Propagate = 1,  // states and inputs: a variant's single sweep
+  InputGrad = 2,  // inputs only: a variant's gradients at the equilibrium
+  WeightGrad = 3, // parameters only: a variant's weight update
+  Gradient = 4,   // inputs and parameters: exact gradients at the equilibrium
+  Full = 5,       // everything: the exact single sweep
 };
 constexpr int kNumPasses = 6;
 
 constexpr unsigned pass_targets(Pass p) {
   switch (p) {
-    case Pass::Relax: return kToState;
-    case Pass::Propagate: return kToState | kToInputLeaf;
-    case Pass::InputGrad: return kToInputLeaf;
-    case Pass::WeightGrad: return kToParamLeaf | kToParamSide;
-    case Pass::Gradient: return kToInputLeaf | kToParamLeaf | kToParamSide;
-    case Pass::Full: return kToState | kToInputLeaf | kToParamLeaf | kToParamSide;
+    case Pass::Relax:
+      return kToState;
+    case Pass::Propagate:
+      return kToState | kToInputLeaf;
+    case Pass::InputGrad:
+      return kToInputLeaf;
+    case Pass::WeightGrad:
+      return kToParamLeaf | kToParamSide;
+    case Pass::Gradient:
+      return kToInputLeaf | kToParamLeaf | kToParamSide;
+    case Pass::Full:
+      return kToState | kToInputLeaf | kToParamLeaf | kToParamSide;
   }
   return 0;
 }
 
 struct StateSlot {
-  int node = -1;           // producing node (graph index)
-  uint32_t output_nr = 0;  // which of its outputs
-  int layer = -1;          // producing layer
+  int node = -1;          // producing node (graph index)
+  uint32_t output_nr = 0; // which of its outputs
+  int layer = -1;         // producing layer
   std::vector<int> consumer_layers;
-  at::Tensor ext;          // loss gradient when this is a module output
-  bool clamped = false;    // no consumers: held at ext, never relaxes
-  bool needed = false;     // some wanted gradient depends on it
-  int level = 0;           // longest path (in layers) down from an output
+  at::Tensor ext;       // loss gradient when this is a module output
+  bool clamped = false; // no consumers: held at ext, never relaxes
+  bool needed = false;  // some wanted gradient depends on it
+  int level = 0;        // longest path (in layers) down from an output
   std::string name;
 };
 
 struct Layer {
-  std::vector<int> chain;                              // top first
-  std::vector<const OpInfo*> ops;                      // per chain node
-  std::vector<std::vector<EdgeTarget>> targets;        // per chain node, per edge
-  std::vector<std::vector<bool>> masks[kNumPasses];    // per chain node, per edge
+  std::vector<int> chain;                           // top first
+  std::vector<const OpInfo*> ops;                   // per chain node
+  std::vector<std::vector<EdgeTarget>> targets;     // per chain node, per edge
+  std::vector<std::vector<bool>> masks[kNumPasses]; // per chain node, per edge
   bool has_work[kNumPasses] = {};
-  std::vector<int> weight_leaf;                        // per chain node: leaf of its weight, -1
-  std::vector<int> out_slots;                          // per top output, -1: none
+  std::vector<int> weight_leaf; // per chain node: leaf of its weight, -1
+  std::vector<int> out_slots;   // per top output, -1: none
   bool needed = false;
-  bool constant = false;  // all outputs clamped: its relax VJP never changes
+  bool constant = false; // all outputs clamped: its relax VJP never changes
   int level = 0;
 };
 
 struct Plan {
   const CapturedGraph* graph = nullptr;
   std::vector<StateSlot> slots;
-  std::vector<Layer> layers;             // consumers before producers
-  std::vector<int> param_side_nodes;     // consumers before producers
-  std::vector<std::vector<EdgeTarget>> param_side_targets;  // per graph node
-  std::vector<std::vector<bool>> param_side_masks;          // per graph node
-  std::vector<at::Tensor> leaf_direct;   // outputs that are leaves themselves
+  std::vector<Layer> layers;                               // consumers before producers
+  std::vector<int> param_side_nodes;                       // consumers before producers
+  std::vector<std::vector<EdgeTarget>> param_side_targets; // per graph node
+  std::vector<std::vector<bool>> param_side_masks;         // per graph node
+  std::vector<at::Tensor> leaf_direct;                     // outputs that are leaves themselves
   std::vector<std::pair<EdgeTarget, at::Tensor>> param_side_ext;
   int depth = 0;
   int num_relaxing = 0;
@@ -96,9 +102,7 @@ struct Plan {
   int params_outside_relaxation = 0;
 };
 
-Plan make_plan(
-    const CapturedGraph& graph,
-    const std::vector<at::Tensor>& output_grads,
-    Granularity granularity);
+Plan make_plan(const CapturedGraph& graph, const std::vector<at::Tensor>& output_grads,
+               Granularity granularity);
 
 } // namespace torch_ar

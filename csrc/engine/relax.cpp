@@ -3,23 +3,21 @@
 // Gauss-Seidel). No Python runs inside it.
 #include "engine/executor.h"
 #include "engine/node_vjp.h"
-#include "engine/step_graph.h"
 #include "engine/per_device.h"
+#include "engine/step_graph.h"
 #include "ops/relax_update.h"
 
 #include <ATen/ATen.h>
 
 #include <cfloat>
-#include <limits>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace torch_ar {
 
-Executor::Executor(
-    const Plan& plan,
-    const EngineConfig& config,
-    const std::vector<at::Tensor>& backward_weights)
+Executor::Executor(const Plan& plan, const EngineConfig& config,
+                   const std::vector<at::Tensor>& backward_weights)
     : plan_(plan), backward_weights_(backward_weights), graph_(*plan.graph), config_(config) {
   backward_weights_.resize(graph_.leaf_kind.size());
   const size_t S = plan_.slots.size();
@@ -101,8 +99,8 @@ void Executor::setup_fused_activations() {
     // which the update kernel walks without a copy when it is the state's.
     auto as_state = [&](const at::Tensor& t) {
       return t.sizes().equals(x_[s].sizes()) && t.is_non_overlapping_and_dense()
-          ? t
-          : t.contiguous().view(x_[s].sizes());
+                 ? t
+                 : t.contiguous().view(x_[s].sizes());
     };
     fa.input = as_state(d.input);
     fa.p0 = d.p0;
@@ -129,8 +127,9 @@ std::string Executor::uncapturable_node() const {
       for (bool b : layer.masks[p][q]) wanted = wanted || b;
       if (!wanted) continue;
       const OpInfo* op = layer.ops[q];
-      const bool own = op && (op->vjp || (config_.drop_activation_derivative && op->is_activation) ||
-                              (config_.use_backward_weights && op->psi_vjp));
+      const bool own =
+          op && (op->vjp || (config_.drop_activation_derivative && op->is_activation) ||
+                 (config_.use_backward_weights && op->psi_vjp));
       if (!own) return graph_.nodes[layer.chain[q]]->name();
     }
   }
@@ -178,7 +177,9 @@ double Executor::flush_below() const {
   return reduced ? static_cast<double>(FLT_MIN) : DBL_MIN;
 }
 
-void Executor::begin_step() { std::fill(fresh_.begin(), fresh_.end(), 0); }
+void Executor::begin_step() {
+  std::fill(fresh_.begin(), fresh_.end(), 0);
+}
 
 void Executor::contribute_state(int s, at::Tensor grad) {
   if (sink_) {
@@ -193,7 +194,7 @@ void Executor::contribute_state(int s, at::Tensor grad) {
     const auto dtype = state_dtype_[s];
     // Take over a fresh VJP result nobody else holds: the stage writes into it.
     const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
-        grad.scalar_type() == dtype && grad.is_non_overlapping_and_dense();
+                       grad.scalar_type() == dtype && grad.is_non_overlapping_and_dense();
     acc = owned ? std::move(grad)
                 : grad.to(dtype, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Preserve);
     return;
@@ -204,9 +205,10 @@ void Executor::contribute_state(int s, at::Tensor grad) {
       at::Tensor& target = target_[s];
       // Take over a fresh VJP result nobody else holds instead of copying it.
       const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
-          grad.scalar_type() == target.scalar_type() && grad.strides().equals(target.strides()) &&
-          grad.is_non_overlapping_and_dense() && grad.device() == target.device() &&
-          grad.sizes().equals(target.sizes());
+                         grad.scalar_type() == target.scalar_type() &&
+                         grad.strides().equals(target.strides()) &&
+                         grad.is_non_overlapping_and_dense() && grad.device() == target.device() &&
+                         grad.sizes().equals(target.sizes());
       if (owned) {
         if (ext.defined()) grad.add_(ext);
         target = std::move(grad);
@@ -233,8 +235,10 @@ void Executor::contribute_state(int s, at::Tensor grad) {
 void Executor::fill_missing_target(int s) {
   // A state no consumer wrote this step: its target is the loss term alone.
   if (fresh_[s]) return;
-  if (plan_.slots[s].ext.defined()) target_[s].copy_(plan_.slots[s].ext);
-  else target_[s].zero_();
+  if (plan_.slots[s].ext.defined())
+    target_[s].copy_(plan_.slots[s].ext);
+  else
+    target_[s].zero_();
   fresh_[s] = 1;
 }
 
@@ -256,7 +260,7 @@ VjpRule Executor::rule_for(const Layer& layer, size_t q, Pass pass) const {
     for (size_t r = q + 1; r + 1 < layer.chain.size(); ++r)
       behind_structural = behind_structural || starts_layer(layer.ops[r]);
     rule.drop_activation_derivative = config_.drop_activation_derivative &&
-        (!config_.weight_update_derivative || behind_structural);
+                                      (!config_.weight_update_derivative || behind_structural);
     return rule;
   }
   rule.drop_activation_derivative = config_.drop_activation_derivative;
@@ -264,15 +268,15 @@ VjpRule Executor::rule_for(const Layer& layer, size_t q, Pass pass) const {
   if (config_.use_backward_weights && op && op->psi_vjp) {
     const int leaf = layer.weight_leaf[q];
     const auto& node = *graph_.nodes[layer.chain[q]];
-    TORCH_CHECK(
-        leaf >= 0 && backward_weights_[leaf].defined(),
-        "torch_ar: this variant replaces W by a backward weight psi in every linear "
-        "and convolution layer, but the weight of node '", node.name(),
-        "' has none. Backward weights are created for the weights of nn.Linear and "
-        "nn.Conv1d/2d/3d modules and nn.MultiheadAttention's input projections; give "
-        "another parameter read by F.linear/F.conv* one with ARBackward(..., "
-        "backward_weight_params=[name]). A weight computed from a parameter (a slice of "
-        "a packed projection, say) cannot have one.");
+    TORCH_CHECK(leaf >= 0 && backward_weights_[leaf].defined(),
+                "torch_ar: this variant replaces W by a backward weight psi in every linear "
+                "and convolution layer, but the weight of node '",
+                node.name(),
+                "' has none. Backward weights are created for the weights of nn.Linear and "
+                "nn.Conv1d/2d/3d modules and nn.MultiheadAttention's input projections; give "
+                "another parameter read by F.linear/F.conv* one with ARBackward(..., "
+                "backward_weight_params=[name]). A weight computed from a parameter (a slice of "
+                "a packed projection, say) cannot have one.");
     rule.backward_weight = &backward_weights_[leaf];
   }
   return rule;
@@ -292,8 +296,10 @@ void Executor::run_layer(int L, Pass pass) {
       for (const auto& [s, grad] : constant_contrib_[L]) {
         // A target made only of constant contributions keeps last step's
         // value (the update reads targets, never writes them).
-        if (constant_target_[s] && persistent_targets_) fresh_[s] = 1;
-        else contribute_state(s, grad);
+        if (constant_target_[s] && persistent_targets_)
+          fresh_[s] = 1;
+        else
+          contribute_state(s, grad);
       }
       return;
     }
@@ -311,7 +317,8 @@ void Executor::run_layer(int L, Pass pass) {
   if (!any) return;
   // A fused layer starts at its activation, with f'(a) * x from the update.
   const int fused = pass == Pass::Relax ? fused_of_layer_[L] : -1;
-  propagate(L, pass, std::move(grads), fused, /*record_constant=*/pass == Pass::Relax && layer.constant);
+  propagate(L, pass, std::move(grads), fused,
+            /*record_constant=*/pass == Pass::Relax && layer.constant);
 }
 
 void Executor::propagate(int L, Pass pass, variable_list grads, int fused, bool record_constant) {
@@ -365,7 +372,7 @@ void Executor::propagate_from(int L, Pass pass, size_t first, variable_list out,
           break;
       }
     }
-    if (grads.empty()) break;  // nothing flows further down the chain
+    if (grads.empty()) break; // nothing flows further down the chain
   }
 }
 
@@ -393,9 +400,8 @@ at::Tensor Executor::update(const std::vector<int>& all_slots) {
       xs.push_back(x_[s]);
       ts.push_back(target_[s]);
     }
-    return relax_update_activation_(
-        xs, ts, config_.eta, flush_below(), act_states, act_kinds, act_params, act_inputs,
-        act_grads);
+    return relax_update_activation_(xs, ts, config_.eta, flush_below(), act_states, act_kinds,
+                                    act_params, act_inputs, act_grads);
   });
 }
 
@@ -420,9 +426,9 @@ bool Executor::check_finite(at::Tensor& norms, const std::vector<int>& slots, in
     if (!config_.raise_on_nonfinite) return false;
     const StateSlot& slot = plan_.slots[slots[i]];
     std::ostringstream msg;
-    msg << "torch_ar: relaxation diverged at step " << step << ": the state of node '"
-        << slot.name << "' became " << (std::isnan(acc[i][0]) ? "NaN" : "infinite")
-        << " (eta=" << config_.eta << "). Check the inputs and the loss for NaN/Inf, "
+    msg << "torch_ar: relaxation diverged at step " << step << ": the state of node '" << slot.name
+        << "' became " << (std::isnan(acc[i][0]) ? "NaN" : "infinite") << " (eta=" << config_.eta
+        << "). Check the inputs and the loss for NaN/Inf, "
         << "or use a smaller eta.";
     TORCH_CHECK(false, msg.str());
   }
@@ -457,8 +463,10 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   const bool sweep = config_.schedule == Schedule::Sweep;
   int64_t limit = config_.steps;
   if (limit < 0) {
-    if (config_.tol > 0) limit = config_.max_steps;
-    else limit = sweep ? 1 : std::max<int64_t>(plan_.depth, 1);
+    if (config_.tol > 0)
+      limit = config_.max_steps;
+    else
+      limit = sweep ? 1 : std::max<int64_t>(plan_.depth, 1);
   }
   const size_t S = plan_.slots.size();
   const size_t R = relaxing_.size();
@@ -499,10 +507,10 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   if (want_graph) {
     for (int s : relaxing_) {
       if (x_[s].device() == x_[relaxing_[0]].device()) continue;
-      TORCH_WARN_ONCE(
-          "torch_ar: cuda_graph=True, but the states are on more than one device (",
-          x_[relaxing_[0]].device(), " and ", x_[s].device(), "); a CUDA graph records one "
-          "device's stream, so the steps run without one.");
+      TORCH_WARN_ONCE("torch_ar: cuda_graph=True, but the states are on more than one device (",
+                      x_[relaxing_[0]].device(), " and ", x_[s].device(),
+                      "); a CUDA graph records one "
+                      "device's stream, so the steps run without one.");
       want_graph = false;
       break;
     }
@@ -511,21 +519,22 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
     const std::string node = uncapturable_node();
     if (!node.empty()) {
       // Python shows a repeated warning once per place it comes from.
-      TORCH_WARN(
-          "torch_ar: cuda_graph=True, but node '", node, "' runs its own backward during "
-          "relaxation, which may synchronise with the host and cannot be recorded; "
-          "relaxing without a CUDA graph.");
+      TORCH_WARN("torch_ar: cuda_graph=True, but node '", node,
+                 "' runs its own backward during "
+                 "relaxation, which may synchronise with the host and cannot be recorded; "
+                 "relaxing without a CUDA graph.");
       want_graph = false;
     }
   }
   // Created before step 0: the eager step 0 runs where the replays will.
-  std::unique_ptr<StepGraph> graph = want_graph ? make_step_graph(x_[relaxing_[0]].device()) : nullptr;
+  std::unique_ptr<StepGraph> graph =
+      want_graph ? make_step_graph(x_[relaxing_[0]].device()) : nullptr;
   bool recorded = false;
   at::Tensor graph_norms;
 
-  int64_t done = 0;  // steps taken
+  int64_t done = 0; // steps taken
   while (done < limit) {
-    at::Tensor norms;  // [R, 2] in relaxing_ order, of the last step taken
+    at::Tensor norms; // [R, 2] in relaxing_ order, of the last step taken
     const int64_t before = done;
     const bool whole_block = done >= 1 && limit - done >= span;
     if (graph && whole_block && !recorded) {
@@ -539,7 +548,8 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
         // flags) is rewritten by the next step before it is read.
         TORCH_WARN(
             "torch_ar: the relaxation step could not be recorded as a CUDA graph; "
-            "relaxing without one. The device said: ", e.what_without_backtrace());
+            "relaxing without one. The device said: ",
+            e.what_without_backtrace());
         graph.reset();
         graph_norms = at::Tensor();
       }
@@ -588,8 +598,8 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
         auto a = current[l].to(at::kDouble).flatten();
         auto b = reference_grads[l].to(at::kDouble).flatten();
         double na = a.norm().item<double>(), nb = b.norm().item<double>();
-        row[l] = (na == 0.0 || nb == 0.0) ? (na == nb ? 1.0 : 0.0)
-                                          : a.dot(b).item<double>() / (na * nb);
+        row[l] =
+            (na == 0.0 || nb == 0.0) ? (na == nb ? 1.0 : 0.0) : a.dot(b).item<double>() / (na * nb);
       }
       cosine_rows.push_back(std::move(row));
     }
@@ -604,13 +614,14 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   if (config_.tol <= 0) {
     // Without a tolerance, "converged" means the last update moved nothing
     // beyond rounding, or the schedule is exact by construction.
-    const bool exact_by_depth = config_.eta == 1.0 &&
-        (sweep ? stats.steps >= 1 : stats.steps >= plan_.depth);
+    const bool exact_by_depth =
+        config_.eta == 1.0 && (sweep ? stats.steps >= 1 : stats.steps >= plan_.depth);
     stats.converged = !stats.nonfinite && (exact_by_depth || stats.max_residual <= 1e-6);
   }
   stats.residuals = at::tensor(final_residual, at::kDouble);
   if (config_.trace) {
-    stats.residual_trace = at::empty({static_cast<int64_t>(trace_rows.size()), static_cast<int64_t>(S)}, at::kDouble);
+    stats.residual_trace =
+        at::empty({static_cast<int64_t>(trace_rows.size()), static_cast<int64_t>(S)}, at::kDouble);
     for (size_t i = 0; i < trace_rows.size(); ++i)
       stats.residual_trace[i].copy_(at::tensor(trace_rows[i], at::kDouble));
   }

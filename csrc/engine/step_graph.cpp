@@ -11,8 +11,7 @@ std::atomic<bool> refusal_requested{false};
 std::mutex factories_mutex;
 std::array<StepGraphFactory, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
     factories{};
-std::array<GraphMemoryReleaser,
-           static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
+std::array<GraphMemoryReleaser, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
     releasers{};
 } // namespace
 
@@ -51,8 +50,12 @@ int64_t release_idle_graph_memory() {
   return released;
 }
 
-void refuse_next_capture_for_testing() { refusal_requested.store(true); }
+void refuse_next_capture_for_testing() {
+  refusal_requested.store(true);
+}
 
-bool take_refusal_request() { return refusal_requested.exchange(false); }
+bool take_refusal_request() {
+  return refusal_requested.exchange(false);
+}
 
 } // namespace torch_ar

@@ -16,7 +16,7 @@ struct Store {
 };
 
 Store& store() {
-  static Store* s = new Store();  // never destroyed: no tensors freed at exit
+  static Store* s = new Store(); // never destroyed: no tensors freed at exit
   return *s;
 }
 
@@ -45,7 +45,7 @@ std::vector<at::Tensor> take_forward_values(int64_t handle, bool keep) {
 
 void drop_forward_values(int64_t handle) {
   if (handle == 0) return;
-  std::vector<at::Tensor> dropped;  // freed outside the lock
+  std::vector<at::Tensor> dropped; // freed outside the lock
   Store& s = store();
   std::lock_guard<std::mutex> lock(s.mutex);
   auto it = s.values.find(handle);
@@ -56,7 +56,9 @@ void drop_forward_values(int64_t handle) {
 
 namespace {
 
-int64_t stash_op(at::TensorList values) { return stash_forward_values(values.vec()); }
+int64_t stash_op(at::TensorList values) {
+  return stash_forward_values(values.vec());
+}
 
 } // namespace
 

@@ -26,16 +26,11 @@
 
 namespace torch_ar {
 
-at::Tensor horner_update_(
-    at::TensorList out,
-    const std::vector<at::Tensor>& initial,
-    const std::vector<at::Tensor>& loss_terms,
-    const std::vector<at::Tensor>& targets,
-    const std::vector<at::Tensor>& residual_targets,
-    double alpha,
-    double beta,
-    double flush_below,
-    bool residual);
+at::Tensor horner_update_(at::TensorList out, const std::vector<at::Tensor>& initial,
+                          const std::vector<at::Tensor>& loss_terms,
+                          const std::vector<at::Tensor>& targets,
+                          const std::vector<at::Tensor>& residual_targets, double alpha,
+                          double beta, double flush_below, bool residual);
 
 namespace horner_update_detail {
 
@@ -46,17 +41,12 @@ using OptionalList = c10::List<std::optional<at::Tensor>>;
 // overlap) and returns the optional lists as plain vectors (undefined where
 // absent), every tensor laid out as its walked output (ops/flat_layout.h).
 struct Inputs {
-  std::vector<at::Tensor> out;  // dense: the kernel's own buffers
+  std::vector<at::Tensor> out; // dense: the kernel's own buffers
   std::vector<at::Tensor> initial, loss_terms, targets, residual_targets;
 };
-Inputs check_inputs(
-    at::TensorList out,
-    const OptionalList& initial,
-    const OptionalList& loss_terms,
-    const OptionalList& targets,
-    const OptionalList& residual_targets,
-    double flush_below,
-    c10::DeviceType device_type);
+Inputs check_inputs(at::TensorList out, const OptionalList& initial, const OptionalList& loss_terms,
+                    const OptionalList& targets, const OptionalList& residual_targets,
+                    double flush_below, c10::DeviceType device_type);
 
 // Copies the kernel's contiguous results into the caller's tensors where they differ.
 void write_back(at::TensorList out, const std::vector<at::Tensor>& computed);

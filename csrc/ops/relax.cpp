@@ -14,39 +14,22 @@ namespace torch_ar {
 
 namespace {
 
-using RelaxResult = std::tuple<
-    c10::List<std::optional<at::Tensor>>, std::vector<double>, at::Tensor, at::Tensor,
-    at::Tensor, std::vector<std::string>>;
+using RelaxResult = std::tuple<c10::List<std::optional<at::Tensor>>, std::vector<double>,
+                               at::Tensor, at::Tensor, at::Tensor, std::vector<std::string>>;
 
-RelaxResult relax_op(
-    at::TensorList outputs,
-    const c10::List<std::optional<at::Tensor>>& output_grads,
-    at::TensorList leaves,
-    const c10::List<bool>& leaf_is_input,
-    const c10::List<bool>& leaf_needs_grad,
-    int64_t forward_values,
-    double eta,
-    int64_t steps,
-    double tol,
-    int64_t max_steps,
-    c10::string_view init,
-    c10::string_view schedule,
-    c10::string_view granularity,
-    bool trace,
-    bool trace_cosine,
-    int64_t keep_graph,
-    int64_t check_every,
-    const c10::List<std::optional<at::Tensor>>& backward_weights,
-    bool use_backward_weights,
-    bool drop_activation_derivative,
-    bool weight_update_derivative,
-    bool raise_on_nonfinite,
-    bool fuse_activations,
-    bool cuda_graph,
-    at::TensorList data_indices,
-    c10::string_view evaluation) {
-  TORCH_CHECK(outputs.size() == output_grads.size(),
-              "torch_ar.relax: ", outputs.size(), " outputs but ", output_grads.size(), " output grads");
+RelaxResult relax_op(at::TensorList outputs,
+                     const c10::List<std::optional<at::Tensor>>& output_grads,
+                     at::TensorList leaves, const c10::List<bool>& leaf_is_input,
+                     const c10::List<bool>& leaf_needs_grad, int64_t forward_values, double eta,
+                     int64_t steps, double tol, int64_t max_steps, c10::string_view init,
+                     c10::string_view schedule, c10::string_view granularity, bool trace,
+                     bool trace_cosine, int64_t keep_graph, int64_t check_every,
+                     const c10::List<std::optional<at::Tensor>>& backward_weights,
+                     bool use_backward_weights, bool drop_activation_derivative,
+                     bool weight_update_derivative, bool raise_on_nonfinite, bool fuse_activations,
+                     bool cuda_graph, at::TensorList data_indices, c10::string_view evaluation) {
+  TORCH_CHECK(outputs.size() == output_grads.size(), "torch_ar.relax: ", outputs.size(),
+              " outputs but ", output_grads.size(), " output grads");
   TORCH_CHECK(leaves.size() == leaf_is_input.size() && leaves.size() == leaf_needs_grad.size(),
               "torch_ar.relax: leaves and their flags differ in length");
   TORCH_CHECK(eta > 0.0 && eta <= 1.0, "torch_ar: eta must be in (0, 1], got ", eta);
@@ -62,8 +45,8 @@ RelaxResult relax_op(
   config.trace = trace;
   config.trace_cosine = trace_cosine;
   // -1: do what the running backward asked for (retain_graph).
-  config.keep_graph = keep_graph < 0 ? torch::autograd::get_current_graph_task_keep_graph()
-                                     : keep_graph != 0;
+  config.keep_graph =
+      keep_graph < 0 ? torch::autograd::get_current_graph_task_keep_graph() : keep_graph != 0;
   config.check_every = check_every;
   config.use_backward_weights = use_backward_weights;
   config.drop_activation_derivative = drop_activation_derivative;
@@ -100,20 +83,28 @@ RelaxResult relax_op(
   c10::List<std::optional<at::Tensor>> grads;
   grads.reserve(r.leaf_grads.size());
   for (auto& g : r.leaf_grads) {
-    if (g.defined()) grads.push_back(std::move(g));
-    else grads.push_back(std::nullopt);
+    if (g.defined())
+      grads.push_back(std::move(g));
+    else
+      grads.push_back(std::nullopt);
   }
   const RelaxStats& st = r.stats;
-  std::vector<double> summary = {
-      static_cast<double>(st.steps), static_cast<double>(st.depth),
-      st.converged ? 1.0 : 0.0, st.exact_shortcut ? 1.0 : 0.0, st.max_residual,
-      config.keep_graph ? 1.0 : 0.0, st.nonfinite ? 1.0 : 0.0,
-      static_cast<double>(st.graph_steps), static_cast<double>(st.fused_activations),
-      static_cast<double>(st.relaxing_states),
-      static_cast<double>(st.params_outside_relaxation),
-      static_cast<double>(static_cast<int>(st.evaluation)), static_cast<double>(st.sweeps)};
+  std::vector<double> summary = {static_cast<double>(st.steps),
+                                 static_cast<double>(st.depth),
+                                 st.converged ? 1.0 : 0.0,
+                                 st.exact_shortcut ? 1.0 : 0.0,
+                                 st.max_residual,
+                                 config.keep_graph ? 1.0 : 0.0,
+                                 st.nonfinite ? 1.0 : 0.0,
+                                 static_cast<double>(st.graph_steps),
+                                 static_cast<double>(st.fused_activations),
+                                 static_cast<double>(st.relaxing_states),
+                                 static_cast<double>(st.params_outside_relaxation),
+                                 static_cast<double>(static_cast<int>(st.evaluation)),
+                                 static_cast<double>(st.sweeps)};
   auto empty = at::empty({0}, at::kDouble);
-  return {std::move(grads), std::move(summary),
+  return {std::move(grads),
+          std::move(summary),
           st.residuals.defined() ? st.residuals : empty,
           st.residual_trace.defined() ? st.residual_trace : empty,
           st.cosine_trace.defined() ? st.cosine_trace : empty,
@@ -127,20 +118,16 @@ at::Tensor differentiable_outputs_op(at::TensorList outputs, at::TensorList leav
   return flags;
 }
 
-at::Tensor relaxing_state_values_op(
-    at::TensorList outputs,
-    at::TensorList leaves,
-    const c10::List<bool>& leaf_is_input,
-    at::TensorList values,
-    c10::string_view granularity,
-    at::TensorList data_indices) {
+at::Tensor relaxing_state_values_op(at::TensorList outputs, at::TensorList leaves,
+                                    const c10::List<bool>& leaf_is_input, at::TensorList values,
+                                    c10::string_view granularity, at::TensorList data_indices) {
   TORCH_CHECK(leaves.size() == leaf_is_input.size(),
               "torch_ar.relaxing_state_values: leaves and leaf_is_input differ in length");
   std::vector<bool> is_input;
   for (bool b : leaf_is_input) is_input.push_back(b);
-  std::vector<bool> keep = relaxing_state_values(
-      outputs.vec(), leaves.vec(), is_input, values.vec(),
-      parse_granularity(std::string(granularity)), data_indices.vec());
+  std::vector<bool> keep =
+      relaxing_state_values(outputs.vec(), leaves.vec(), is_input, values.vec(),
+                            parse_granularity(std::string(granularity)), data_indices.vec());
   auto flags = at::zeros({static_cast<int64_t>(keep.size())}, at::kBool);
   auto acc = flags.accessor<bool, 1>();
   for (size_t i = 0; i < keep.size(); ++i) acc[i] = keep[i];

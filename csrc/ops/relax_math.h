@@ -4,9 +4,9 @@
 // walks memory and reduces norms; what it computes per element is here.
 //
 // Rounding: the CPU build never contracts a * b + c into a fused
-// multiply-add (it is compiled with -ffp-contract=off); nvcc would by default. On the device the products and sums below use the
-// round-to-nearest intrinsics, which nvcc never contracts, so a CUDA step
-// rounds exactly as the CPU step does.
+// multiply-add (it is compiled with -ffp-contract=off); nvcc would by default. On the device the
+// products and sums below use the round-to-nearest intrinsics, which nvcc never contracts, so a
+// CUDA step rounds exactly as the CPU step does.
 
 #include <c10/macros/Macros.h>
 
@@ -91,12 +91,12 @@ C10_HOST_DEVICE inline T horner_stage(T alpha, T x0, T beta, T b, T t) {
 // Each matches ATen's own backward of that activation, NaN handling included.
 enum ActivationKind : int32_t {
   kActivationNone = 0,
-  kActivationReluResult = 1,      // in = relu(a):    in <= 0 ? 0 : x
-  kActivationLeakyReluInput = 2,  // in = a:          in > 0 ? x : p0 * x
-  kActivationTanhResult = 3,      // in = tanh(a):    x * (1 - in^2)
-  kActivationSigmoidResult = 4,   // in = sigmoid(a): x * (1 - in) * in
-  kActivationHardtanhInput = 5,   // in = a:          in <= p0 || in >= p1 ? 0 : x
-  kActivationScale = 6,           // in = f'(a):      x * in
+  kActivationReluResult = 1,     // in = relu(a):    in <= 0 ? 0 : x
+  kActivationLeakyReluInput = 2, // in = a:          in > 0 ? x : p0 * x
+  kActivationTanhResult = 3,     // in = tanh(a):    x * (1 - in^2)
+  kActivationSigmoidResult = 4,  // in = sigmoid(a): x * (1 - in) * in
+  kActivationHardtanhInput = 5,  // in = a:          in <= p0 || in >= p1 ? 0 : x
+  kActivationScale = 6,          // in = f'(a):      x * in
 };
 
 template <typename T>

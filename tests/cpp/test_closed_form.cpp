@@ -16,7 +16,7 @@ using torch_ar::EngineConfig;
 using torch_ar::EngineInputs;
 using torch_ar::Evaluation;
 using torch_ar::Schedule;
-using Poly = std::vector<double>;  // coefficients of J^0 .. J^K
+using Poly = std::vector<double>; // coefficients of J^0 .. J^K
 
 // a * b, truncated at degree K (J^(K+1) = 0 on the graph).
 Poly times(const Poly& a, const Poly& b, size_t K) {
@@ -88,13 +88,14 @@ TEST_P(Coefficients, EqualDirectPolynomialArithmetic) {
 
 INSTANTIATE_TEST_SUITE_P(
     Settings, Coefficients,
-    ::testing::Values(
-        CoefCase{Schedule::Jacobi, 0.1, 100, 3}, CoefCase{Schedule::Jacobi, 0.5, 3, 6},
-        CoefCase{Schedule::Jacobi, 0.9, 1, 4}, CoefCase{Schedule::Jacobi, 1.0, 2, 5},
-        CoefCase{Schedule::Jacobi, 1.0, 7, 5}, CoefCase{Schedule::Jacobi, 0.05, 1000, 12},
-        CoefCase{Schedule::Sweep, 0.1, 100, 3}, CoefCase{Schedule::Sweep, 0.5, 3, 6},
-        CoefCase{Schedule::Sweep, 0.9, 1, 4}, CoefCase{Schedule::Sweep, 1.0, 4, 5},
-        CoefCase{Schedule::Sweep, 0.05, 1000, 12}, CoefCase{Schedule::Sweep, 0.3, 40, 30}));
+    ::testing::Values(CoefCase{Schedule::Jacobi, 0.1, 100, 3},
+                      CoefCase{Schedule::Jacobi, 0.5, 3, 6}, CoefCase{Schedule::Jacobi, 0.9, 1, 4},
+                      CoefCase{Schedule::Jacobi, 1.0, 2, 5}, CoefCase{Schedule::Jacobi, 1.0, 7, 5},
+                      CoefCase{Schedule::Jacobi, 0.05, 1000, 12},
+                      CoefCase{Schedule::Sweep, 0.1, 100, 3}, CoefCase{Schedule::Sweep, 0.5, 3, 6},
+                      CoefCase{Schedule::Sweep, 0.9, 1, 4}, CoefCase{Schedule::Sweep, 1.0, 4, 5},
+                      CoefCase{Schedule::Sweep, 0.05, 1000, 12},
+                      CoefCase{Schedule::Sweep, 0.3, 40, 30}));
 
 // A tail computed with long double from lgamma, term by term, for comparison.
 long double reference_upper_tail(int64_t n, long double p, int64_t m) {
@@ -190,7 +191,7 @@ Graph diamond_graph() {
   at::Tensor a = at::sigmoid(at::mm(h, wa.t()));
   at::Tensor s = a + at::mm(h, wb.t());
   at::Tensor y = at::mm(at::tanh(s), wc.t());
-  g.in.outputs = {y, a};  // the branch is an output too, and used inside
+  g.in.outputs = {y, a}; // the branch is an output too, and used inside
   g.in.output_grads = {param({4, 2}, 16).detach(), param({4, 5}, 17).detach()};
   g.in.leaves = {w, wa, wb, wc, x};
   g.in.leaf_is_input = {false, false, false, false, true};
@@ -285,9 +286,9 @@ std::string graph_name(const ::testing::TestParamInfo<Graph (*)()>& info) {
   return names[info.index];
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    HandBuilt, ClosedFormOnGraph,
-    ::testing::Values(&chain_graph, &diamond_graph, &shared_weight_graph), graph_name);
+INSTANTIATE_TEST_SUITE_P(HandBuilt, ClosedFormOnGraph,
+                         ::testing::Values(&chain_graph, &diamond_graph, &shared_weight_graph),
+                         graph_name);
 
 TEST(ClosedForm, AutoPicksTheClosedFormForExplicitSteps) {
   Graph g = chain_graph();
@@ -306,7 +307,7 @@ TEST(ClosedForm, AutoPicksTheClosedFormForExplicitSteps) {
   c.eta = 1.0;
   c.steps = -1;
   EXPECT_EQ(torch_ar::run_engine(g.in, c).stats.evaluation, Evaluation::ExactSweep);
-  c.steps = 2;  // fewer than D = 3 at eta 1: not exact, the closed form of 2 steps
+  c.steps = 2; // fewer than D = 3 at eta 1: not exact, the closed form of 2 steps
   EXPECT_EQ(torch_ar::run_engine(g.in, c).stats.evaluation, Evaluation::ClosedForm);
 }
 

@@ -23,7 +23,7 @@ double rel_err(const at::Tensor& a, const at::Tensor& b) {
 
 struct Case {
   EngineInputs in;
-  std::vector<at::Tensor> expected;  // per leaf
+  std::vector<at::Tensor> expected; // per leaf
   int64_t depth = 0;
 };
 
@@ -47,7 +47,7 @@ Case chain() {
   at::Tensor dh1 = da2.mm(w2.detach());
   at::Tensor da1 = dh1 * (1 - H1 * H1);
   k.expected = {da1.t().mm(x.detach()), da2.t().mm(H1), c.t().mm(H2), da1.mm(w1.detach())};
-  k.depth = 2;  // states on h1 and h2 under the clamped output
+  k.depth = 2; // states on h1 and h2 under the clamped output
   return k;
 }
 
@@ -68,7 +68,7 @@ Case diamond() {
   at::Tensor dh = c.mm(wa.detach()) + c.mm(wb.detach());
   at::Tensor da = dh * (1 - H * H);
   k.expected = {da.t().mm(x.detach()), c.t().mm(H), c.t().mm(H), at::Tensor()};
-  k.depth = 2;  // h below the two branch states below the clamped sum
+  k.depth = 2; // h below the two branch states below the clamped sum
   return k;
 }
 
@@ -104,7 +104,7 @@ void expect_matches(const Case& k, const torch_ar::EngineResult& r, double tol) 
 }
 
 EngineConfig keep(EngineConfig c) {
-  c.keep_graph = true;  // each test runs several configurations on one graph
+  c.keep_graph = true; // each test runs several configurations on one graph
   return c;
 }
 
@@ -121,7 +121,7 @@ TEST_P(EngineOnGraph, ExactSweepEqualsClosedForm) {
 TEST_P(EngineOnGraph, LiteralJacobiIsExactAfterDepthSteps) {
   Case k = GetParam()();
   EngineConfig c;
-  c.trace = true;  // forces the literal steps
+  c.trace = true; // forces the literal steps
   auto r = torch_ar::run_engine(k.in, keep(c));
   EXPECT_FALSE(r.stats.exact_shortcut);
   EXPECT_EQ(r.stats.steps, k.depth);
@@ -175,14 +175,12 @@ std::string graph_name(const ::testing::TestParamInfo<Case (*)()>& info) {
   return names[info.index];
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    HandBuilt, EngineOnGraph,
-    ::testing::Values(&chain, &diamond, &shared_weight),
-    graph_name);
+INSTANTIATE_TEST_SUITE_P(HandBuilt, EngineOnGraph,
+                         ::testing::Values(&chain, &diamond, &shared_weight), graph_name);
 
 TEST(Engine, ReleasesSavedValuesWithoutKeepGraph) {
   Case k = chain();
-  EngineConfig c;  // keep_graph = false
+  EngineConfig c; // keep_graph = false
   torch_ar::run_engine(k.in, c);
   EXPECT_THROW(torch_ar::run_engine(k.in, c), c10::Error);
 }
@@ -193,7 +191,7 @@ TEST(Engine, NanStateIsReportedWithNodeAndStep) {
   EngineConfig c;
   c.eta = 0.5;
   c.steps = 5;
-  c.evaluation = torch_ar::Evaluation::Literal;  // step by step (the closed form: test_closed_form)
+  c.evaluation = torch_ar::Evaluation::Literal; // step by step (the closed form: test_closed_form)
   try {
     torch_ar::run_engine(k.in, keep(c));
     FAIL() << "expected an error";

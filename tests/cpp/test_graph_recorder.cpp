@@ -20,10 +20,10 @@ using torch_ar::CaptureDevice;
 using torch_ar::GraphRecorder;
 
 struct Books {
-  int pool_use_count = 1;  // the lane's own lasting reference
+  int pool_use_count = 1; // the lane's own lasting reference
   bool routing = false;
   bool capturing = false;
-  int graphs = 0;          // captured or instantiated, not yet destroyed
+  int graphs = 0; // captured or instantiated, not yet destroyed
   int launches = 0;
   // Failures to inject.
   bool refuse_begin = false;
@@ -117,7 +117,7 @@ TEST(GraphRecorder, RefusedStepThenASuccessfulCapture) {
     auto graph = recorder(books);
     EXPECT_THROW(graph->record([] { TORCH_CHECK(false, "operation not permitted"); }), c10::Error);
     EXPECT_FALSE(graph->recorded());
-    EXPECT_FALSE(books.capturing);  // the capture was ended on the failure path
+    EXPECT_FALSE(books.capturing); // the capture was ended on the failure path
     EXPECT_FALSE(books.routing);
   }
   expect_as_found(books);

@@ -21,8 +21,8 @@ namespace rm = torch_ar::relax_math;
 // relu and hardtanh, tiny and huge, infinities and NaN.
 std::vector<double> special_values() {
   const double inf = std::numeric_limits<double>::infinity();
-  return {0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 1e-30, -1e-30, 1e30, -1e30,
-          0.25, -0.75, 3.0, inf, -inf, std::nan("")};
+  return {0.0,    -0.0, 1.0,   -1.0, 0.5,   -0.5, 2.0, -2.0, 1e-30,
+          -1e-30, 1e30, -1e30, 0.25, -0.75, 3.0,  inf, -inf, std::nan("")};
 }
 
 // The opmath value of `v` rounded to `dtype` (what a kernel reads).
@@ -44,9 +44,9 @@ at::Tensor fused(int32_t kind, const at::Tensor& x, const at::Tensor& in, double
     const scalar_t* ip = is.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < x.numel(); ++i)
-      op[i] = static_cast<scalar_t>(rm::activation_vjp<op_t>(
-          kind, static_cast<op_t>(xp[i]), static_cast<op_t>(ip[i]), static_cast<op_t>(p0),
-          static_cast<op_t>(p1)));
+      op[i] = static_cast<scalar_t>(
+          rm::activation_vjp<op_t>(kind, static_cast<op_t>(xp[i]), static_cast<op_t>(ip[i]),
+                                   static_cast<op_t>(p0), static_cast<op_t>(p1)));
   });
   return out;
 }
@@ -61,9 +61,9 @@ void expect_same(const at::Tensor& got, const at::Tensor& want, double ulps, con
   ASSERT_EQ(got.sizes(), want.sizes());
   const at::Tensor g = got.to(at::kDouble);
   const at::Tensor w = want.to(at::kDouble);
-  const double eps = got.scalar_type() == at::kDouble ? 1.1e-16
-      : got.scalar_type() == at::kFloat                ? 6e-8
-      : got.scalar_type() == at::kHalf                 ? 4.9e-4
+  const double eps = got.scalar_type() == at::kDouble  ? 1.1e-16
+                     : got.scalar_type() == at::kFloat ? 6e-8
+                     : got.scalar_type() == at::kHalf  ? 4.9e-4
                                                        : 3.9e-3;
   for (int64_t i = 0; i < g.numel(); ++i) {
     const double a = g[i].item<double>();
@@ -80,8 +80,8 @@ void expect_same(const at::Tensor& got, const at::Tensor& want, double ulps, con
       EXPECT_EQ(a, b) << what << " element " << i;
       continue;
     }
-    EXPECT_LE(std::abs(a - b), ulps * eps * std::abs(b) + floor) << what << " element " << i << ": "
-                                                         << a << " vs " << b;
+    EXPECT_LE(std::abs(a - b), ulps * eps * std::abs(b) + floor)
+        << what << " element " << i << ": " << a << " vs " << b;
   }
 }
 
@@ -102,8 +102,8 @@ TEST_P(RelaxMath, ActivationDerivativesMatchATenBackwards) {
   // The result-based formulas read a saved output: relu's is >= 0 (or NaN),
   // tanh's and sigmoid's lie in [-1, 1] and [0, 1]; any value is still a
   // valid input to both sides.
-  expect_same(fused(rm::kActivationReluResult, x, in, 0, 0),
-              at::threshold_backward(x, in, 0), 0, "relu");
+  expect_same(fused(rm::kActivationReluResult, x, in, 0, 0), at::threshold_backward(x, in, 0), 0,
+              "relu");
   expect_same(fused(rm::kActivationLeakyReluInput, x, in, 0.01, 0),
               at::leaky_relu_backward(x, in, 0.01, false), 1, "leaky_relu");
   expect_same(fused(rm::kActivationTanhResult, x, in, 0, 0), at::tanh_backward(x, in), 2, "tanh");
@@ -198,8 +198,8 @@ std::string dtype_name(const ::testing::TestParamInfo<at::ScalarType>& info) {
   return c10::toString(info.param);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Dtypes, RelaxMath,
-    ::testing::Values(at::kDouble, at::kFloat, at::kHalf, at::kBFloat16), dtype_name);
+INSTANTIATE_TEST_SUITE_P(Dtypes, RelaxMath,
+                         ::testing::Values(at::kDouble, at::kFloat, at::kHalf, at::kBFloat16),
+                         dtype_name);
 
 } // namespace

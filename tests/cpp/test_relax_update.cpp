@@ -16,13 +16,9 @@ namespace {
 
 // Plain formula: state + eta * (target - state), then the flush, computed in
 // double (or float for reduced dtypes, like the kernel).
-at::Tensor expected_state(
-    const at::Tensor& state,
-    const at::Tensor& target,
-    double eta,
-    double flush_below) {
-  const bool reduced = state.scalar_type() == at::kBFloat16 ||
-      state.scalar_type() == at::kHalf;
+at::Tensor expected_state(const at::Tensor& state, const at::Tensor& target, double eta,
+                          double flush_below) {
+  const bool reduced = state.scalar_type() == at::kBFloat16 || state.scalar_type() == at::kHalf;
   const at::ScalarType compute = reduced ? at::kFloat : state.scalar_type();
   at::Tensor s = state.to(compute);
   at::Tensor updated = s + eta * (target.to(compute) - s);
@@ -38,9 +34,8 @@ std::vector<at::Tensor> clones(const std::vector<at::Tensor>& tensors) {
   return out;
 }
 
-std::string error_message_of(
-    const std::vector<at::Tensor>& states,
-    const std::vector<at::Tensor>& targets) {
+std::string error_message_of(const std::vector<at::Tensor>& states,
+                             const std::vector<at::Tensor>& targets) {
   try {
     torch_ar::relax_update_(states, targets, 0.5, 0.0);
   } catch (const c10::Error& e) {
@@ -56,11 +51,8 @@ TEST_P(RelaxUpdateCpu, MovesStatesTowardTargetsByEta) {
   const at::ScalarType dtype = GetParam();
   const auto options = at::TensorOptions().dtype(dtype);
   // A scalar, a matrix, a tensor longer than one work item, an empty one.
-  std::vector<at::Tensor> states = {
-      at::randn({}, options),
-      at::randn({7, 13}, options),
-      at::randn({70001}, options),
-      at::randn({0, 4}, options)};
+  std::vector<at::Tensor> states = {at::randn({}, options), at::randn({7, 13}, options),
+                                    at::randn({70001}, options), at::randn({0, 4}, options)};
   std::vector<at::Tensor> targets;
   for (const at::Tensor& s : states) {
     targets.push_back(at::randn(s.sizes(), options));
@@ -70,9 +62,7 @@ TEST_P(RelaxUpdateCpu, MovesStatesTowardTargetsByEta) {
 
   torch_ar::relax_update_(states, targets, eta, 0.0);
 
-  const double tol = dtype == at::kDouble ? 1e-12
-      : dtype == at::kFloat               ? 1e-6
-                                          : 1e-2;
+  const double tol = dtype == at::kDouble ? 1e-12 : dtype == at::kFloat ? 1e-6 : 1e-2;
   for (size_t i = 0; i < states.size(); ++i) {
     at::Tensor want = expected_state(before[i], targets[i], eta, 0.0);
     EXPECT_EQ(states[i].scalar_type(), dtype);
@@ -85,10 +75,8 @@ TEST_P(RelaxUpdateCpu, ReturnsResidualAndTargetNorms) {
   at::manual_seed(1);
   const at::ScalarType dtype = GetParam();
   const auto options = at::TensorOptions().dtype(dtype);
-  std::vector<at::Tensor> states = {
-      at::randn({3, 5}, options), at::randn({100000}, options)};
-  std::vector<at::Tensor> targets = {
-      at::randn({3, 5}, options), at::randn({100000}, options)};
+  std::vector<at::Tensor> states = {at::randn({3, 5}, options), at::randn({100000}, options)};
+  std::vector<at::Tensor> targets = {at::randn({3, 5}, options), at::randn({100000}, options)};
   const std::vector<at::Tensor> before = clones(states);
 
   at::Tensor norms = torch_ar::relax_update_(states, targets, 0.7, 0.0);
@@ -107,13 +95,11 @@ TEST_P(RelaxUpdateCpu, ReturnsResidualAndTargetNorms) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Dtypes,
-    RelaxUpdateCpu,
-    ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kHalf),
-    [](const ::testing::TestParamInfo<at::ScalarType>& info) {
-      return std::string(c10::toString(info.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Dtypes, RelaxUpdateCpu,
+                         ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kHalf),
+                         [](const ::testing::TestParamInfo<at::ScalarType>& info) {
+                           return std::string(c10::toString(info.param));
+                         });
 
 TEST(RelaxUpdateCpuFlush, ZeroesValuesBelowThreshold) {
   for (const at::ScalarType dtype : {at::kFloat, at::kDouble}) {
@@ -172,33 +158,29 @@ TEST(RelaxUpdateCpuLayout, EmptyListReturnsEmptyNorms) {
 }
 
 TEST(RelaxUpdateCpuErrors, RejectsMismatchedShapesNamingTheIndex) {
-  const std::string message = error_message_of(
-      {at::zeros({2, 3}), at::zeros({4})}, {at::zeros({2, 3}), at::zeros({5})});
+  const std::string message =
+      error_message_of({at::zeros({2, 3}), at::zeros({4})}, {at::zeros({2, 3}), at::zeros({5})});
   EXPECT_NE(message.find("shape mismatch at index 1"), std::string::npos) << message;
 }
 
 TEST(RelaxUpdateCpuErrors, RejectsListsOfDifferentLength) {
-  const std::string message =
-      error_message_of({at::zeros({2}), at::zeros({2})}, {at::zeros({2})});
+  const std::string message = error_message_of({at::zeros({2}), at::zeros({2})}, {at::zeros({2})});
   EXPECT_NE(message.find("2 states but 1 targets"), std::string::npos) << message;
 }
 
 TEST(RelaxUpdateCpuErrors, RejectsMismatchedDtypes) {
-  const std::string message =
-      error_message_of({at::zeros({2})}, {at::zeros({2}, at::kDouble)});
+  const std::string message = error_message_of({at::zeros({2})}, {at::zeros({2}, at::kDouble)});
   EXPECT_NE(message.find("dtype mismatch at index 0"), std::string::npos) << message;
 }
 
 TEST(RelaxUpdateCpuErrors, RejectsIntegerStates) {
-  const std::string message = error_message_of(
-      {at::zeros({2}, at::kLong)}, {at::zeros({2}, at::kLong)});
+  const std::string message =
+      error_message_of({at::zeros({2}, at::kLong)}, {at::zeros({2}, at::kLong)});
   EXPECT_NE(message.find("states[0] has dtype Long"), std::string::npos) << message;
 }
 
 TEST(RelaxUpdateCpuErrors, RejectsNegativeFlushThreshold) {
-  EXPECT_THROW(
-      torch_ar::relax_update_({at::zeros({2})}, {at::zeros({2})}, 0.1, -1.0),
-      c10::Error);
+  EXPECT_THROW(torch_ar::relax_update_({at::zeros({2})}, {at::zeros({2})}, 0.1, -1.0), c10::Error);
 }
 
 TEST(RelaxUpdateCpuErrors, RejectsSelfOverlappingStates) {

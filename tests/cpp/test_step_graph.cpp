@@ -23,7 +23,7 @@ class ReplayingStepGraph final : public torch_ar::StepGraph {
  public:
   void capture(const std::function<void()>& step) override {
     ++captures;
-    step_ = step;  // recorded, not run: as a CUDA graph capture
+    step_ = step; // recorded, not run: as a CUDA graph capture
   }
   void replay() override {
     ++replays;
@@ -101,7 +101,7 @@ EngineConfig paper_mode(torch_ar::Schedule schedule) {
   c.steps = 12;
   c.schedule = schedule;
   c.keep_graph = true;
-  c.evaluation = torch_ar::Evaluation::Literal;  // the steps themselves are under test
+  c.evaluation = torch_ar::Evaluation::Literal; // the steps themselves are under test
   return c;
 }
 

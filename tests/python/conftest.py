@@ -24,9 +24,7 @@ CUDA_AVAILABLE = torch.cuda.is_available()
 # The devices this machine can run the engine on.
 devices: list[str] = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
 
-NO_CUDA_REASON = (
-    "CUDA is not available on this machine (torch.cuda.is_available() is False)"
-)
+NO_CUDA_REASON = "CUDA is not available on this machine (torch.cuda.is_available() is False)"
 CUDA_DEVICE_COUNT = torch.cuda.device_count() if CUDA_AVAILABLE else 0
 
 
@@ -37,7 +35,7 @@ def cuda_marks(devices: int = 1) -> list[pytest.MarkDecorator]:
         reason = NO_CUDA_REASON
     else:
         reason = f"needs {devices} CUDA devices; this machine has {CUDA_DEVICE_COUNT}"
-    return [pytest.mark.cuda, pytest.mark.skipif(CUDA_DEVICE_COUNT < devices, reason=reason)]
+    return [pytest.mark.cuda, pytest.mark.skipif(devices > CUDA_DEVICE_COUNT, reason=reason)]
 
 
 def needs_cuda(test=None, *, devices: int = 1):

@@ -78,13 +78,22 @@ def oracle_gradients(model, psis: dict[str, torch.Tensor], run, monkeypatch):
 
 def encoder():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-    return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3)
+    )
 
 
 def vit():
     model = torchvision.models.VisionTransformer(
-        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-        num_classes=5, dropout=0.0, attention_dropout=0.0,
+        image_size=16,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=5,
+        dropout=0.0,
+        attention_dropout=0.0,
     )
     # torchvision starts the head at zero, which would make every other gradient zero.
     nn.init.normal_(model.heads.head.weight, std=0.3)
@@ -106,8 +115,13 @@ class SeparateProjections(nn.Module):
 MODELS = {
     "transformer_encoder": (encoder, lambda d, t: (torch.randn(3, 5, 16, device=d, dtype=t),)),
     "vit": (vit, lambda d, t: (torch.randn(2, 3, 16, 16, device=d, dtype=t),)),
-    "separate_qkv": (SeparateProjections, lambda d, t: (
-        torch.randn(3, 4, 16, device=d, dtype=t), torch.randn(3, 6, 12, device=d, dtype=t))),
+    "separate_qkv": (
+        SeparateProjections,
+        lambda d, t: (
+            torch.randn(3, 4, 16, device=d, dtype=t),
+            torch.randn(3, 6, 12, device=d, dtype=t),
+        ),
+    ),
 }
 
 
@@ -117,11 +131,16 @@ def loss_of(out):
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("variant", ["feedback_alignment", "sign_symmetry"])
-@pytest.mark.parametrize("settings", [
-    pytest.param({}, id="exact_sweep"), pytest.param({"eta": 0.5, "steps": 200}, id="closed_form"),
-])
-def test_attention_projections_get_backward_weights(torch_ar, name, variant, settings, device,
-                                                     monkeypatch):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({}, id="exact_sweep"),
+        pytest.param({"eta": 0.5, "steps": 200}, id="closed_form"),
+    ],
+)
+def test_attention_projections_get_backward_weights(
+    torch_ar, name, variant, settings, device, monkeypatch
+):
     build, inputs = MODELS[name]
     torch.manual_seed(0)
     model = build().to(device=device, dtype=torch.float64)
@@ -164,14 +183,16 @@ def test_backward_weight_params_names_any_weight(torch_ar, device, monkeypatch):
     with pytest.raises(RuntimeError, match="backward_weight_params"):
         torch_ar.ARBackward(model, variant="feedback_alignment")(x).square().sum().backward()
     model.zero_grad(set_to_none=True)
-    ar = torch_ar.ARBackward(model, variant="feedback_alignment",
-                             backward_weight_params=["kernel", "proj"])
+    ar = torch_ar.ARBackward(
+        model, variant="feedback_alignment", backward_weight_params=["kernel", "proj"]
+    )
     psis = ar.backward_weights()
     assert psis["kernel"].shape == (4, 3, 3, 3) and psis["proj"].shape == (64, 5)
     ar(x).square().sum().backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    want = oracle_gradients(model, {n: p.detach() for n, p in psis.items()},
-                            lambda m: m(x).square().sum(), monkeypatch)
+    want = oracle_gradients(
+        model, {n: p.detach() for n, p in psis.items()}, lambda m: m(x).square().sum(), monkeypatch
+    )
     for n in want:
         assert rel_err(got[n], want[n]) <= 1e-10, n
 

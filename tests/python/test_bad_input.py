@@ -116,12 +116,8 @@ def assert_same_gradients(ar: dict, ref: dict) -> None:
         assert a is not None, f"{k}: no AR gradient"
         assert a.dtype == b.dtype and a.shape == b.shape
         ok_a, ok_b = torch.isfinite(a), torch.isfinite(b)
-        assert torch.equal(ok_a, ok_b), (
-            f"{k}: NaN/Inf in different places than autograd"
-        )
-        assert torch.equal(torch.isnan(a), torch.isnan(b)), (
-            f"{k}: NaN placement differs"
-        )
+        assert torch.equal(ok_a, ok_b), f"{k}: NaN/Inf in different places than autograd"
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{k}: NaN placement differs"
         assert torch.equal(a[~ok_a], b[~ok_b]) or torch.isnan(b[~ok_b]).all(), (
             f"{k}: infinite entries differ from autograd's"
         )
@@ -141,9 +137,7 @@ def _mlp() -> nn.Module:
 
 
 def _x(*shape: int, dtype: torch.dtype = torch.float64) -> Callable[[], tuple]:
-    return lambda: (
-        torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=dtype),
-    )
+    return lambda: (torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=dtype),)
 
 
 def _x_with(value: float) -> Callable[[], tuple]:
@@ -276,7 +270,9 @@ _INPLACE = r"modified by an inplace operation"
 _NO_GRAD = r"does not require grad"
 _DIVERGED = ("RelaxationDivergedError", "backward", (r"step \d+", r"node '[^']+'"))
 _DIVERGED_CLOSED_FORM = (
-    "RelaxationDivergedError", "backward", (r"closed form of 30 steps", r"node '[^']+'")
+    "RelaxationDivergedError",
+    "backward",
+    (r"closed form of 30 steps", r"node '[^']+'"),
 )
 
 
@@ -287,9 +283,7 @@ CASES = [
         marks=cuda_marks(),
     ),
     pytest.param(
-        BadCase(
-            "dtype_mix", _mlp, _x(5, 4, dtype=torch.float32), LikeAutograd(r"dtype")
-        ),
+        BadCase("dtype_mix", _mlp, _x(5, 4, dtype=torch.float32), LikeAutograd(r"dtype")),
         id="dtype_mix_float64_module_float32_input",
     ),
     pytest.param(
@@ -429,9 +423,7 @@ CASES = [
         id="complex_output",
     ),
     pytest.param(
-        BadCase(
-            "mutate_data_before", _mutates("data_before_use"), _x(5, 4), LikeAutograd()
-        ),
+        BadCase("mutate_data_before", _mutates("data_before_use"), _x(5, 4), LikeAutograd()),
         id="param_data_mul_before_use",
     ),
     pytest.param(
@@ -444,9 +436,7 @@ CASES = [
         id="param_no_grad_add_before_use",
     ),
     pytest.param(
-        BadCase(
-            "mutate_data_after", _mutates("data_after_use"), _x(5, 4), LikeAutograd()
-        ),
+        BadCase("mutate_data_after", _mutates("data_after_use"), _x(5, 4), LikeAutograd()),
         id="param_data_mul_after_use",
     ),
     pytest.param(
@@ -480,16 +470,12 @@ def test_bad_input(case: BadCase):
     ar = run_case(case, wrap=True)
     expect = case.expect
     if isinstance(expect, Raises):
-        assert ar.error is not None, (
-            f"{case.name}: AR did not raise (expected {expect.exc})"
-        )
+        assert ar.error is not None, f"{case.name}: AR did not raise (expected {expect.exc})"
         exc_name = expect.exc if isinstance(expect.exc, str) else expect.exc.__name__
         assert type(ar.error).__name__ == exc_name, (
             f"{case.name}: AR raised {type(ar.error).__name__}: {ar.error}"
         )
-        assert ar.stage == expect.stage, (
-            f"{case.name}: raised at {ar.stage}, not {expect.stage}"
-        )
+        assert ar.stage == expect.stage, f"{case.name}: raised at {ar.stage}, not {expect.stage}"
         for pattern in expect.match:
             assert re.search(pattern, str(ar.error)), (
                 f"{case.name}: message {str(ar.error)!r} lacks {pattern!r}"
@@ -517,9 +503,7 @@ def test_bad_input(case: BadCase):
     assert ar.error is None, (
         f"{case.name}: autograd succeeded, AR raised at {ar.stage}: {ar.error!r}"
     )
-    assert ar.outputs == ref.outputs, (
-        f"{case.name}: outputs {ar.outputs} != {ref.outputs}"
-    )
+    assert ar.outputs == ref.outputs, f"{case.name}: outputs {ar.outputs} != {ref.outputs}"
     assert_same_gradients(ar.grads, ref.grads)
 
 
@@ -611,9 +595,7 @@ def test_exception_mid_forward_leaves_nothing_behind(ar_kwargs, torch_ar):
     # and the partial graph is gone without waiting for the cycle collector.
     assert torch._C._len_torch_function_stack() == modes_before
     assert torch.is_grad_enabled() == grad_mode_before
-    assert model.hidden is not None and model.hidden() is None, (
-        "partial forward graph kept alive"
-    )
+    assert model.hidden is not None and model.hidden() is None, "partial forward graph kept alive"
     assert ar.last_stats is None
     assert all(p.grad is None for p in model.parameters())
     gc.collect()
@@ -623,6 +605,4 @@ def test_exception_mid_forward_leaves_nothing_behind(ar_kwargs, torch_ar):
     ref(x).square().mean().backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         err = rel_err(p.grad, q.grad)
-        assert err <= F64_MAX_REL_ERR, (
-            f"{n}: rel err {err:.3e} on the batch after the failure"
-        )
+        assert err <= F64_MAX_REL_ERR, f"{n}: rel err {err:.3e} on the batch after the failure"

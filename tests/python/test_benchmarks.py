@@ -43,9 +43,12 @@ def mlp(activation: str) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(20, 16), act(),
-        nn.Linear(16, 12), act(),
-        nn.Linear(12, 8), act(),
+        nn.Linear(20, 16),
+        act(),
+        nn.Linear(16, 12),
+        act(),
+        nn.Linear(12, 8),
+        act(),
         nn.Linear(8, 5),
     )
 
@@ -54,9 +57,14 @@ def cnn(activation: str) -> nn.Sequential:
     act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 2 * 2, 5),
+        nn.Conv2d(3, 6, 3, padding=1),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 5),
     )
 
 
@@ -149,12 +157,33 @@ def test_bench_paper_smoke_cpu(tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [
-            sys.executable, str(BENCH / "bench_paper.py"), "--device", "cpu",
-            "--repeats", "1", "--warmup", "0", "--steps", "3", "--lo-steps", "1",
-            "--mlp-batch", "4", "--cnn-batch", "2", "--sweep-calls", "1",
-            "--out", str(tmp_path),
+            sys.executable,
+            str(BENCH / "bench_paper.py"),
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--steps",
+            "3",
+            "--lo-steps",
+            "1",
+            "--mlp-batch",
+            "4",
+            "--cnn-batch",
+            "2",
+            "--sweep-calls",
+            "1",
+            "--out",
+            str(tmp_path),
         ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     data = json.loads((tmp_path / "paper_cpu.json").read_text())
@@ -162,14 +191,25 @@ def test_bench_paper_smoke_cpu(tmp_path: Path) -> None:
     rows = {r["model"].split()[0]: r for r in data["rows"]}
     assert set(rows) == {"paper", "CIFAR"}
     for r in rows.values():
-        for key in ("ar_paper_backward_ms", "plain_paper_backward_ms", "vjp_sweep_ms",
-                    "ar_step_ms", "plain_step_ms", "ar_step_over_vjp_sweep",
-                    "ar_closed_backward_ms", "plain_over_closed_backward",
-                    "ar_closed_over_autograd_total"):
+        for key in (
+            "ar_paper_backward_ms",
+            "plain_paper_backward_ms",
+            "vjp_sweep_ms",
+            "ar_step_ms",
+            "plain_step_ms",
+            "ar_step_over_vjp_sweep",
+            "ar_closed_backward_ms",
+            "plain_over_closed_backward",
+            "ar_closed_over_autograd_total",
+        ):
             assert isinstance(r[key], float), key
         # On CPU through the profiler; no CUDA graph there.
         assert set(r["memory_mib"]) == {
-            "autograd", "ar_exact", "ar_closed", "ar_paper", "plain_paper"
+            "autograd",
+            "ar_exact",
+            "ar_closed",
+            "ar_paper",
+            "plain_paper",
         }
         assert all(v > 0 for v in r["memory_mib"].values())
         assert set(r["features"]) == {"unfused"}
@@ -203,19 +243,39 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     through its own step, with the report written as it goes. The benchmarks'
     CPU runs are tested above; the build is the suite's own."""
     out = tmp_path / "out"
-    found = [d for d in (ROOT / "benchmarks" / ".data", ROOT.parent / "shared" / "data")
-             if (d / "cifar10-jpeg.tar.gz").is_file()]
-    env = dict(os.environ, OUT=str(out), FORCE_CPU_CHECK="1", GPU_CHECK_SKIP_BUILD="1",
-               GPU_CHECK_KEEP_LOGS="1", GPU_CHECK_SKIP="bench_paper bench_exact",
-               GPU_CHECK_TEST_FILES="tests/python/test_cuda_review.py",
-               TORCH_AR_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    found = [
+        d
+        for d in (ROOT / "benchmarks" / ".data", ROOT.parent / "shared" / "data")
+        if (d / "cifar10-jpeg.tar.gz").is_file()
+    ]
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        FORCE_CPU_CHECK="1",
+        GPU_CHECK_SKIP_BUILD="1",
+        GPU_CHECK_KEEP_LOGS="1",
+        GPU_CHECK_SKIP="bench_paper bench_exact",
+        GPU_CHECK_TEST_FILES="tests/python/test_cuda_review.py",
+        TORCH_AR_CACHE=str(tmp_path / "cache"),
+        OMP_NUM_THREADS="1",
+    )
     has_data = bool(found)
     env.pop("GPU_CHECK_DATA", None)
-    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, check=False, timeout=1200)
+    result = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1200,
+    )
     report = (out / "gpu_report.md").read_text()
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
-            for line in report.splitlines() if line.startswith("| ") and line.count("|") == 4}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in report.splitlines()
+        if line.startswith("| ") and line.count("|") == 4
+    }
     assert rows["env"] == "ok" and rows["build"] == "ok", report
     assert rows["selftest"] == "ok", report
     assert rows["tests_test_cuda_review"] == "ok", report

@@ -24,13 +24,17 @@ def test_block_granularity_is_exact(case_name, device, dtype):
 
 
 @pytest.mark.parametrize("case_name", SMALL_CASES)
-@pytest.mark.parametrize("ar_kwargs", [
-    pytest.param({"init": "zero", "trace": True}, id="literal_steps"),
-    pytest.param({"schedule": "sweep"}, id="sweep"),
-])
+@pytest.mark.parametrize(
+    "ar_kwargs",
+    [
+        pytest.param({"init": "zero", "trace": True}, id="literal_steps"),
+        pytest.param({"schedule": "sweep"}, id="sweep"),
+    ],
+)
 def test_block_granularity_literal_steps_are_exact(case_name, ar_kwargs, device):
-    cmp = ar_vs_autograd(CASES[case_name], device, torch.float64,
-                         {"granularity": "block", **ar_kwargs})
+    cmp = ar_vs_autograd(
+        CASES[case_name], device, torch.float64, {"granularity": "block", **ar_kwargs}
+    )
     assert_grads_match(cmp.pairs, torch.float64)
 
 
@@ -56,12 +60,15 @@ def test_block_closed_form_equals_literal_steps(torch_ar, name, eta, steps):
         assert (a - b).norm() <= 1e-10 * scale
 
 
-@pytest.mark.parametrize("name, dataset, layer_depth, block_depth, block_states", [
-    ("mlp", "fashion-mnist", 3, 3, 3),      # the paper's MLP: its three states stay
-    ("cnn", "cifar10", 6, 3, 3),            # conv-ReLU-pool blocks: one state each
-    ("resnet20", "cifar10", 48, 19, 21),    # two per basic block (+ two shortcut pads)
-    ("resnet18", "cifar10", 43, 17, 20),
-])
+@pytest.mark.parametrize(
+    "name, dataset, layer_depth, block_depth, block_states",
+    [
+        ("mlp", "fashion-mnist", 3, 3, 3),  # the paper's MLP: its three states stay
+        ("cnn", "cifar10", 6, 3, 3),  # conv-ReLU-pool blocks: one state each
+        ("resnet20", "cifar10", 48, 19, 21),  # two per basic block (+ two shortcut pads)
+        ("resnet18", "cifar10", 43, 17, 20),
+    ],
+)
 def test_block_granularity_depth(torch_ar, name, dataset, layer_depth, block_depth, block_states):
     torch.manual_seed(0)
     model = build_model(name, dataset).double()

@@ -24,9 +24,15 @@ FASHION = pytest.mark.skipif(
 # --------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("name, parameters", [
-    ("resnet20", 269_722), ("resnet32", 464_154), ("resnet44", 658_586), ("resnet56", 853_018),
-])
+@pytest.mark.parametrize(
+    "name, parameters",
+    [
+        ("resnet20", 269_722),
+        ("resnet32", 464_154),
+        ("resnet44", 658_586),
+        ("resnet56", 853_018),
+    ],
+)
 def test_cifar_resnet_parameter_counts(name: str, parameters: int) -> None:
     """He et al. (2016) table 6: 0.27M, 0.46M, 0.66M, 0.85M."""
     model = models.build_model(name, "cifar10")
@@ -60,8 +66,10 @@ def test_option_b_shortcuts() -> None:
         models.CifarResNet(depth=21)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("biotorch") is None,
-                    reason="biotorch not installed (pip install biotorch==0.0.16, a benchmark-only peer)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("biotorch") is None,
+    reason="biotorch not installed (pip install biotorch==0.0.16, a benchmark-only peer)",
+)
 def test_resnet20_matches_biotorch() -> None:
     from biotorch.models.small_resnet import resnet20 as biotorch_resnet20  # type: ignore
 
@@ -71,8 +79,10 @@ def test_resnet20_matches_biotorch() -> None:
     assert shapes(ours) == shapes(theirs)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("biotorch") is None,
-                    reason="biotorch not installed (pip install biotorch==0.0.16, a benchmark-only peer)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("biotorch") is None,
+    reason="biotorch not installed (pip install biotorch==0.0.16, a benchmark-only peer)",
+)
 def test_biotorch_models_train_under_the_trainer() -> None:
     model = models.build_model("biotorch-fa-resnet20", "cifar10")
     x = torch.randn(2, 3, 32, 32)
@@ -105,7 +115,7 @@ def test_exact_ar_equals_autograd_on_resnet20(torch_ar) -> None:
 
 
 def config(**kw) -> training.TrainConfig:
-    base = dict(dataset="cifar10", loss="cross-entropy", lr=0.1, epochs=10)
+    base = {"dataset": "cifar10", "loss": "cross-entropy", "lr": 0.1, "epochs": 10}
     base.update(kw)
     return training.TrainConfig(**base)
 
@@ -136,12 +146,15 @@ def test_step_schedule() -> None:
     assert c.lr_at(199, 100) == 0.1 and c.lr_at(200, 100) == 0.05
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"lr_schedule": "linear"}, "lr_schedule"),
-    ({"warmup_epochs": 10}, "warmup_epochs"),
-    ({"nesterov": True}, "nesterov"),
-    ({"val_split": -1}, "val_split"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"warmup_epochs": 10}, "warmup_epochs"),
+        ({"nesterov": True}, "nesterov"),
+        ({"val_split": -1}, "val_split"),
+    ],
+)
 def test_bad_settings_are_refused(bad, match) -> None:
     with pytest.raises(training.ConfigError, match=match):
         training.Trainer._check(config(**bad))
@@ -154,9 +167,17 @@ def test_bad_settings_are_refused(bad, match) -> None:
 @pytest.mark.parametrize("decay_psi", [False, True])
 def test_weight_decay_spares_backward_weights(decay_psi: bool) -> None:
     c = training.TrainConfig(
-        dataset="fashion-mnist", model="mlp", method="ar", variant="learned_backward_weights",
-        weight_decay=0.1, weight_decay_backward_weights=decay_psi or None, momentum=0.9,
-        nesterov=True, limit_train_batches=1, limit_test_batches=1, cosine_every=0,
+        dataset="fashion-mnist",
+        model="mlp",
+        method="ar",
+        variant="learned_backward_weights",
+        weight_decay=0.1,
+        weight_decay_backward_weights=decay_psi or None,
+        momentum=0.9,
+        nesterov=True,
+        limit_train_batches=1,
+        limit_test_batches=1,
+        cosine_every=0,
     )
     trainer = training.Trainer(c)
     groups = trainer.optimizer.param_groups
@@ -171,8 +192,14 @@ def test_weight_decay_spares_backward_weights(decay_psi: bool) -> None:
 
 @FASHION
 def test_validation_split_is_held_out_of_training() -> None:
-    base = dict(dataset="fashion-mnist", model="mlp", val_split=5000, test_batch_size=1000,
-                limit_test_batches=1, cosine_every=0)
+    base = {
+        "dataset": "fashion-mnist",
+        "model": "mlp",
+        "val_split": 5000,
+        "test_batch_size": 1000,
+        "limit_test_batches": 1,
+        "cosine_every": 0,
+    }
     a = training.Trainer(training.TrainConfig(seed=0, **base))
     b = training.Trainer(training.TrainConfig(seed=1, **base))
     n = len(a.dataset.train_labels)
@@ -188,8 +215,13 @@ def test_validation_split_is_held_out_of_training() -> None:
 @FASHION
 def test_evaluation_uses_running_batch_norm_statistics() -> None:
     """eval mode: the test batch's own statistics must not enter the prediction."""
-    c = training.TrainConfig(dataset="fashion-mnist", model="mlp", limit_test_batches=1,
-                             test_batch_size=10, cosine_every=0)
+    c = training.TrainConfig(
+        dataset="fashion-mnist",
+        model="mlp",
+        limit_test_batches=1,
+        test_batch_size=10,
+        cosine_every=0,
+    )
     trainer = training.Trainer(c)
     trainer.model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.BatchNorm1d(10))
     seen = []

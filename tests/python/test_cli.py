@@ -147,8 +147,7 @@ def test_ar_paper_settings_approach_autograd() -> None:
 )
 def test_cuda_graph_option_reaches_the_engine(device: str) -> None:
     """--cuda-graph: the same training as without it (on a CPU it records nothing)."""
-    settings = {"method": "ar", "eta": 0.1, "steps": 20, "limit_train_batches": 3,
-                "device": device}
+    settings = {"method": "ar", "eta": 0.1, "steps": 20, "limit_train_batches": 3, "device": device}
     plain = training.train(small_config(**settings))[-1]
     graphed = training.train(small_config(cuda_graph=True, **settings))[-1]
     assert training.TrainConfig(cuda_graph=True).ar_options() == {"cuda_graph": True}

@@ -30,8 +30,11 @@ from zoo import (
 ETAS = (0.05, 0.1, 0.5, 0.9)
 STEP_COUNTS = ("1", "2", "D-1", "D", "D+1", "100", "1000")
 VARIANTS = (
-    "exact", "learned_backward_weights", "feedback_alignment",
-    "no_nonlinear_derivative", "combined",
+    "exact",
+    "learned_backward_weights",
+    "feedback_alignment",
+    "no_nonlinear_derivative",
+    "combined",
 )
 SMALL_CASES = [name for name in CASES if name != "resnet18_train"]
 
@@ -102,10 +105,17 @@ def test_every_eta_and_step_count(case_name):
 @pytest.mark.parametrize("case_name", SMALL_CASES)
 def test_every_schedule_init_and_variant(case_name):
     depth = depth_of(case_name)
-    for schedule, init, variant in itertools.product(("jacobi", "sweep"), ("forward", "zero"), VARIANTS):
+    for schedule, init, variant in itertools.product(
+        ("jacobi", "sweep"), ("forward", "zero"), VARIANTS
+    ):
         for eta, count in ((0.5, depth + 1), (0.1, 100)):
-            kwargs = {"eta": eta, "steps": count, "schedule": schedule, "init": init,
-                      "variant": variant}
+            kwargs = {
+                "eta": eta,
+                "steps": count,
+                "schedule": schedule,
+                "init": init,
+                "variant": variant,
+            }
             assert_same(
                 run(case_name, torch.float64, {**kwargs, "evaluation": "literal"}),
                 run(case_name, torch.float64, {**kwargs, "evaluation": "closed_form"}),
@@ -116,7 +126,12 @@ def test_every_schedule_init_and_variant(case_name):
 def test_resnet18_closed_form():
     """The largest graph (D = 44 at batch 4): the step counts around D, and the sweep."""
     depth = depth_of("resnet18_train")
-    for steps, schedule in (("2", "jacobi"), ("D-1", "jacobi"), ("D+1", "jacobi"), ("D+1", "sweep")):
+    for steps, schedule in (
+        ("2", "jacobi"),
+        ("D-1", "jacobi"),
+        ("D+1", "jacobi"),
+        ("D+1", "sweep"),
+    ):
         count = steps_for(steps, depth)
         kwargs = {"eta": 0.5, "steps": count, "schedule": schedule}
         assert_same(
@@ -126,8 +141,17 @@ def test_resnet18_closed_form():
         )
 
 
-@pytest.mark.parametrize("case_name", ["paper_mlp_mse", "small_cnn", "causal_lm", "batchnorm_train",
-                                       "functional_attention", "cat_residual"])
+@pytest.mark.parametrize(
+    "case_name",
+    [
+        "paper_mlp_mse",
+        "small_cnn",
+        "causal_lm",
+        "batchnorm_train",
+        "functional_attention",
+        "cat_residual",
+    ],
+)
 @pytest.mark.parametrize("variant", ["exact", "feedback_alignment", "combined"])
 def test_float32_closed_form_against_float64_literal(case_name, variant):
     kwargs = {"eta": 0.1, "steps": 100, "variant": variant}
@@ -149,8 +173,11 @@ def test_auto_uses_the_closed_form_only_where_it_gives_the_literal_outcome():
     _, stats, _ = run("paper_mlp_mse", torch.float64, {"eta": 0.1, "steps": 100})
     assert stats.evaluation == "closed_form"
     assert stats.sweeps == 2  # D = 3: J^0, J^1, J^2
-    for kwargs in ({"eta": 0.1, "steps": 100, "trace": True}, {"eta": 0.1, "tol": 1e-3},
-                   {"eta": 0.1, "steps": 100, "trace_cosine": True}):
+    for kwargs in (
+        {"eta": 0.1, "steps": 100, "trace": True},
+        {"eta": 0.1, "tol": 1e-3},
+        {"eta": 0.1, "steps": 100, "trace_cosine": True},
+    ):
         _, stats, _ = run("paper_mlp_mse", torch.float64, kwargs)
         assert stats.evaluation == "literal", kwargs
     _, stats, _ = run("paper_mlp_mse", torch.float64, {})
@@ -165,13 +192,17 @@ def test_auto_uses_the_closed_form_only_where_it_gives_the_literal_outcome():
 )
 def test_closed_form_refuses_what_needs_literal_steps(kwargs, torch_ar):
     with pytest.raises(ValueError, match="literal steps"):
-        torch_ar.ARBackward(torch.nn.Linear(3, 2), eta=0.5, steps=10, evaluation="closed_form", **kwargs)
+        torch_ar.ARBackward(
+            torch.nn.Linear(3, 2), eta=0.5, steps=10, evaluation="closed_form", **kwargs
+        )
 
 
 def test_residual_is_the_next_steps_residual():
     """last_stats of the closed form: the residual of x_T, which step T + 1 measures."""
     _, closed, _ = run("small_cnn", torch.float64, {"eta": 0.2, "steps": 30})
-    _, literal, _ = run("small_cnn", torch.float64, {"eta": 0.2, "steps": 31, "evaluation": "literal"})
+    _, literal, _ = run(
+        "small_cnn", torch.float64, {"eta": 0.2, "steps": 31, "evaluation": "literal"}
+    )
     assert closed.residuals.keys() == literal.residuals.keys()
     for name, r in literal.residuals.items():
         assert math.isclose(closed.residuals[name], r, rel_tol=1e-9, abs_tol=1e-15), name
@@ -184,8 +215,9 @@ def test_masked_attention_starts_from_zero_where_the_forward_is_infinite():
     """-inf masked scores: literal steps and the closed form both start them at zero."""
     expected, _, _ = run("causal_lm", torch.float64, {"eta": 0.5, "steps": 200, "init": "zero"})
     for evaluation in ("literal", "closed_form"):
-        got, stats, err = run("causal_lm", torch.float64,
-                              {"eta": 0.5, "steps": 200, "evaluation": evaluation})
+        got, stats, err = run(
+            "causal_lm", torch.float64, {"eta": 0.5, "steps": 200, "evaluation": evaluation}
+        )
         assert err is None, err
         assert not stats.nonfinite
         for name in expected:
@@ -193,7 +225,9 @@ def test_masked_attention_starts_from_zero_where_the_forward_is_infinite():
 
 
 @needs_cuda
-@pytest.mark.parametrize("case_name", ["paper_mlp_mse", "small_cnn", "cat_residual", "batchnorm_train"])
+@pytest.mark.parametrize(
+    "case_name", ["paper_mlp_mse", "small_cnn", "cat_residual", "batchnorm_train"]
+)
 @pytest.mark.parametrize("variant", ["exact", "feedback_alignment"])
 def test_closed_form_on_cuda_equals_the_literal_steps(case_name, variant):
     """The CUDA horner_update_ and the per-stage norm reads: the same outcome

@@ -45,9 +45,7 @@ class MLPProblem:
         self.device, self.dtype = device, dtype
         self.model = make_model(MLP, device, dtype)
         gen = torch.Generator().manual_seed(0)
-        self.x = torch.rand(batch, 784, generator=gen, dtype=torch.float64).to(
-            device, dtype
-        )
+        self.x = torch.rand(batch, 784, generator=gen, dtype=torch.float64).to(device, dtype)
         labels = torch.randint(0, 10, (batch,), generator=gen)
         self.target = F.one_hot(labels, 10).to(device, dtype)
         ref = copy.deepcopy(self.model)
@@ -113,9 +111,7 @@ def test_fewer_steps_than_depth_is_not_exact(mlp64):
     assert mlp64.max_rel_err(grads) > 1e-6
     ref = mlp64.reference(eta=1.0, steps=2)
     for name, g in ref.items():
-        assert rel_err(grads[name], g) <= 1e-9, (
-            f"{name} differs from two literal Jacobi steps"
-        )
+        assert rel_err(grads[name], g) <= 1e-9, f"{name} differs from two literal Jacobi steps"
 
 
 def test_exactly_depth_steps_is_exact(mlp64):

@@ -14,18 +14,29 @@ from conftest import DEVICE_PARAMS, DTYPE_PARAMS, needs_cuda
 from torch import nn
 
 
-
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32),
+        nn.Tanh(),
+        nn.Linear(32, 10),
     )
 
 
 def mlp() -> nn.Module:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(3 * 16 * 16, 64), nn.Sigmoid(), nn.Linear(64, 64), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 16 * 16, 64),
+        nn.Sigmoid(),
+        nn.Linear(64, 64),
+        nn.ReLU(),
         nn.Linear(64, 10),
     )
 
@@ -65,9 +76,7 @@ def test_tolerance_with_graph_is_tested_about_every_check_every_steps(torch_ar) 
     torch.manual_seed(0)
     net = mlp().cuda()
     x = torch.randn(8, 3, 16, 16, device="cuda")
-    _, stats = grads_and_stats(
-        torch_ar, net, x, eta=0.5, tol=1e-5, check_every=7, cuda_graph=True
-    )
+    _, stats = grads_and_stats(torch_ar, net, x, eta=0.5, tol=1e-5, check_every=7, cuda_graph=True)
     assert stats.converged
     assert stats.max_residual <= 1e-5
     # 9999 steps after step 0: blocks of 3 (the largest divisor up to 7),
@@ -82,8 +91,9 @@ def test_tolerance_with_graph_is_tested_about_every_check_every_steps(torch_ar) 
 @needs_cuda
 def test_generic_node_relaxes_without_graph_and_warns(torch_ar) -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(10, 20), nn.Softplus(), nn.Linear(20, 20), nn.Softplus(),
-                        nn.Linear(20, 3)).cuda()
+    net = nn.Sequential(
+        nn.Linear(10, 20), nn.Softplus(), nn.Linear(20, 20), nn.Softplus(), nn.Linear(20, 3)
+    ).cuda()
     x = torch.randn(4, 10, device="cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -14,19 +14,26 @@ import warnings
 
 import pytest
 import torch
-from conftest import needs_cuda
 import torch.nn.functional as F
+from conftest import needs_cuda
 from torch import nn
 from zoo import rel_err
-
 
 
 def cnn(batch_norm: bool = True) -> nn.Module:
     norm = [nn.BatchNorm2d(16)] if batch_norm else []
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        *norm,
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32),
+        nn.Tanh(),
+        nn.Linear(32, 10),
     )
 
 
@@ -59,17 +66,28 @@ def test_more_states_than_one_launch_table(count: int) -> None:
     targets = [torch.randn_like(s) for s in states]
     cuda_states = [s.cuda() for s in states]
     cpu_norms = torch.ops.torch_ar.relax_update_(states, targets, 0.3, 0.0)
-    cuda_norms = torch.ops.torch_ar.relax_update_(cuda_states, [t.cuda() for t in targets], 0.3, 0.0)
+    cuda_norms = torch.ops.torch_ar.relax_update_(
+        cuda_states, [t.cuda() for t in targets], 0.3, 0.0
+    )
     for s, c in zip(states, cuda_states, strict=True):
         torch.testing.assert_close(c.cpu(), s, rtol=0, atol=0)
     torch.testing.assert_close(cuda_norms.cpu(), cpu_norms, rtol=1e-12, atol=0)
     outs = [torch.empty_like(s) for s in states]
     cuda_outs = [o.cuda() for o in outs]
-    cpu_h = torch.ops.torch_ar.horner_update_(outs, states, targets, states, [None] * count,
-                                              0.25, 0.75, 0.0, False)
+    cpu_h = torch.ops.torch_ar.horner_update_(
+        outs, states, targets, states, [None] * count, 0.25, 0.75, 0.0, False
+    )
     cuda_h = torch.ops.torch_ar.horner_update_(
-        cuda_outs, [s.cuda() for s in states], [t.cuda() for t in targets],
-        [s.cuda() for s in states], [None] * count, 0.25, 0.75, 0.0, False)
+        cuda_outs,
+        [s.cuda() for s in states],
+        [t.cuda() for t in targets],
+        [s.cuda() for s in states],
+        [None] * count,
+        0.25,
+        0.75,
+        0.0,
+        False,
+    )
     for o, c in zip(outs, cuda_outs, strict=True):
         torch.testing.assert_close(c.cpu(), o, rtol=0, atol=0)
     torch.testing.assert_close(cuda_h.cpu(), cpu_h, rtol=1e-12, atol=0)
@@ -82,8 +100,10 @@ def test_norms_are_the_same_on_every_run() -> None:
 
     x = torch.randn(3_000_000, device="cuda")
     t = torch.randn_like(x)
-    runs = {tuple(torch.ops.torch_ar.relax_update_([x.clone()], [t], 0.5, 0.0).flatten().tolist())
-            for _ in range(5)}
+    runs = {
+        tuple(torch.ops.torch_ar.relax_update_([x.clone()], [t], 0.5, 0.0).flatten().tolist())
+        for _ in range(5)
+    }
     assert len(runs) == 1
 
 
@@ -136,8 +156,12 @@ def test_autograd_grad_worker_thread_path(torch_ar, graph: bool) -> None:
     settings = {"eta": 0.2, "steps": 15, "evaluation": "literal", "cuda_graph": graph}
     via_backward, _ = gradients(torch_ar, net, x, **settings)
     via_grad, stats = gradients(
-        torch_ar, net, x, backward=lambda loss, params: torch.autograd.grad(loss, params),
-        **settings)
+        torch_ar,
+        net,
+        x,
+        backward=lambda loss, params: torch.autograd.grad(loss, params),
+        **settings,
+    )
     assert stats.graph_steps == (14 if graph else 0)
     assert_close(via_grad, via_backward)
 
@@ -150,8 +174,9 @@ def test_trace_with_a_graph(torch_ar) -> None:
     eager, eager_stats = gradients(torch_ar, net, x, eta=0.3, steps=12, trace=True)
     graphed, stats = gradients(torch_ar, net, x, eta=0.3, steps=12, trace=True, cuda_graph=True)
     assert stats.graph_steps == 11 and stats.residual_trace.shape[0] == 12
-    torch.testing.assert_close(stats.residual_trace, eager_stats.residual_trace, rtol=1e-4,
-                               atol=1e-8)
+    torch.testing.assert_close(
+        stats.residual_trace, eager_stats.residual_trace, rtol=1e-4, atol=1e-8
+    )
     assert_close(graphed, eager)
 
 
@@ -161,10 +186,12 @@ def test_sweep_and_tolerance_with_a_graph_on_the_cnn(torch_ar, dtype) -> None:
     torch.manual_seed(0)
     net = cnn().cuda().to(dtype)
     x = torch.randn(8, 3, 16, 16, device="cuda", dtype=dtype)
-    eager, _ = gradients(torch_ar, net, x, eta=0.3, steps=30, schedule="sweep",
-                         evaluation="literal")
-    graphed, stats = gradients(torch_ar, net, x, eta=0.3, steps=30, schedule="sweep",
-                               cuda_graph=True)
+    eager, _ = gradients(
+        torch_ar, net, x, eta=0.3, steps=30, schedule="sweep", evaluation="literal"
+    )
+    graphed, stats = gradients(
+        torch_ar, net, x, eta=0.3, steps=30, schedule="sweep", cuda_graph=True
+    )
     assert stats.graph_steps == 29
     assert_close(graphed, eager, dtype)
     _, stats = gradients(torch_ar, net, x, eta=0.5, tol=1e-4, check_every=5, cuda_graph=True)
@@ -179,7 +206,9 @@ def test_cudnn_batch_norm_is_specialised(torch_ar, dtype, train: bool) -> None:
     torch.manual_seed(0)
     net = cnn().cuda().to(dtype).train(train)
     x = torch.randn(8, 3, 16, 16, device="cuda", dtype=dtype)
-    ref = [g.clone() for g in torch.autograd.grad(net(x).logsumexp(1).sum(), list(net.parameters()))]
+    ref = [
+        g.clone() for g in torch.autograd.grad(net(x).logsumexp(1).sum(), list(net.parameters()))
+    ]
     exact, stats = gradients(torch_ar, net, x)
     if torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
         assert any("CudnnBatchNormBackward0" in n for n in stats.state_names), stats.state_names
@@ -208,7 +237,8 @@ def test_activation_update_with_non_contiguous_tensors(dtype) -> None:
     cuda = [t.cuda() for t in states]
     cuda_grads = [g.cuda() for g in grads]
     torch.ops.torch_ar.relax_update_activation_(
-        cuda, [t.cuda() for t in targets], *args, [i.cuda() for i in inputs], cuda_grads)
+        cuda, [t.cuda() for t in targets], *args, [i.cuda() for i in inputs], cuda_grads
+    )
     torch.testing.assert_close(cuda[0].cpu(), cpu[0], rtol=0, atol=0)
     torch.testing.assert_close(cuda_grads[0].cpu(), cpu_grads[0], rtol=0, atol=0)
 
@@ -233,17 +263,21 @@ class FunctionalBatchNorm(nn.Module):
         h = self.conv(x)
         aten = torch.ops.aten
         if self.op == "legit":
-            h = aten._native_batch_norm_legit(h, self.weight, self.bias, self.mean, self.var,
-                                              self.training_mode, 0.1, 1e-5)[0]
+            h = aten._native_batch_norm_legit(
+                h, self.weight, self.bias, self.mean, self.var, self.training_mode, 0.1, 1e-5
+            )[0]
         elif self.op == "legit_no_training":
-            h = aten._native_batch_norm_legit_no_training(h, self.weight, self.bias, self.mean,
-                                                          self.var, 0.1, 1e-5)[0]
+            h = aten._native_batch_norm_legit_no_training(
+                h, self.weight, self.bias, self.mean, self.var, 0.1, 1e-5
+            )[0]
         elif self.op == "with_update":
-            h = aten._batch_norm_with_update(h, self.weight, self.bias, self.mean, self.var,
-                                             0.1, 1e-5)[0]
+            h = aten._batch_norm_with_update(
+                h, self.weight, self.bias, self.mean, self.var, 0.1, 1e-5
+            )[0]
         else:
-            h = aten._batch_norm_no_update(h, self.weight, self.bias, self.mean, self.var,
-                                           0.1, 1e-5)[0]
+            h = aten._batch_norm_no_update(
+                h, self.weight, self.bias, self.mean, self.var, 0.1, 1e-5
+            )[0]
         return self.head(torch.tanh(h).flatten(1))
 
 
@@ -267,8 +301,9 @@ def test_functional_batch_norm_nodes(torch_ar, op, training, node, ar_kwargs) ->
     net = FunctionalBatchNorm(op, training).double()
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     buffers = {k: v.clone() for k, v in net.named_buffers()}
-    ref = torch.autograd.grad(F.mse_loss(net(x), torch.ones(5, 4, dtype=torch.float64)),
-                              list(net.parameters()))
+    ref = torch.autograd.grad(
+        F.mse_loss(net(x), torch.ones(5, 4, dtype=torch.float64)), list(net.parameters())
+    )
     with torch.no_grad():
         for k, v in net.named_buffers():
             v.copy_(buffers[k])

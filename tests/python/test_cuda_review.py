@@ -31,9 +31,17 @@ from zoo import rel_err
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32),
+        nn.Tanh(),
+        nn.Linear(32, 10),
     )
 
 
@@ -71,8 +79,9 @@ def test_many_captures_in_one_process(torch_ar) -> None:
 
 
 def small_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                         nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
 
 
 def cuda_random_numbers_work() -> None:
@@ -147,8 +156,11 @@ def test_norms_of_large_states_match_the_cpu(dtype) -> None:
     runs = []
     for _ in range(2):
         cuda_states = [s.cuda() for s in states]
-        runs.append(torch.ops.torch_ar.relax_update_(
-            cuda_states, [t.cuda() for t in targets], 0.25, 0.0).cpu())
+        runs.append(
+            torch.ops.torch_ar.relax_update_(
+                cuda_states, [t.cuda() for t in targets], 0.25, 0.0
+            ).cpu()
+        )
     assert torch.equal(runs[0], runs[1])  # a fixed order: the same on every run
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(runs[0], cpu, rtol=tol, atol=0.0)
@@ -177,11 +189,21 @@ def test_horner_update_on_cuda_equals_the_cpu_kernel(dtype, residual: bool, miss
     results = {}
     for device in ("cpu", "cuda"):
         out = [torch.empty(n, dtype=dtype, device=device) for n in sizes]
-        t = {name: [None if name == missing else term(j, i, n, device)
-                    for i, n in enumerate(sizes)] for j, name in enumerate(names)}
+        t = {
+            name: [None if name == missing else term(j, i, n, device) for i, n in enumerate(sizes)]
+            for j, name in enumerate(names)
+        }
         norms = torch.ops.torch_ar.horner_update_(
-            out, t["initial"], t["loss"], t["targets"],
-            t["residual"] if residual else [None] * len(sizes), 0.3, 0.9, 0.0, residual)
+            out,
+            t["initial"],
+            t["loss"],
+            t["targets"],
+            t["residual"] if residual else [None] * len(sizes),
+            0.3,
+            0.9,
+            0.0,
+            residual,
+        )
         results[device] = ([o.cpu() for o in out], norms.cpu())
     (cpu_out, cpu_norms), (cuda_out, cuda_norms) = results["cpu"], results["cuda"]
     for a, b in zip(cuda_out, cpu_out):
@@ -204,8 +226,16 @@ def test_horner_update_over_several_launch_tables(count: int) -> None:
     for device in ("cpu", "cuda"):
         out = [torch.empty_like(v, device=device) for v in b]
         norms = torch.ops.torch_ar.horner_update_(
-            out, [None] * count, [v.to(device) for v in b], [v.to(device) for v in t],
-            [None] * count, 0.0, 0.5, 0.0, False)
+            out,
+            [None] * count,
+            [v.to(device) for v in b],
+            [v.to(device) for v in t],
+            [None] * count,
+            0.0,
+            0.5,
+            0.0,
+            False,
+        )
         outs[device] = ([o.cpu() for o in out], norms.cpu())
     for a, e in zip(outs["cuda"][0], outs["cpu"][0]):
         assert torch.equal(a, e)
@@ -231,7 +261,9 @@ def test_horner_update_non_contiguous_out_on_cuda() -> None:
     base = torch.zeros(64, 64, device="cuda")
     out = base.t()[::2]  # neither contiguous nor dense
     b = torch.randn(32, 64, device="cuda")
-    norms = torch.ops.torch_ar.horner_update_([out], [None], [b], [None], [None], 0.0, 2.0, 0.0, False)
+    norms = torch.ops.torch_ar.horner_update_(
+        [out], [None], [b], [None], [None], 0.0, 2.0, 0.0, False
+    )
     torch.testing.assert_close(out, 2 * b)
     torch.testing.assert_close(norms[0, 0], (2 * b).norm().double())
 
@@ -254,8 +286,9 @@ def test_channels_last_state_is_updated_where_it_is(device, fused: bool) -> None
     if fused:
         a = torch.randn_like(x).relu()
         g = torch.empty_like(x)
-        torch.ops.torch_ar.relax_update_activation_([x], [t], 0.5, 0.0, [0], [1], [0.0, 0.0],
-                                                    [a], [g])
+        torch.ops.torch_ar.relax_update_activation_(
+            [x], [t], 0.5, 0.0, [0], [1], [0.0, 0.0], [a], [g]
+        )
         torch.testing.assert_close(g, torch.where(a <= 0, torch.zeros_like(want), want))
         assert g.is_contiguous(memory_format=torch.channels_last)
     else:
@@ -272,9 +305,11 @@ def test_mixed_layouts_are_paired_by_index(device) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 5, device=device)
     t = torch.randn(2, 3, 4, 5, device=device)
-    for xs, ts in ((x.contiguous(memory_format=torch.channels_last), t.clone()),
-                   (x.clone(), t.contiguous(memory_format=torch.channels_last)),
-                   (x.clone().transpose(2, 3).contiguous().transpose(2, 3), t.clone())):
+    for xs, ts in (
+        (x.contiguous(memory_format=torch.channels_last), t.clone()),
+        (x.clone(), t.contiguous(memory_format=torch.channels_last)),
+        (x.clone().transpose(2, 3).contiguous().transpose(2, 3), t.clone()),
+    ):
         norms = torch.ops.torch_ar.relax_update_([xs], [ts], 0.25, 0.0)
         torch.testing.assert_close(xs, x + 0.25 * (t - x))
         torch.testing.assert_close(norms[0, 0].float(), (t - x).norm(), rtol=1e-5, atol=0)
@@ -285,9 +320,15 @@ def test_mixed_layouts_are_paired_by_index(device) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
-@pytest.mark.parametrize("settings", [
-    {}, {"eta": 0.2, "steps": 15}, {"eta": 0.2, "steps": 15, "evaluation": "literal"},
-], ids=["exact", "closed_form", "literal"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"eta": 0.2, "steps": 15},
+        {"eta": 0.2, "steps": 15, "evaluation": "literal"},
+    ],
+    ids=["exact", "closed_form", "literal"],
+)
 def test_channels_last_cnn_gradients(torch_ar, device, settings) -> None:
     torch.manual_seed(0)
     net = cnn().double().to(device)
@@ -319,9 +360,15 @@ def test_channels_last_with_a_graph(torch_ar) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", [
-    "learned_backward_weights", "feedback_alignment", "no_nonlinear_derivative", "combined",
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "learned_backward_weights",
+        "feedback_alignment",
+        "no_nonlinear_derivative",
+        "combined",
+    ],
+)
 def test_every_variant_with_a_graph(torch_ar, variant: str) -> None:
     torch.manual_seed(0)
     net = cnn().cuda()
@@ -366,10 +413,16 @@ class TwoStage(nn.Module):
 
 
 @needs_cuda(devices=2)
-@pytest.mark.parametrize("settings", [
-    {}, {"eta": 0.3, "steps": 20}, {"eta": 0.3, "steps": 20, "evaluation": "literal"},
-    {"eta": 0.3, "steps": 20, "cuda_graph": True},
-], ids=["exact", "closed_form", "literal", "graph"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"eta": 0.3, "steps": 20},
+        {"eta": 0.3, "steps": 20, "evaluation": "literal"},
+        {"eta": 0.3, "steps": 20, "cuda_graph": True},
+    ],
+    ids=["exact", "closed_form", "literal", "graph"],
+)
 def test_model_split_over_two_gpus(torch_ar, settings) -> None:
     torch.manual_seed(0)
     net = TwoStage().double()
@@ -402,8 +455,14 @@ def test_release_cuda_graph_memory(torch_ar) -> None:
     torch.manual_seed(0)
     net = cnn().cuda()
     for _ in range(3):
-        grads(torch_ar, net, torch.randn(64, 3, 16, 16, device="cuda"), eta=0.1, steps=10,
-              cuda_graph=True)
+        grads(
+            torch_ar,
+            net,
+            torch.randn(64, 3, 16, 16, device="cuda"),
+            eta=0.1,
+            steps=10,
+            cuda_graph=True,
+        )
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     held = torch.cuda.memory_reserved()
@@ -411,8 +470,9 @@ def test_release_cuda_graph_memory(torch_ar) -> None:
     assert torch.cuda.memory_reserved() < held
     assert torch_ar.release_cuda_graph_memory() == 0  # nothing left to give back
     # The next graphed backward makes a new pool and records as before.
-    _, stats = grads(torch_ar, net, torch.randn(64, 3, 16, 16, device="cuda"), eta=0.1,
-                     steps=10, cuda_graph=True)
+    _, stats = grads(
+        torch_ar, net, torch.randn(64, 3, 16, 16, device="cuda"), eta=0.1, steps=10, cuda_graph=True
+    )
     assert stats.graph_steps == 9
 
 
@@ -441,8 +501,11 @@ def test_closed_form_residual_of_huge_finite_states(torch_ar, device) -> None:
     """float64 states beyond 1e154: the sums of squares overflow, the residual
     is rescaled instead of reported as unknown."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                        nn.Linear(8, 2)).double().to(device)
+    net = (
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        .double()
+        .to(device)
+    )
     x = torch.randn(4, 8, dtype=torch.float64, device=device)
     # Zero initial states: the relaxation is then linear in the loss gradient,
     # and the relative residual the same at every scale.

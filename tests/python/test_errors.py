@@ -90,9 +90,7 @@ def test_valid_arguments_are_accepted(kwargs, torch_ar):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "ar_kwargs", [{}, {"eta": 0.5, "steps": 10}], ids=["exact", "eta0.5"]
-)
+@pytest.mark.parametrize("ar_kwargs", [{}, {"eta": 0.5, "steps": 10}], ids=["exact", "eta0.5"])
 def test_second_backward_without_retain_graph(ar_kwargs, device, torch_ar):
     case = CASES["paper_mlp_mse"]
     ar = torch_ar.ARBackward(make_model(case, device, torch.float32), **ar_kwargs)
@@ -173,9 +171,7 @@ def test_unused_input_like_autograd(device, torch_ar):
         with pytest.raises(RuntimeError, match="not have been used in the graph"):
             torch.autograd.grad(loss, [x, z], retain_graph=True)
         gx, gz = torch.autograd.grad(loss, [x, z], allow_unused=True)
-        assert gx is not None and gz is None, (
-            f"{type(module).__name__}: unused input must get None"
-        )
+        assert gx is not None and gz is None, f"{type(module).__name__}: unused input must get None"
 
 
 # --------------------------------------------------------------------------
@@ -242,9 +238,9 @@ def test_nan_during_relaxation_raises_diverged_error(ar_kwargs, device, torch_ar
     assert any(ch.isdigit() for ch in message), (
         f"the message must give the step number: {message!r}"
     )
-    assert (
-        "NaNGrad" in message or "node" in message.lower() or "state" in message.lower()
-    ), f"the message must name the node: {message!r}"
+    assert "NaNGrad" in message or "node" in message.lower() or "state" in message.lower(), (
+        f"the message must name the node: {message!r}"
+    )
     # Nothing half-done is written into .grad.
     assert all(p.grad is None for p in ar.parameters())
 
@@ -273,10 +269,7 @@ def test_wrapper_usable_after_divergence(device, torch_ar):
     ref = copy.deepcopy(model)
     ar(x).square().mean().backward()
     ref(x).square().mean().backward()
-    pairs = {
-        n: (p.grad, q.grad)
-        for (n, p), q in zip(model.named_parameters(), ref.parameters())
-    }
+    pairs = {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
     # eta 0.5 for 60 steps on a depth-1 graph: converged far below 1e-10.
     assert_grads_match(pairs, torch.float64)
 

@@ -99,34 +99,26 @@ def test_autograd_grad_path_matches(case_name, device, dtype):
 def _nested_pair(device, dtype, torch_ar):
     torch.manual_seed(0)
     plain = Outer(
-        nn.Sequential(
-            nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
-        )
+        nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
     ).to(device=device, dtype=dtype)
     wrapped = copy.deepcopy(plain)
     wrapped.inner = torch_ar.ARBackward(wrapped.inner)
     return plain, wrapped
 
 
-@pytest.mark.parametrize(
-    "use_autograd_grad", [False, True], ids=["backward", "autograd_grad"]
-)
+@pytest.mark.parametrize("use_autograd_grad", [False, True], ids=["backward", "autograd_grad"])
 def test_nested_inside_plain_model(device, dtype, use_autograd_grad, torch_ar):
     """ARBackward as one block of a bigger autograd model: outer and inner grads right."""
     plain, wrapped = _nested_pair(device, dtype, torch_ar)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 10, generator=gen, dtype=torch.float64).to(
-        device=device, dtype=dtype
-    )
+    x = torch.randn(6, 10, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     y = torch.randint(0, 3, (6,), generator=gen).to(device)
 
     ref_loss = F.cross_entropy(plain(x), y)
     ar_loss = F.cross_entropy(wrapped(x), y)
     ref_params = dict(plain.named_parameters())
     # The wrapper registers the inner block under ``inner.module``.
-    ar_params = {
-        n.replace("inner.module.", "inner."): p for n, p in wrapped.named_parameters()
-    }
+    ar_params = {n.replace("inner.module.", "inner."): p for n, p in wrapped.named_parameters()}
     assert set(ar_params) == set(ref_params)
     names = sorted(ref_params)
     if use_autograd_grad:
@@ -138,9 +130,7 @@ def test_nested_inside_plain_model(device, dtype, use_autograd_grad, torch_ar):
         ref_g = [ref_params[n].grad for n in names]
         ar_g = [ar_params[n].grad for n in names]
     pairs = {n: (a, b) for n, a, b in zip(names, ar_g, ref_g)}
-    assert any(n.startswith("pre.") for n in pairs) and any(
-        n.startswith("inner.") for n in pairs
-    )
+    assert any(n.startswith("pre.") for n in pairs) and any(n.startswith("inner.") for n in pairs)
     assert_grads_match(pairs, dtype)
 
 
@@ -170,10 +160,7 @@ def test_python_control_flow_from_argument(repeats, device, dtype, torch_ar):
     (x,), _, y = make_batch(case, device, dtype)
     F.cross_entropy(ar(x, repeats=repeats), y).backward()
     F.cross_entropy(ref(x, repeats=repeats), y).backward()
-    pairs = {
-        n: (p.grad, q.grad)
-        for (n, p), q in zip(model.named_parameters(), ref.parameters())
-    }
+    pairs = {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
     if repeats == 0:
         # The loop body never ran: like autograd, no gradient for ``step``.
         assert model.step.weight.grad is None and ref.step.weight.grad is None
@@ -191,9 +178,7 @@ def test_dropout_masks_follow_the_seed(device, dtype):
     a = seeded_forward(model, (x,), kwargs)
     model.eval()
     b = model(x)
-    assert not torch.allclose(a, b), (
-        "dropout had no effect: the test would prove nothing"
-    )
+    assert not torch.allclose(a, b), "dropout had no effect: the test would prove nothing"
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -210,10 +195,7 @@ def test_batchnorm_running_stats_updated_like_autograd(train, device, torch_ar):
     F.cross_entropy(ref(x), y).backward()
     for (name, buf), ref_buf in zip(model.named_buffers(), ref.buffers()):
         assert torch.equal(buf, ref_buf), f"buffer {name} differs"
-    pairs = {
-        n: (p.grad, q.grad)
-        for (n, p), q in zip(model.named_parameters(), ref.parameters())
-    }
+    pairs = {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
     assert_grads_match(pairs, torch.float64)
 
 
@@ -233,10 +215,7 @@ def test_output_computed_from_other_output_only(device, torch_ar):
     x = torch.randn(5, 10, dtype=torch.float64, device=device)
     ar(x)[1].pow(2).sum().backward()
     ref(x)[1].pow(2).sum().backward()
-    pairs = {
-        n: (p.grad, q.grad)
-        for (n, p), q in zip(model.named_parameters(), ref.parameters())
-    }
+    pairs = {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
     assert_grads_match(pairs, torch.float64)
 
 
@@ -249,10 +228,7 @@ def test_shared_weight_module_reused_across_calls(device, torch_ar):
     x2 = torch.randn(3, 10, dtype=torch.float64, device=device)
     (ar(x1).square().mean() + ar(x2).tanh().sum()).backward()
     (ref(x1).square().mean() + ref(x2).tanh().sum()).backward()
-    pairs = {
-        n: (p.grad, q.grad)
-        for (n, p), q in zip(model.named_parameters(), ref.parameters())
-    }
+    pairs = {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
     assert_grads_match(pairs, torch.float64)
 
 
@@ -324,9 +300,6 @@ def test_output_that_is_an_input(device, dtype, torch_ar):
         grads.append(x.grad)
     pairs = {"input": (grads[0], grads[1])}
     pairs.update(
-        {
-            n: (p.grad, q.grad)
-            for (n, p), q in zip(model.named_parameters(), ref.parameters())
-        }
+        {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
     )
     assert_grads_match(pairs, dtype)

@@ -27,8 +27,9 @@ TINY = ["--limit-train-batches", "6", "--limit-test-batches", "1", "--cosine-eve
 @pytest.mark.parametrize("normalize", ["none", "standard"])
 def test_normalize_changes_the_inputs_as_documented(normalize: str) -> None:
     trainer = training.Trainer(
-        training.TrainConfig(dataset="fashion-mnist", normalize=normalize, limit_train_batches=40,
-                             batch_size=256)
+        training.TrainConfig(
+            dataset="fashion-mnist", normalize=normalize, limit_train_batches=40, batch_size=256
+        )
     )
     x = torch.cat([xb for xb, _ in trainer.train_batches])
     if normalize == "none":  # raw [0, 1] pixels, as the paper's code
@@ -49,9 +50,24 @@ def test_normalize_is_checked() -> None:
 def test_resumed_run_continues_the_same_trajectory(tmp_path: Path) -> None:
     """Two epochs in one go, and one epoch then a resumed second: the same metrics."""
     common = [
-        "train", "--dataset", "fashion-mnist", "--normalize", "none", "--model", "mlp",
-        "--method", "ar", "--eta", "0.1", "--steps", "50", "--schedule", "sweep",
-        "--variant", "learned_backward_weights", *TINY,
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--normalize",
+        "none",
+        "--model",
+        "mlp",
+        "--method",
+        "ar",
+        "--eta",
+        "0.1",
+        "--steps",
+        "50",
+        "--schedule",
+        "sweep",
+        "--variant",
+        "learned_backward_weights",
+        *TINY,
     ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_cli(*common, "--epochs", "2", "--out", str(straight), cwd=tmp_path).returncode == 0
@@ -77,10 +93,29 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path: Path) -> None:
 def test_psi_angles_and_decay_are_logged(tmp_path: Path) -> None:
     out = tmp_path / "kp"
     result = run_cli(
-        "train", "--dataset", "fashion-mnist", "--normalize", "none", "--model", "mlp",
-        "--method", "ar", "--eta", "0.1", "--steps", "100", "--schedule", "sweep",
-        "--variant", "learned_backward_weights", "--backward-weight-decay", "0.01",
-        *TINY, "--out", str(out), cwd=tmp_path,
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--normalize",
+        "none",
+        "--model",
+        "mlp",
+        "--method",
+        "ar",
+        "--eta",
+        "0.1",
+        "--steps",
+        "100",
+        "--schedule",
+        "sweep",
+        "--variant",
+        "learned_backward_weights",
+        "--backward-weight-decay",
+        "0.01",
+        *TINY,
+        "--out",
+        str(out),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
@@ -104,9 +139,25 @@ def test_psi_angles_and_decay_are_logged(tmp_path: Path) -> None:
 def test_backward_weight_init_is_a_recorded_choice(tmp_path: Path) -> None:
     out = tmp_path / "fa"
     result = run_cli(
-        "train", "--dataset", "fashion-mnist", "--model", "cnn", "--method", "ar",
-        "--eta", "0.1", "--steps", "30", "--variant", "feedback_alignment",
-        "--backward-weight-init", "matched", *TINY, "--out", str(out), cwd=tmp_path,
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "cnn",
+        "--method",
+        "ar",
+        "--eta",
+        "0.1",
+        "--steps",
+        "30",
+        "--variant",
+        "feedback_alignment",
+        "--backward-weight-init",
+        "matched",
+        *TINY,
+        "--out",
+        str(out),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
@@ -120,8 +171,20 @@ def test_backward_weight_init_is_a_recorded_choice(tmp_path: Path) -> None:
 @needs_fashion
 def test_resume_accepts_a_checkpoint_from_before_a_new_setting(tmp_path: Path) -> None:
     """A setting added later is absent from older checkpoints; at its default it still resumes."""
-    common = ["train", "--dataset", "fashion-mnist", "--model", "mlp", "--method", "ar",
-              "--variant", "feedback_alignment", *TINY, "--out", str(tmp_path / "run")]
+    common = [
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "mlp",
+        "--method",
+        "ar",
+        "--variant",
+        "feedback_alignment",
+        *TINY,
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert run_cli(*common, "--epochs", "1", cwd=tmp_path).returncode == 0
     checkpoint = tmp_path / "run" / training.Trainer.CHECKPOINT
     state = torch.load(checkpoint, weights_only=False)
@@ -131,22 +194,30 @@ def test_resume_accepts_a_checkpoint_from_before_a_new_setting(tmp_path: Path) -
     resumed = run_cli(*common, "--epochs", "2", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed after epoch 1" in resumed.stdout
-    other = run_cli(*common, "--epochs", "3", "--resume", "--backward-weight-init", "matched",
-                    cwd=tmp_path)
+    other = run_cli(
+        *common, "--epochs", "3", "--resume", "--backward-weight-init", "matched", cwd=tmp_path
+    )
     assert other.returncode != 0 and "backward_weight_init" in other.stderr
 
 
 def test_diverged_run_reports_its_epoch_and_last_accuracy(tmp_path: Path) -> None:
     folder = tmp_path / "fa"
     folder.mkdir()
-    config = {"method": "ar", "eta": 0.1, "steps": 100, "variant": "feedback_alignment",
-              "seed": 3}
+    config = {"method": "ar", "eta": 0.1, "steps": 100, "variant": "feedback_alignment", "seed": 3}
     (folder / "config.json").write_text(json.dumps({"config": config, "resolved": {}}))
     records = [
         {"epoch": 1, "train_batches": 10, "train_acc": 0.7, "test_acc": 0.7612, "time_s": 1.0},
         {"epoch": 2, "train_batches": 10, "train_acc": 0.8, "test_acc": 0.8034, "time_s": 1.0},
-        {"epoch": 3, "diverged": True, "diverged_batch": 7, "error": "training loss became inf",
-         "train_batches": 7, "epoch_batches": 10, "train_acc": 0.5, "time_s": 0.5},
+        {
+            "epoch": 3,
+            "diverged": True,
+            "diverged_batch": 7,
+            "error": "training loss became inf",
+            "train_batches": 7,
+            "epoch_batches": 10,
+            "train_acc": 0.5,
+            "time_s": 0.5,
+        },
     ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run = plots.load_run(folder)
@@ -236,9 +307,25 @@ def test_log_steps_grid() -> None:
 def test_compare_closed_form_and_recommend_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     result = run_cli(
-        "compare", "--dataset", "fashion-mnist", "--normalize", "none", "--model", "mlp",
-        "--etas", "0.1,0.5", "--steps", "300", "--at", "log", "--init", "zero",
-        "--recommend", "--out", str(out), cwd=tmp_path,
+        "compare",
+        "--dataset",
+        "fashion-mnist",
+        "--normalize",
+        "none",
+        "--model",
+        "mlp",
+        "--etas",
+        "0.1,0.5",
+        "--steps",
+        "300",
+        "--at",
+        "log",
+        "--init",
+        "zero",
+        "--recommend",
+        "--out",
+        str(out),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "recommended steps" in result.stdout
@@ -268,18 +355,25 @@ def test_experiment_plan_matches_the_paper_settings() -> None:
             assert cmd[cmd.index("--schedule") + 1] == expected
     cifar = [j for j in jobs if j.group == "cifar10-cnn"]
     assert {j.name for j in cifar} >= {
-        "cifar10-cnn-backprop-s2", "cifar10-cnn-ar-eta0.1-steps252-s2",
+        "cifar10-cnn-backprop-s2",
+        "cifar10-cnn-ar-eta0.1-steps252-s2",
         "cifar10-cnn-ar-learned_backward_weights-kp-s0",
     }
     assert all("--augment" in j.command for j in cifar)
     assert all(j.command[j.command.index("--lr") + 1] == "0.05" for j in cifar)
     # The rows that diverge at lr 0.05 again at 0.01, with their references at 0.01 too.
     lower = {j.name: j for j in jobs if j.group == "cifar10-cnn-lr0.01"}
-    rows = ("backprop", "ar-eta0.1-steps252", "ar-feedback_alignment",
-            "ar-no_nonlinear_derivative", "ar-combined")
+    rows = (
+        "backprop",
+        "ar-eta0.1-steps252",
+        "ar-feedback_alignment",
+        "ar-no_nonlinear_derivative",
+        "ar-combined",
+    )
     matched = ("ar-feedback_alignment-psi_matched", "ar-combined-psi_matched")
     assert set(lower) == {f"cifar10-cnn-lr0.01-{row}-s0" for row in (*rows, *matched)} | {
-        "cifar10-cnn-lr0.01-backprop-s1", "cifar10-cnn-lr0.01-ar-eta0.1-steps252-s1"
+        "cifar10-cnn-lr0.01-backprop-s1",
+        "cifar10-cnn-lr0.01-ar-eta0.1-steps252-s1",
     }
     for job in lower.values():
         cmd = job.command
@@ -289,7 +383,7 @@ def test_experiment_plan_matches_the_paper_settings() -> None:
         if "psi_matched" in job.name:
             at = cmd.index("--backward-weight-init")
             assert cmd[at + 1] == "matched"
-            cmd = cmd[:at] + cmd[at + 2:]
+            cmd = cmd[:at] + cmd[at + 2 :]
         # Otherwise the very command of the lr 0.05 row.
         assert [a for a in cmd if a != "0.01"] == [a for a in same.command if a != "0.05"]
 
@@ -298,8 +392,13 @@ def _plan_args():
     import argparse
 
     return argparse.Namespace(
-        only=["fashion", "cifar", "compare"], seeds=[0, 1, 2], epochs=30, cifar_epochs=10,
-        cifar_seeds=[0, 1, 2], cifar_steps=252, cifar_lower_lrs=[0.01],
+        only=["fashion", "cifar", "compare"],
+        seeds=[0, 1, 2],
+        epochs=30,
+        cifar_epochs=10,
+        cifar_seeds=[0, 1, 2],
+        cifar_steps=252,
+        cifar_lower_lrs=[0.01],
         cifar_lower_lr_seeds=[0, 1],
     )
 
@@ -309,8 +408,7 @@ def test_recommendation_with_a_mean_loss_and_zero_init() -> None:
     zero states a chain's layers get scaled copies of their gradients (cosine 1 from
     step D on), so the recommendation waits until their lengths match as well."""
     model, _, x, y = _mlp_problem()
-    steps, _ = recommend_steps(model, F.cross_entropy, x, y, eta=0.5, threshold=0.999,
-                               init="zero")
+    steps, _ = recommend_steps(model, F.cross_entropy, x, y, eta=0.5, threshold=0.999, init="zero")
     assert steps is not None
     reference = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
 
@@ -371,7 +469,7 @@ def test_fa_stability_is_the_output_layers_largest_curvature_times_lr() -> None:
     got = fa_stability.stability(net, images, batch=4, lr=0.1, mean=None, std=None)
     expected = 0.0
     for start in (0, 4):
-        h = net[:-1](images[start:start + 4].double() / 255.0)
+        h = net[:-1](images[start : start + 4].double() / 255.0)
         h1 = torch.cat([h, torch.ones(4, 1, dtype=h.dtype)], dim=1)
         expected = max(expected, 0.1 * torch.linalg.eigvalsh(2 * h1.T @ h1).max().item())
     assert got["lr_times_lambda_max"] == pytest.approx(expected, rel=1e-10)

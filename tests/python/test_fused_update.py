@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch_ar._C  # noqa: F401  (registers torch.ops.torch_ar)
 from conftest import DEVICE_PARAMS, DTYPE_PARAMS
 from torch import nn
+
+import torch_ar._C  # noqa: F401  (registers torch.ops.torch_ar)
 
 aten = torch.ops.aten
 relax_update_ = torch.ops.torch_ar.relax_update_
@@ -22,17 +23,23 @@ relax_update_activation_ = torch.ops.torch_ar.relax_update_activation_
 ACTIVATIONS = {
     "relu": (1, torch.relu, (0.0, 0.0), lambda v, r: aten.threshold_backward(v, r, 0)),
     "leaky_relu": (
-        2, lambda a: a, (0.2, 0.0), lambda v, a: aten.leaky_relu_backward(v, a, 0.2, False)
+        2,
+        lambda a: a,
+        (0.2, 0.0),
+        lambda v, a: aten.leaky_relu_backward(v, a, 0.2, False),
     ),
     "tanh": (3, torch.tanh, (0.0, 0.0), aten.tanh_backward),
     "sigmoid": (4, torch.sigmoid, (0.0, 0.0), aten.sigmoid_backward),
-    "hardtanh": (
-        5, lambda a: a, (-1.0, 1.0), lambda v, a: aten.hardtanh_backward(v, a, -1.0, 1.0)
-    ),
+    "hardtanh": (5, lambda a: a, (-1.0, 1.0), lambda v, a: aten.hardtanh_backward(v, a, -1.0, 1.0)),
     "scale": (6, torch.cos, (0.0, 0.0), lambda v, d: v * d),
 }
 OP_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-OP_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+OP_TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-3,
+}
 
 
 def pre_activation(n: int, dtype: torch.dtype, device: str, nan: bool) -> torch.Tensor:
@@ -101,9 +108,15 @@ def test_op_rejects_bad_activation_lists(kwargs: dict, message: str) -> None:
         args["activation_params"] = args["activation_params"] * 2
     with pytest.raises(RuntimeError, match=message):
         relax_update_activation_(
-            [torch.zeros(4)], [torch.ones(4)], 0.5, 0.0,
-            args["activation_states"], args["activation_kinds"], args["activation_params"],
-            args["activation_inputs"], args["activation_grads"],
+            [torch.zeros(4)],
+            [torch.ones(4)],
+            0.5,
+            0.0,
+            args["activation_states"],
+            args["activation_kinds"],
+            args["activation_params"],
+            args["activation_inputs"],
+            args["activation_grads"],
         )
 
 
@@ -124,7 +137,12 @@ ENGINE_ACTIVATIONS = {
 def mlp(act, dtype: torch.dtype, device: str) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(6, 12), act(), nn.Linear(12, 12), act(), nn.Linear(12, 12), act(),
+        nn.Linear(6, 12),
+        act(),
+        nn.Linear(12, 12),
+        act(),
+        nn.Linear(12, 12),
+        act(),
         nn.Linear(12, 3),
     ).to(dtype=dtype, device=device)
 
@@ -162,9 +180,16 @@ def test_engine_fused_literal_steps_are_exact(torch_ar, dtype, device) -> None:
     """eta 1 with literal D steps through the fused path equals autograd."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 2 * 2, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 10),
     ).to(dtype=dtype, device=device)
     x = torch.randn(4, 3, 8, 8, dtype=dtype, device=device)
     net.zero_grad()

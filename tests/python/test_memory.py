@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_cuda
 import torch.nn.functional as F
+from conftest import needs_cuda
 from torch import nn
 
 ITERATIONS = 2_000
@@ -65,9 +65,7 @@ def _mlp() -> nn.Sequential:
         pytest.param({}, True, id="exact_autograd_grad"),
     ],
 )
-def test_training_loop_does_not_grow_memory(
-    ar_kwargs, use_autograd_grad, torch_ar, one_thread
-):
+def test_training_loop_does_not_grow_memory(ar_kwargs, use_autograd_grad, torch_ar, one_thread):
     torch.manual_seed(0)
     model = _mlp()
     ar = torch_ar.ARBackward(model, **ar_kwargs)
@@ -103,8 +101,7 @@ def test_training_loop_does_not_grow_memory(
         f"{ITERATIONS - WARMUP} iterations after warm-up"
     )
     assert objects1 - objects0 <= GC_OBJECT_ALLOWANCE, (
-        f"{objects1 - objects0} more gc-tracked objects after "
-        f"{ITERATIONS - WARMUP} iterations"
+        f"{objects1 - objects0} more gc-tracked objects after {ITERATIONS - WARMUP} iterations"
     )
 
 
@@ -129,9 +126,7 @@ class RecordsHidden(nn.Module):
 @pytest.mark.parametrize(
     "ar_kwargs", [{}, {"eta": 0.5, "steps": 10}], ids=["exact", "eta0.5_forward_init"]
 )
-@pytest.mark.parametrize(
-    "use_autograd_grad", [False, True], ids=["backward", "autograd_grad"]
-)
+@pytest.mark.parametrize("use_autograd_grad", [False, True], ids=["backward", "autograd_grad"])
 def test_inner_graph_freed_after_backward(ar_kwargs, use_autograd_grad, torch_ar):
     gc.disable()  # anything still alive below must be held by a real reference
     try:

@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import needs_cuda
 import torch.nn.functional as F
+from conftest import needs_cuda
 from torch import nn
 from zoo import cosine
 
@@ -78,9 +78,7 @@ def _data(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return x, y
 
 
-def _autocast_loss(
-    module: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0
-):
+def _autocast_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x)
         loss = F.cross_entropy(out, y) * scale
@@ -169,9 +167,7 @@ def _scaled_steps(module, params, x, y, scales, ar_kwargs=None):
         opt.zero_grad(set_to_none=True)
         _, loss = _autocast_loss(module, x, y, scale)
         scaler.scale(loss).backward()
-        grads_finite = all(
-            bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None
-        )
+        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
         scaler.step(opt)
         scaler.update()
         history.append(
@@ -213,18 +209,14 @@ def test_grad_scaler_skips_overflow_step_like_autograd(ar_kwargs, torch_ar):
     assert all(torch.equal(a, b) for a, b in zip(ar_p1, start)), (
         "the overflow step was not skipped: parameters changed"
     )
-    assert ar_s1 == ref_s1 == 2.0**7, (
-        f"scale after overflow: AR {ar_s1}, autograd {ref_s1}"
-    )
+    assert ar_s1 == ref_s1 == 2.0**7, f"scale after overflow: AR {ar_s1}, autograd {ref_s1}"
     # The next, finite step runs normally and matches autograd's.
     assert ar_finite2
     assert ar_s2 == ref_s2
     for i, (a, b, s) in enumerate(zip(ar_p2, ref_p2, start)):
         assert not torch.equal(a, s), f"parameter {i} did not move on the finite step"
         c = cosine(a - s, b - s)
-        assert c >= BF16_MIN_COSINE, (
-            f"parameter {i}: update cosine {c:.6f} to autograd's"
-        )
+        assert c >= BF16_MIN_COSINE, f"parameter {i}: update cosine {c:.6f} to autograd's"
 
 
 def test_grad_scaler_overflow_without_autocast_with_propagate(torch_ar):
@@ -259,9 +251,7 @@ def test_raise_mode_aborts_the_scaler_flow(autocast, torch_ar):
         loss = F.cross_entropy(ar(x), y) * math.inf
     with pytest.raises(torch_ar.RelaxationDivergedError, match=r"step \d+.*node"):
         scaler.scale(loss).backward()
-    assert all(p.grad is None for p in model.parameters()), (
-        "half-done gradients written"
-    )
+    assert all(p.grad is None for p in model.parameters()), "half-done gradients written"
 
 
 @pytest.mark.parametrize(
@@ -286,7 +276,6 @@ def test_propagated_overflow_is_reported_in_stats(ar_kwargs, torch_ar):
 # --------------------------------------------------------------------------
 
 
-
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
@@ -295,7 +284,10 @@ def test_propagated_overflow_is_reported_in_stats(ar_kwargs, torch_ar):
 def test_cuda_autocast_gradscaler_matches_autograd_and_skips_overflow(dtype, ar_kwargs, torch_ar):
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
         nn.Linear(8 * 4 * 4, 10),
     ).cuda()
     ref = copy.deepcopy(net)

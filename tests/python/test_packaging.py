@@ -67,8 +67,18 @@ print("exact gradient from", torch_ar.__file__, "relative error", err)
 def test_wheel_installs_and_runs_in_a_fresh_environment(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
-         "--no-index", "-w", str(dist), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
         cwd=ROOT,
         env=build_env(),
     )
@@ -115,15 +125,25 @@ def test_import_torch_ar_does_not_load_the_harness() -> None:
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert result.returncode == 0, f"import torch_ar loaded {result.stdout.strip()}\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"import torch_ar loaded {result.stdout.strip()}\n{result.stderr}"
+    )
 
 
 def test_module_entry_point_still_works() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "torch_ar", "--help"],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "usage: python -m torch_ar" in result.stdout

@@ -130,9 +130,7 @@ class GraphNet(nn.Module):
             elif kind == "residual":
                 act = op[1]
                 self.layers.append(
-                    nn.Conv2d(cur[0], cur[0], 3, padding=1)
-                    if image
-                    else nn.Linear(cur[0], cur[0])
+                    nn.Conv2d(cur[0], cur[0], 3, padding=1) if image else nn.Linear(cur[0], cur[0])
                 )
                 self.plan.append(("residual", len(self.layers) - 1, act))
                 new = cur
@@ -169,9 +167,7 @@ class GraphNet(nn.Module):
                 else:
                     # Widths differ: project the earlier node first (1x1 conv for maps).
                     self.layers.append(
-                        nn.Conv2d(other[0], cur[0], 1)
-                        if image
-                        else nn.Linear(other[0], cur[0])
+                        nn.Conv2d(other[0], cur[0], 1) if image else nn.Linear(other[0], cur[0])
                     )
                     self.plan.append((kind, j, len(self.layers) - 1))
                     new = cur
@@ -181,9 +177,7 @@ class GraphNet(nn.Module):
                 new = (width,)
             elif kind == "index":
                 gen = torch.Generator().manual_seed(op[1])
-                self.plan.append(
-                    ("index", torch.randint(0, cur[0], (cur[0] + 1,), generator=gen))
-                )
+                self.plan.append(("index", torch.randint(0, cur[0], (cur[0] + 1,), generator=gen)))
                 new = (cur[0] + 1,)
             elif kind == "normalize":
                 self.plan.append(("normalize", op[1]))
@@ -313,18 +307,25 @@ def loss_of(out, t1: torch.Tensor, t2: torch.Tensor | None) -> torch.Tensor:
 
 def _checkpoint_then_inplace(spec: GraphSpec) -> bool:
     kinds = [op[0] for op in spec.ops]
-    return "checkpoint" in kinds and "inplace" in kinds[kinds.index("checkpoint") + 1:]
+    return "checkpoint" in kinds and "inplace" in kinds[kinds.index("checkpoint") + 1 :]
 
 
 CHECKPOINT_THEN_INPLACE = GraphSpec(
-    family="vector", ops=(("checkpoint", 2, "relu", False), ("inplace", "relu_")), seed=0,
-    second_output=None, input_grad=False,
+    family="vector",
+    ops=(("checkpoint", 2, "relu", False), ("inplace", "relu_")),
+    seed=0,
+    second_output=None,
+    input_grad=False,
 )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known limitation: an in-place "
-                   "op after a checkpointed "
-                   "region invalidates the tensors relaxation reads (eta < 1 or trace)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known limitation: an in-place "
+    "op after a checkpointed "
+    "region invalidates the tensors relaxation reads (eta < 1 or trace)",
+)
 @pytest.mark.parametrize("mode", [{"trace": True}, {"eta": 0.5, "steps": 40}])
 def test_checkpoint_then_inplace_relaxes(mode: dict):
     errs, _ = gradient_errors(CHECKPOINT_THEN_INPLACE, mode, known_limitations=False)
@@ -360,8 +361,11 @@ def gradient_errors(
         loss_of(ar_out, t1, t2).backward()
     except RuntimeError as exc:
         ar_error = exc
-    if known_limitations and ref_error is None and _checkpoint_then_inplace(spec) and (
-        "modified by an inplace operation" in str(ar_error)
+    if (
+        known_limitations
+        and ref_error is None
+        and _checkpoint_then_inplace(spec)
+        and ("modified by an inplace operation" in str(ar_error))
     ):
         # Known limitation (README, Limitations; pinned by the strict xfail
         # below): relaxation runs the checkpointed region on its forward's saved
@@ -372,16 +376,12 @@ def gradient_errors(
         assert ref_error is not None and ar_error is not None, (
             f"only one side failed: autograd {ref_error!r}, AR {ar_error!r}"
         )
-        assert str(ref_error)[:60] in str(ar_error), (
-            f"{ar_error!r} is not {ref_error!r}"
-        )
+        assert str(ref_error)[:60] in str(ar_error), f"{ar_error!r} is not {ref_error!r}"
         return {}, ar
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         if q.grad is None:
-            assert p.grad is None or not p.grad.any(), (
-                f"{n}: AR gradient where autograd has none"
-            )
+            assert p.grad is None or not p.grad.any(), f"{n}: AR gradient where autograd has none"
             continue
         assert p.grad is not None, f"{n}: no AR gradient"
         pairs[n] = (p.grad, q.grad)
@@ -566,17 +566,14 @@ def test_random_graph_relaxation_converges(
     spec: GraphSpec, schedule: str, init: str, evaluation: str
 ):
     few, _ = gradient_errors(
-        spec, {"eta": 0.5, "steps": 3, "schedule": schedule, "init": init,
-               "evaluation": evaluation}
+        spec, {"eta": 0.5, "steps": 3, "schedule": schedule, "init": init, "evaluation": evaluation}
     )
     many, ar = gradient_errors(
-        spec, {"eta": 0.5, "steps": 200, "schedule": schedule, "init": init,
-               "evaluation": evaluation}
+        spec,
+        {"eta": 0.5, "steps": 200, "schedule": schedule, "init": init, "evaluation": evaluation},
     )
     bad = {k: e for k, e in many.items() if not e <= 1e-9}
-    assert not bad, (
-        f"eta 0.5, 200 steps ({schedule}, init {init}): not converged: {bad}"
-    )
+    assert not bad, f"eta 0.5, 200 steps ({schedule}, init {init}): not converged: {bad}"
     # More steps never leave it worse off than 3 steps (up to rounding).
     worse = {k: (few[k], e) for k, e in many.items() if e > few[k] + 1e-12}
     assert not worse, f"200 steps worse than 3: {worse}"
@@ -601,8 +598,11 @@ def ar_gradients(spec: GraphSpec, ar_kwargs: dict) -> tuple[dict[str, torch.Tens
 
 
 VARIANTS = (
-    "exact", "learned_backward_weights", "feedback_alignment",
-    "no_nonlinear_derivative", "combined",
+    "exact",
+    "learned_backward_weights",
+    "feedback_alignment",
+    "no_nonlinear_derivative",
+    "combined",
 )
 
 
@@ -622,7 +622,11 @@ VARIANTS = (
     variant=st.sampled_from(VARIANTS),
 )
 @example(
-    spec=TOKENS_CHECKPOINTED, schedule="jacobi", init="forward", eta=0.1, steps="100",
+    spec=TOKENS_CHECKPOINTED,
+    schedule="jacobi",
+    init="forward",
+    eta=0.1,
+    steps="100",
     variant="feedback_alignment",
 )
 def test_random_graph_closed_form_equals_literal_steps(spec, schedule, init, eta, steps, variant):

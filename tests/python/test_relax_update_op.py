@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import cuda_marks, needs_cuda
-import torch_ar._C  # noqa: F401  (loading the library registers torch.ops.torch_ar)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import torch_ar._C  # noqa: F401  (loading the library registers torch.ops.torch_ar)
 
 relax_update_ = torch.ops.torch_ar.relax_update_
 
@@ -45,9 +46,7 @@ def reference(
         c = compute_dtype(s.dtype)
         d = t.to(c) - s.to(c)
         updated = s.to(c) + eta * d
-        updated = torch.where(
-            updated.abs() < flush_below, torch.zeros_like(updated), updated
-        )
+        updated = torch.where(updated.abs() < flush_below, torch.zeros_like(updated), updated)
         new_states.append(updated.to(s.dtype))
         rows.append(torch.stack([d.double().norm(), t.double().norm()]))
     norms = torch.stack(rows) if rows else torch.empty(0, 2, dtype=torch.float64)
@@ -56,13 +55,9 @@ def reference(
 
 def random_pairs(shapes, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    states = [
-        torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device)
-        for s in shapes
-    ]
+    states = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device) for s in shapes]
     targets = [
-        torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device)
-        for s in shapes
+        torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device) for s in shapes
     ]
     return states, targets
 
@@ -101,13 +96,9 @@ def test_matches_reference(device, dtype, eta):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_flush_zeroes_small_values(device, dtype):
     state = torch.zeros(6, dtype=dtype, device=device)
-    target = torch.tensor(
-        [1e-3, -1e-3, 1e-9, -1e-9, 0.0, 5.0], dtype=dtype, device=device
-    )
+    target = torch.tensor([1e-3, -1e-3, 1e-9, -1e-9, 0.0, 5.0], dtype=dtype, device=device)
     relax_update_([state], [target], 1.0, 1e-6)
-    expected = torch.tensor(
-        [1e-3, -1e-3, 0.0, 0.0, 0.0, 5.0], dtype=dtype, device=device
-    )
+    expected = torch.tensor([1e-3, -1e-3, 0.0, 0.0, 0.0, 5.0], dtype=dtype, device=device)
     assert torch.equal(state, expected)
 
 
@@ -150,9 +141,7 @@ def test_mixed_dtypes_across_pairs(device):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    shapes=st.lists(
-        st.lists(st.integers(0, 40), max_size=3).map(tuple), min_size=1, max_size=5
-    ),
+    shapes=st.lists(st.lists(st.integers(0, 40), max_size=3).map(tuple), min_size=1, max_size=5),
     eta=st.floats(0.0, 1.5),
     flush_below=st.sampled_from([0.0, 1e-6, 0.5]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
@@ -198,13 +187,9 @@ def test_negative_flush_threshold_raises():
 
 def test_refuses_tensors_that_require_grad():
     state, target = torch.zeros(3, requires_grad=True), torch.ones(3)
-    with pytest.raises(
-        RuntimeError, match=r"not differentiable, but states\[0\] requires grad"
-    ):
+    with pytest.raises(RuntimeError, match=r"not differentiable, but states\[0\] requires grad"):
         relax_update_([state], [target], 0.5, 0.0)
-    with pytest.raises(
-        RuntimeError, match=r"not differentiable, but targets\[0\] requires grad"
-    ):
+    with pytest.raises(RuntimeError, match=r"not differentiable, but targets\[0\] requires grad"):
         relax_update_([target.clone()], [state], 0.5, 0.0)
     with torch.no_grad():  # allowed, like an optimizer step
         relax_update_([state], [target], 0.5, 0.0)

@@ -24,11 +24,19 @@ def test_selftest_on_cpu_passes_every_check(torch_ar) -> None:
     assert any(n.startswith("kernel relax_update_activation_") for n in names)
     assert any(n.startswith("kernel horner_update_") for n in names)
     for graph in ("mlp", "cnn+bn", "residual", "cnn+bn channels_last"):
-        for what in ("exact sweep = autograd", "literal steps eta 1 = autograd",
-                     "closed form = literal steps (fused)", "closed form = literal steps (unfused)"):
+        for what in (
+            "exact sweep = autograd",
+            "literal steps eta 1 = autograd",
+            "closed form = literal steps (fused)",
+            "closed form = literal steps (unfused)",
+        ):
             assert f"engine {graph}: {what}" in names
-    for variant in ("learned_backward_weights", "feedback_alignment",
-                    "no_nonlinear_derivative", "combined"):
+    for variant in (
+        "learned_backward_weights",
+        "feedback_alignment",
+        "no_nonlinear_derivative",
+        "combined",
+    ):
         for evaluation in ("exact sweep", "closed form", "literal"):
             assert f"variant {variant}: {evaluation} = oracle" in names
     assert all(c.error is not None and c.error <= c.limit for c in report.checks)
@@ -62,7 +70,10 @@ def test_selftest_command_writes_its_report(tmp_path) -> None:
     out = tmp_path / "selftest.json"
     result = subprocess.run(
         [sys.executable, "-m", "torch_ar", "selftest", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, check=False, timeout=300,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| check | result | error | limit |" in result.stdout

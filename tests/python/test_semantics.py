@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import needs_cuda
 import torch.nn.functional as F
+from conftest import needs_cuda
 from torch import nn
 from zoo import (
     CASES,
@@ -42,9 +42,7 @@ class Setup:
 
     def loss(self, module: nn.Module) -> torch.Tensor:
         """The case's loss of ``module`` on the batch, under the fixed forward seed."""
-        return self.case.loss(
-            seeded_forward(module, self.args, self.kwargs), self.target
-        )
+        return self.case.loss(seeded_forward(module, self.args, self.kwargs), self.target)
 
     def grad_pairs(self) -> dict:
         return _grad_pairs(self.model, self.ref)
@@ -60,10 +58,7 @@ def _wrapped_and_reference(case_name, device, dtype, torch_ar, **ar_kwargs) -> S
 
 
 def _grad_pairs(model, ref):
-    return {
-        n: (p.grad, q.grad)
-        for (n, p), q in zip(model.named_parameters(), ref.parameters())
-    }
+    return {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
 
 
 def _tensors(obj):
@@ -95,9 +90,7 @@ def test_accumulates_onto_existing_grad(device, torch_ar):
     assert_grads_match(pairs, torch.float64)
 
 
-@pytest.mark.parametrize(
-    "eta_steps", [{}, {"eta": 0.5, "steps": 60}], ids=["exact", "eta0.5"]
-)
+@pytest.mark.parametrize("eta_steps", [{}, {"eta": 0.5, "steps": 60}], ids=["exact", "eta0.5"])
 def test_retain_graph_allows_second_backward(device, dtype, torch_ar, eta_steps):
     s = _wrapped_and_reference("paper_mlp_mse", device, dtype, torch_ar, **eta_steps)
     loss = s.loss(s.ar)
@@ -109,9 +102,7 @@ def test_retain_graph_allows_second_backward(device, dtype, torch_ar, eta_steps)
         assert torch.equal(p.grad, first[n]), f"{n}: second backward differs"
     loss.backward()
     for n, p in s.model.named_parameters():
-        assert rel_err(p.grad, 2 * first[n]) <= (
-            1e-12 if dtype == torch.float64 else 1e-6
-        )
+        assert rel_err(p.grad, 2 * first[n]) <= (1e-12 if dtype == torch.float64 else 1e-6)
 
 
 def test_zero_grad_set_to_none(device, dtype, torch_ar):
@@ -239,9 +230,7 @@ def test_adam_and_clip_grad_norm_work(device, torch_ar):
         ("dropout_seeded", {}),
     ],
 )
-def test_deterministic_gradients(
-    case_name, ar_kwargs, device, dtype, torch_ar, monkeypatch
-):
+def test_deterministic_gradients(case_name, ar_kwargs, device, dtype, torch_ar, monkeypatch):
     if device == "cuda":
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     runs = []
@@ -254,9 +243,7 @@ def test_deterministic_gradients(
 
 
 def test_stats_refresh_on_each_backward(device, torch_ar):
-    s = _wrapped_and_reference(
-        "paper_mlp_mse", device, torch.float64, torch_ar, eta=0.5, steps=7
-    )
+    s = _wrapped_and_reference("paper_mlp_mse", device, torch.float64, torch_ar, eta=0.5, steps=7)
     s.loss(s.ar).backward()
     first = s.ar.last_stats
     assert first.steps == 7
@@ -270,9 +257,7 @@ def test_module_state_dict_round_trip(torch_ar):
     case = CASES["batchnorm_train"]
     model = make_model(case, "cpu", torch.float32)
     ar = torch_ar.ARBackward(model)
-    assert {k.removeprefix("module.") for k in ar.state_dict()} == set(
-        model.state_dict()
-    )
+    assert {k.removeprefix("module.") for k in ar.state_dict()} == set(model.state_dict())
     ar.module.load_state_dict(copy.deepcopy(model.state_dict()))
 
 
@@ -295,8 +280,5 @@ def test_loss_with_mixed_dtypes_cast_like_autograd(device, torch_ar):
     (x,), _, target = make_batch(case, device, torch.float32)
     F.mse_loss(ar(x).double(), target.double()).backward()
     F.mse_loss(ref(x).double(), target.double()).backward()
-    pairs = {
-        n: (p.grad, q.grad)
-        for (n, p), q in zip(model.named_parameters(), ref.parameters())
-    }
+    pairs = {n: (p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())}
     assert_grads_match(pairs, torch.float32)

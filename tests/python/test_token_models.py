@@ -118,7 +118,7 @@ def _oracle_grads(case_name: str, dtype: torch.dtype, psis: dict[str, torch.Tens
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_psi_variants_equal_their_oracle(case_name, variant, dtype):
     got, ar, _ = _run(case_name, dtype, {"variant": variant})
-    psis = {n: p for n, p in ar.backward_weights().items()}
+    psis = dict(ar.backward_weights())
     expected = _oracle_grads(case_name, dtype, psis)
     autograd, _, _ = _run(case_name, dtype, None)
     assert set(got) == set(expected)

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_cuda
 import torch.nn.functional as F
+from conftest import needs_cuda
 from torch import nn
 from zoo import F32_MIN_COSINE, F64_MAX_REL_ERR, cosine, load_torch_ar, rel_err
 
@@ -67,11 +67,8 @@ RULES = {
 }
 
 # (variant, weight_update_derivative): the flag only matters where f' is dropped.
-VARIANT_CONFIGS = [
-    pytest.param(v, True, id=v) for v in ALL_VARIANTS
-] + [
-    pytest.param(v, False, id=f"{v}-no_wud")
-    for v in ("no_nonlinear_derivative", "combined")
+VARIANT_CONFIGS = [pytest.param(v, True, id=v) for v in ALL_VARIANTS] + [
+    pytest.param(v, False, id=f"{v}-no_wud") for v in ("no_nonlinear_derivative", "combined")
 ]
 
 
@@ -168,7 +165,10 @@ ACTIVATIONS = {
 
 
 def _input_vjp(
-    layer: nn.Module, delta: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+    layer: nn.Module,
+    delta: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
     psi: torch.Tensor | None,
 ):
     """The layer's input-VJP through psi when given (linear psi is [in, out]), else W."""
@@ -286,9 +286,7 @@ def ar_and_oracle(net, variant, wud, device, dtype, **ar_kwargs):
     torch_ar = load_torch_ar()
     model, x, y = make_problem(net, device, dtype)
     torch.manual_seed(7)
-    ar = torch_ar.ARBackward(
-        model, variant=variant, weight_update_derivative=wud, **ar_kwargs
-    )
+    ar = torch_ar.ARBackward(model, variant=variant, weight_update_derivative=wud, **ar_kwargs)
     psis = {n: p.detach().clone() for n, p in ar.backward_weights().items()}
     rule = Rule(RULES[variant].backward_weights, RULES[variant].drop_derivative, wud)
     expected = Oracle(model, psis, rule).gradients(x, y)
@@ -331,7 +329,8 @@ def test_oracles_differ_between_variants(net):
     torch.manual_seed(7)
     psis = {
         n: 0.05 * torch.randn(p.t().shape if p.dim() == 2 else p.shape, dtype=p.dtype)
-        for n, p in model.named_parameters() if n.endswith("weight")
+        for n, p in model.named_parameters()
+        if n.endswith("weight")
     }
     grads = {}
     for param in VARIANT_CONFIGS:
@@ -377,9 +376,7 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "ar_kwargs, wud", [pytest.param(k, w, id=i) for k, w, i in LAYOUTS]
-)
+@pytest.mark.parametrize("ar_kwargs, wud", [pytest.param(k, w, id=i) for k, w, i in LAYOUTS])
 @pytest.mark.parametrize("variant", ["no_nonlinear_derivative", "combined"])
 def test_schedule_and_granularity_reach_the_same_fixed_point(variant, wud, ar_kwargs, device):
     """The fixed point is the variant's, not the state layout's.
@@ -493,8 +490,7 @@ def test_backward_weights_are_registered(variant, device):
     ar = torch_ar.ARBackward(model, variant=variant)
     psis = ar.backward_weights()
     weights = {
-        n: p for n, p in model.named_parameters()
-        if n.endswith("weight") and p.dim() in (2, 4)
+        n: p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() in (2, 4)
     }
     assert set(psis) == set(weights)
     for name, psi in psis.items():
@@ -531,7 +527,11 @@ def test_matched_init_draws_psi_at_each_weights_own_scale():
     torch_ar = load_torch_ar()
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Flatten(),
+        nn.Conv2d(3, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.Flatten(),
         nn.Linear(64 * 4 * 4, 10),
     )
     ar = torch_ar.ARBackward(model, variant="feedback_alignment", backward_weight_init="matched")
@@ -623,9 +623,7 @@ def train_regression(decay: float) -> TrainingRun:
     from torch_ar.alignment import backward_weight_angles
 
     model, x, y = regression_problem()
-    ar = torch_ar.ARBackward(
-        model, variant="learned_backward_weights", backward_weight_decay=decay
-    )
+    ar = torch_ar.ARBackward(model, variant="learned_backward_weights", backward_weight_decay=decay)
     d0 = _differences(ar)
 
     def norms() -> dict[str, float]:
@@ -641,8 +639,15 @@ def train_regression(decay: float) -> TrainingRun:
         d = _differences(ar)
         drift = max(drift, *((d[n] - d0[n]).abs().max().item() for n in d0))
     return TrainingRun(
-        start[0], backward_weight_angles(ar), start[1], norms(), d0, _differences(ar),
-        drift, start[2], F.mse_loss(model(x), y).item(),
+        start[0],
+        backward_weight_angles(ar),
+        start[1],
+        norms(),
+        d0,
+        _differences(ar),
+        drift,
+        start[2],
+        F.mse_loss(model(x), y).item(),
     )
 
 
@@ -775,7 +780,11 @@ def test_checkpoint_resumes_bit_identically(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tests_dir.parents[1])}
     done = subprocess.run(
         [sys.executable, str(script), str(tests_dir), str(checkpoint), str(final)],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     resumed = torch.load(final)
@@ -850,7 +859,11 @@ def test_backward_weight_angles_transpose_and_random():
 
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 512), nn.ReLU(),
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 512),
+        nn.ReLU(),
         nn.Linear(512, 512),
     ).double()
     ar = torch_ar.ARBackward(model, variant="combined", backward_weight_init="transpose")
@@ -871,6 +884,7 @@ def test_variant_gradient_cosines(device, dtype):
 
     model, x, y = make_problem("cnn", device, dtype)
     names = [n for n, _ in model.named_parameters()]
+
     def loss_fn(out):
         return F.cross_entropy(out, y)
 
@@ -965,8 +979,11 @@ def test_sign_feedback_follows_w_and_its_magnitudes(torch_ar):
     flipped = sum(int((torch.sign(seen[0][n]) != torch.sign(seen[2][n])).sum()) for n in seen[0])
     assert flipped > 0
     magnitudes = lambda s: {n: p.abs() for n, p in s.items()}  # noqa: E731
-    for variant, fixed in (("sign_symmetry", True), ("sign_symmetry_fixed_random", True),
-                           ("sign_symmetry_batch_random", False)):
+    for variant, fixed in (
+        ("sign_symmetry", True),
+        ("sign_symmetry_fixed_random", True),
+        ("sign_symmetry_batch_random", False),
+    ):
         seen = runs[variant][0]
         same = all(torch.equal(magnitudes(seen[0])[n], magnitudes(seen[2])[n]) for n in seen[0])
         assert same == fixed, variant
@@ -991,12 +1008,17 @@ def test_xavier_backward_weight_init(torch_ar):
 
 @pytest.mark.parametrize("net", list(NETS))
 @pytest.mark.parametrize("variant, wud", VARIANT_CONFIGS)
-@pytest.mark.parametrize("settings", [
-    pytest.param({}, id="exact_sweep"), pytest.param({"eta": 0.5, "steps": 200}, id="closed_form"),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({}, id="exact_sweep"),
+        pytest.param({"eta": 0.5, "steps": 200}, id="closed_form"),
+    ],
+)
 def test_block_granularity_reaches_the_oracle(net, variant, wud, settings, device):
     """A block holds a weight layer, its activation and what follows it up to the
     next weight layer: the variants' fixed points are the same."""
-    _, got, expected = ar_and_oracle(net, variant, wud, device, torch.float64,
-                                     granularity="block", **settings)
+    _, got, expected = ar_and_oracle(
+        net, variant, wud, device, torch.float64, granularity="block", **settings
+    )
     assert_close(got, expected, torch.float64)

@@ -343,9 +343,7 @@ class SameTensorTwice(nn.Module):
         self.body = nn.Linear(10, 8)
         self.head = nn.Linear(8, 3)
 
-    def forward(
-        self, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = torch.tanh(self.body(x))
         y = self.head(h)
         return y, y, h
@@ -518,16 +516,12 @@ def _pair_loss(out: tuple[torch.Tensor, torch.Tensor], target: Any) -> torch.Ten
     return F.cross_entropy(y1, target[0]) + F.mse_loss(y2, target[1])
 
 
-def _first_only_loss(
-    out: tuple[torch.Tensor, torch.Tensor], target: Any
-) -> torch.Tensor:
+def _first_only_loss(out: tuple[torch.Tensor, torch.Tensor], target: Any) -> torch.Tensor:
     return F.cross_entropy(out[0], target[0])
 
 
 def _dict_loss(out: dict[str, torch.Tensor], target: Any) -> torch.Tensor:
-    return F.cross_entropy(out["logits"], target[0]) + 0.5 * F.mse_loss(
-        out["aux"], target[1]
-    )
+    return F.cross_entropy(out["logits"], target[0]) + 0.5 * F.mse_loss(out["aux"], target[1])
 
 
 def _loss_is_output(out: torch.Tensor, target: Any) -> torch.Tensor:
@@ -628,7 +622,7 @@ def _language_batch(n: int = 3, vocab: int = 20, length: int = 6):
 def _encoder_batch(n: int = 4, vocab: int = 20, length: int = 6):
     def batch(gen: torch.Generator):
         ids = torch.randint(1, vocab, (n, length), generator=gen)
-        ids[1:, length - 2:] = 0  # padding at the end of all but the first sequence
+        ids[1:, length - 2 :] = 0  # padding at the end of all but the first sequence
         segments = (torch.arange(length) >= length // 2).long().expand(n, -1).clone()
         return (ids, segments), {}, _labels(gen, n, 3)
 
@@ -723,12 +717,8 @@ CASES: dict[str, Case] = {
         Case("dropout_seeded", DropoutNet, _vector_ce_batch(10, 4), _ce),
         Case("control_flow", ControlFlow, _control_flow_batch(), _ce),
         Case("batchnorm_train", batchnorm_cnn, _image_ce_batch(3, 8, 10), _ce),
-        Case(
-            "batchnorm_eval", batchnorm_cnn, _image_ce_batch(3, 8, 10), _ce, train=False
-        ),
-        Case(
-            "pool_activation_cnn", pool_activation_cnn, _image_ce_batch(3, 12, 10), _ce
-        ),
+        Case("batchnorm_eval", batchnorm_cnn, _image_ce_batch(3, 8, 10), _ce, train=False),
+        Case("pool_activation_cnn", pool_activation_cnn, _image_ce_batch(3, 12, 10), _ce),
         Case("conv1d", conv1d_net, _conv1d_batch(), _ce),
         Case(
             "broadcast_params",
@@ -866,12 +856,8 @@ def ar_vs_autograd(
     ref_inputs = [t for t in tree_tensors(ref_args) if t.requires_grad]
 
     if use_autograd_grad:
-        ar_grads = torch.autograd.grad(
-            ar_loss, [ar_params[n] for n in names] + ar_inputs
-        )
-        ref_grads = torch.autograd.grad(
-            ref_loss, [ref_params[n] for n in names] + ref_inputs
-        )
+        ar_grads = torch.autograd.grad(ar_loss, [ar_params[n] for n in names] + ar_inputs)
+        ref_grads = torch.autograd.grad(ref_loss, [ref_params[n] for n in names] + ref_inputs)
     else:
         ar_loss.backward()
         ref_loss.backward()
@@ -884,9 +870,7 @@ def ar_vs_autograd(
         if b is None:
             # Autograd gives no gradient (the tensor does not reach the loss);
             # AR may give none or an all-zero one, never a non-zero one.
-            assert a is None or not a.any(), (
-                f"{k}: AR gradient is non-zero where autograd has none"
-            )
+            assert a is None or not a.any(), f"{k}: AR gradient is non-zero where autograd has none"
             continue
         pairs[k] = (a, b)
     return Comparison(pairs, ar, ar_out, ref_out, ar_loss, ref_loss)
@@ -895,17 +879,13 @@ def ar_vs_autograd(
 def grad_errors(
     pairs: dict[str, tuple[torch.Tensor | None, torch.Tensor]],
 ) -> dict[str, float]:
-    return {
-        k: (math.inf if a is None else rel_err(a, b)) for k, (a, b) in pairs.items()
-    }
+    return {k: (math.inf if a is None else rel_err(a, b)) for k, (a, b) in pairs.items()}
 
 
 def grad_cosines(
     pairs: dict[str, tuple[torch.Tensor | None, torch.Tensor]],
 ) -> dict[str, float]:
-    return {
-        k: (-math.inf if a is None else cosine(a, b)) for k, (a, b) in pairs.items()
-    }
+    return {k: (-math.inf if a is None else cosine(a, b)) for k, (a, b) in pairs.items()}
 
 
 def assert_grads_match(
@@ -920,9 +900,7 @@ def assert_grads_match(
     missing = [k for k, (a, _) in pairs.items() if a is None]
     assert not missing, f"ARBackward produced no gradient for {missing}"
     for k, (a, b) in pairs.items():
-        assert a.shape == b.shape, (
-            f"{k}: AR grad shape {tuple(a.shape)} != {tuple(b.shape)}"
-        )
+        assert a.shape == b.shape, f"{k}: AR grad shape {tuple(a.shape)} != {tuple(b.shape)}"
         assert a.dtype == b.dtype, f"{k}: AR grad dtype {a.dtype} != {b.dtype}"
         assert a.device == b.device, f"{k}: AR grad device {a.device} != {b.device}"
     if dtype == torch.float64:
@@ -942,9 +920,7 @@ def assert_outputs_equal(a: Any, b: Any) -> None:
         assert list(a) == list(b), f"output keys {list(a)} != {list(b)}"
     assert len(ta) == len(tb)
     for x, y in zip(ta, tb):
-        assert torch.equal(x.detach(), y.detach()), (
-            "ARBackward changed the forward output"
-        )
+        assert torch.equal(x.detach(), y.detach()), "ARBackward changed the forward output"
 
 
 # --------------------------------------------------------------------------
@@ -1004,9 +980,7 @@ def reference_relaxation(
             if schedule == "jacobi":
                 old = [s.clone() for s in states]
                 for layer in range(n - 1):
-                    states[layer] = old[layer] + eta * (
-                        pulled(layer, old[layer + 1]) - old[layer]
-                    )
+                    states[layer] = old[layer] + eta * (pulled(layer, old[layer + 1]) - old[layer])
             else:
                 for layer in reversed(range(n - 1)):
                     states[layer] = states[layer] + eta * (

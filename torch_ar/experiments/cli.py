@@ -226,7 +226,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "--test-batch-size", type=positive_int, default=d.test_batch_size, help=default[1:]
     )
     g.add_argument(
-        "--val-split", type=nonnegative_int, default=None,
+        "--val-split",
+        type=nonnegative_int,
+        default=None,
         help="hold this many training examples out (a fixed sample) and report val_acc each "
         "epoch, e.g. 5000 for CIFAR-10's 45k/5k (default: none)",
     )
@@ -325,30 +327,44 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "--momentum", type=nonnegative_float, default=d.momentum, help="SGD momentum" + default
     )
     g.add_argument(
-        "--weight-decay", type=nonnegative_float, default=d.weight_decay,
+        "--weight-decay",
+        type=nonnegative_float,
+        default=d.weight_decay,
         help="L2 decay of the model's parameters (not of backward weights, see the next flag)"
         + default,
     )
     g.add_argument(
-        "--weight-decay-backward-weights", action="store_true", default=None,
+        "--weight-decay-backward-weights",
+        action="store_true",
+        default=None,
         help="apply --weight-decay to learned backward weights (psi) too",
     )
     g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (SGD)")
     g.add_argument(
-        "--lr-schedule", choices=training.LR_SCHEDULES, default=None,
+        "--lr-schedule",
+        choices=training.LR_SCHEDULES,
+        default=None,
         help="cosine: to 0 at the last batch; step: x --lr-gamma at --lr-milestones "
         "(default: none, a constant rate)",
     )
     g.add_argument(
-        "--warmup-epochs", type=nonnegative_float, default=None,
+        "--warmup-epochs",
+        type=nonnegative_float,
+        default=None,
         help="linear warm-up from 0 over this many epochs (default: 0)",
     )
     g.add_argument(
-        "--lr-milestones", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
+        "--lr-milestones",
+        type=lambda t: tuple(int(v) for v in t.split(",")),
+        default=None,
         help="epochs of the step schedule, e.g. 100,150 (default: half and three quarters)",
     )
-    g.add_argument("--lr-gamma", type=positive_float, default=None,
-                   help="factor of the step schedule (default: 0.1)")
+    g.add_argument(
+        "--lr-gamma",
+        type=positive_float,
+        default=None,
+        help="factor of the step schedule (default: 0.1)",
+    )
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help=default[1:])
 
     g = t.add_argument_group("run")
@@ -499,8 +515,15 @@ def _compare(args: argparse.Namespace) -> int:
     at = compare.log_steps(args.steps) if args.at == "log" else args.at
     try:
         traces = compare.relaxation_traces(
-            trainer.model, trainer.loss_fn, x, y, etas=args.etas, steps=args.steps, at=at,
-            recommend=args.recommend, **options
+            trainer.model,
+            trainer.loss_fn,
+            x,
+            y,
+            etas=args.etas,
+            steps=args.steps,
+            at=at,
+            recommend=args.recommend,
+            **options,
         )
     except ValueError as e:  # options the engine refuses
         args.subparser.error(str(e))

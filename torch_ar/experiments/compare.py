@@ -206,8 +206,13 @@ class _Probe:
     masks agree); the model's buffers are restored after each forward.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-                 x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
         self.names = [n for n, _ in named]
@@ -253,7 +258,8 @@ class _Probe:
     def relevant(self) -> list[str]:
         """Parameters whose autograd gradient is not zero in exact arithmetic."""
         norms = {
-            n: float(r.norm()) for n, r in zip(self.names, self.reference, strict=True)
+            n: float(r.norm())
+            for n, r in zip(self.names, self.reference, strict=True)
             if r is not None
         }
         largest = max(norms.values(), default=0.0)
@@ -407,8 +413,13 @@ def relaxation_traces(
 
 
 def _add_recommendations(
-    traces: RelaxationTraces, model: nn.Module, loss_fn: Callable, x: torch.Tensor,
-    y: torch.Tensor, threshold: float, ar_options: dict[str, Any],
+    traces: RelaxationTraces,
+    model: nn.Module,
+    loss_fn: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threshold: float,
+    ar_options: dict[str, Any],
 ) -> None:
     traces.recommend_threshold = threshold
     for eta in traces.etas:
@@ -418,8 +429,14 @@ def _add_recommendations(
 
 
 def _closed_form_traces(
-    model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-    etas: Sequence[float], at: list[int], recommend: float | None, ar_options: dict[str, Any],
+    model: nn.Module,
+    loss_fn: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    etas: Sequence[float],
+    at: list[int],
+    recommend: float | None,
+    ar_options: dict[str, Any],
 ) -> RelaxationTraces:
     probe = _Probe(model, loss_fn, x, y)
     cosines: dict[float, dict[str, list[float]]] = {}

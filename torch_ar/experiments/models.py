@@ -152,7 +152,9 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110), got {depth}")
         if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 conv), got {shortcut!r}")
+            raise ValueError(
+                f"shortcut must be 'A' (zero padding) or 'B' (1x1 conv), got {shortcut!r}"
+            )
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)

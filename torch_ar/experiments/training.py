@@ -51,8 +51,17 @@ TEST_SAMPLE_SEED = 0
 # Seed of the validation sample held out of the training set (val_split).
 VAL_SAMPLE_SEED = 1
 AR_OPTIONS = (
-    "eta", "steps", "tol", "init", "schedule", "granularity", "variant", "cuda_graph",
-    "backward_weight_init", "backward_weight_std", "backward_weight_decay",
+    "eta",
+    "steps",
+    "tol",
+    "init",
+    "schedule",
+    "granularity",
+    "variant",
+    "cuda_graph",
+    "backward_weight_init",
+    "backward_weight_std",
+    "backward_weight_decay",
 )
 
 
@@ -276,11 +285,16 @@ class Trainer:
                 )
             # A fixed random sample (the folders are sorted by class), the
             # same for every seed and method.
-            order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(VAL_SAMPLE_SEED))
-            held, kept = order[: c.val_split].sort().values, order[c.val_split:].sort().values
+            order = torch.randperm(
+                len(train_labels), generator=torch.Generator().manual_seed(VAL_SAMPLE_SEED)
+            )
+            held, kept = order[: c.val_split].sort().values, order[c.val_split :].sort().values
             self.val_batches = data_lib.TensorBatches(
-                train_images[held], train_labels[held], c.test_batch_size,
-                device=self.device, transform=self._test_transform,
+                train_images[held],
+                train_labels[held],
+                c.test_batch_size,
+                device=self.device,
+                transform=self._test_transform,
             )
             train_images, train_labels = train_images[kept], train_labels[kept]
         self.train_batches = data_lib.TensorBatches(
@@ -341,9 +355,7 @@ class Trainer:
         if c.cosine_every < 0:
             raise ConfigError(f"cosine_every must be >= 0, got {c.cosine_every}")
         if c.normalize not in NORMALIZATIONS:
-            raise ConfigError(
-                f"unknown normalize {c.normalize!r}; choose from {NORMALIZATIONS}"
-            )
+            raise ConfigError(f"unknown normalize {c.normalize!r}; choose from {NORMALIZATIONS}")
         if c.lr_schedule is not None and c.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown lr_schedule {c.lr_schedule!r}; choose from {LR_SCHEDULES}")
         if c.warmup_epochs is not None and not 0 <= c.warmup_epochs < c.epochs:
@@ -379,7 +391,9 @@ class Trainer:
         return self._scale(x)
 
     def _train_transform(self, x: torch.Tensor) -> torch.Tensor:
-        return self._scale(data_lib.random_crop_flip(x, padding=4, generator=self.augment_generator))
+        return self._scale(
+            data_lib.random_crop_flip(x, padding=4, generator=self.augment_generator)
+        )
 
     def _progress(self, batches: Iterable[Any], desc: str, total: int) -> Any:
         if tqdm is None or not self.config.progress:
@@ -629,11 +643,20 @@ class Trainer:
         if not path.is_file() or not metrics.is_file():
             return []  # nothing to resume: start from scratch
         state = torch.load(path, map_location=self.device, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in ("resume", "progress", "epochs")}
-        now = {k: v for k, v in asdict(self.config).items() if k not in ("resume", "progress", "epochs")}
+        saved = {
+            k: v for k, v in state["config"].items() if k not in ("resume", "progress", "epochs")
+        }
+        now = {
+            k: v
+            for k, v in asdict(self.config).items()
+            if k not in ("resume", "progress", "epochs")
+        }
         # A setting added since the checkpoint was made is absent there: None, its default.
         changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
-        if self.config.lr_schedule not in (None, "none") and state["config"].get("epochs") != self.config.epochs:
+        if (
+            self.config.lr_schedule not in (None, "none")
+            and state["config"].get("epochs") != self.config.epochs
+        ):
             changed.append("epochs (the learning-rate schedule spans them)")
         if changed:
             raise ConfigError(
@@ -655,7 +678,8 @@ class Trainer:
         cosines = self.out / "cosine.jsonl"
         if cosines.is_file():
             kept = [
-                line for line in cosines.read_text().splitlines()
+                line
+                for line in cosines.read_text().splitlines()
                 if line.strip() and json.loads(line).get("epoch", 0) <= state["epoch"]
             ]
             cosines.write_text("".join(line + "\n" for line in kept))

@@ -40,32 +40,28 @@ bool leaky_relu(Node& n, const variable_list& g, const EdgeMask& m, variable_lis
 bool tanh(Node& n, const variable_list& g, const EdgeMask& m, variable_list& out) {
   auto* f = as<gen::TanhBackward0>(n);
   if (!f || !single_input_ready(g, m, out)) return false;
-  if (m[0] && g[0].defined())
-    out[0] = at::tanh_backward(g[0], f->result_.unpack(n.getptr()));
+  if (m[0] && g[0].defined()) out[0] = at::tanh_backward(g[0], f->result_.unpack(n.getptr()));
   return true;
 }
 
 bool sigmoid(Node& n, const variable_list& g, const EdgeMask& m, variable_list& out) {
   auto* f = as<gen::SigmoidBackward0>(n);
   if (!f || !single_input_ready(g, m, out)) return false;
-  if (m[0] && g[0].defined())
-    out[0] = at::sigmoid_backward(g[0], f->result_.unpack(n.getptr()));
+  if (m[0] && g[0].defined()) out[0] = at::sigmoid_backward(g[0], f->result_.unpack(n.getptr()));
   return true;
 }
 
 bool gelu(Node& n, const variable_list& g, const EdgeMask& m, variable_list& out) {
   auto* f = as<gen::GeluBackward0>(n);
   if (!f || !single_input_ready(g, m, out)) return false;
-  if (m[0] && g[0].defined())
-    out[0] = at::gelu_backward(g[0], f->self_.unpack(), f->approximate);
+  if (m[0] && g[0].defined()) out[0] = at::gelu_backward(g[0], f->self_.unpack(), f->approximate);
   return true;
 }
 
 bool silu(Node& n, const variable_list& g, const EdgeMask& m, variable_list& out) {
   auto* f = as<gen::SiluBackward0>(n);
   if (!f || !single_input_ready(g, m, out)) return false;
-  if (m[0] && g[0].defined())
-    out[0] = at::silu_backward(g[0], f->self_.unpack());
+  if (m[0] && g[0].defined()) out[0] = at::silu_backward(g[0], f->self_.unpack());
   return true;
 }
 
@@ -81,8 +77,8 @@ bool elu(Node& n, const variable_list& g, const EdgeMask& m, variable_list& out)
   auto* f = as<gen::EluBackward0>(n);
   if (!f || !single_input_ready(g, m, out)) return false;
   if (m[0] && g[0].defined())
-    out[0] = at::elu_backward(
-        g[0], f->alpha, f->scale, f->input_scale, /*is_result=*/false, f->self_.unpack());
+    out[0] = at::elu_backward(g[0], f->alpha, f->scale, f->input_scale, /*is_result=*/false,
+                              f->self_.unpack());
   return true;
 }
 
@@ -150,8 +146,8 @@ bool elu_derivative(Node& n, FusedDerivative& d) {
   auto* f = as<gen::EluBackward0>(n);
   if (!f) return false;
   at::Tensor a = f->self_.unpack();
-  return scale_by(
-      at::elu_backward(at::ones_like(a), f->alpha, f->scale, f->input_scale, false, a), d);
+  return scale_by(at::elu_backward(at::ones_like(a), f->alpha, f->scale, f->input_scale, false, a),
+                  d);
 }
 
 } // namespace torch_ar::vjp

@@ -44,9 +44,8 @@ bool convolution(Node& n, const variable_list& g, const EdgeMask& m, variable_li
     at::Tensor weight = f->weight_.unpack();
     if (!input.defined() || !weight.defined()) return false;
     auto grads = at::convolution_backward_symint(
-        g[0], input, weight, f->bias_sym_sizes_opt, f->stride, f->padding,
-        f->dilation, f->transposed, f->output_padding, f->groups,
-        {true, false, false});
+        g[0], input, weight, f->bias_sym_sizes_opt, f->stride, f->padding, f->dilation,
+        f->transposed, f->output_padding, f->groups, {true, false, false});
     out[0] = std::get<0>(grads);
   }
   return true;
@@ -54,7 +53,8 @@ bool convolution(Node& n, const variable_list& g, const EdgeMask& m, variable_li
 
 // psi has the shape of W^T for linear layers ([in, out]): the input-VJP is
 // x psi^T, which is x W when psi = W^T.
-bool addmm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi, variable_list& out) {
+bool addmm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi,
+               variable_list& out) {
   auto* f = dynamic_cast<gen::AddmmBackward0*>(&n);
   if (!f || !mask_within(m, {1})) return false;
   out.assign(3, at::Tensor());
@@ -66,7 +66,8 @@ bool addmm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Ten
   return true;
 }
 
-bool mm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi, variable_list& out) {
+bool mm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi,
+            variable_list& out) {
   if (!dynamic_cast<gen::MmBackward0*>(&n) || !mask_within(m, {0})) return false;
   out.assign(2, at::Tensor());
   if (m[0] && g[0].defined()) out[0] = g[0].mm(psi.t());
@@ -75,16 +76,16 @@ bool mm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor
 
 // psi has the conv weight's own layout; the input-VJP is the transposed
 // convolution with psi, which is the exact one when psi = W.
-bool convolution_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi, variable_list& out) {
+bool convolution_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi,
+                     variable_list& out) {
   auto* f = dynamic_cast<gen::ConvolutionBackward0*>(&n);
   if (!f || !mask_within(m, {0})) return false;
   out.assign(3, at::Tensor());
   if (m[0] && g[0].defined()) {
     at::Tensor input = f->input_.unpack();
     auto grads = at::convolution_backward_symint(
-        g[0], input, psi, f->bias_sym_sizes_opt, f->stride, f->padding,
-        f->dilation, f->transposed, f->output_padding, f->groups,
-        {true, false, false});
+        g[0], input, psi, f->bias_sym_sizes_opt, f->stride, f->padding, f->dilation, f->transposed,
+        f->output_padding, f->groups, {true, false, false});
     out[0] = std::get<0>(grads);
   }
   return true;

@@ -10,7 +10,7 @@ namespace gen = torch::autograd::generated;
 
 namespace {
 template <class T>
-bool single(Node& n, torch::autograd::SavedVariable T::*field, std::vector<at::Tensor>& out) {
+bool single(Node& n, torch::autograd::SavedVariable T::* field, std::vector<at::Tensor>& out) {
   auto* f = dynamic_cast<T*>(&n);
   if (!f) return false;
   out.assign(1, (f->*field).unpack());

@@ -14,20 +14,13 @@ using torch::autograd::Node;
 using torch::autograd::variable_list;
 using EdgeMask = std::vector<bool>;
 
-using SpecialisedVjp = bool (*)(
-    Node& node,
-    const variable_list& grads,
-    const EdgeMask& mask,
-    variable_list& out);
+using SpecialisedVjp = bool (*)(Node& node, const variable_list& grads, const EdgeMask& mask,
+                                variable_list& out);
 
 // A linear/conv input-VJP with a separate backward weight `psi` in place of
 // the forward weight (the variants without weight transport).
-using BackwardWeightVjp = bool (*)(
-    Node& node,
-    const variable_list& grads,
-    const EdgeMask& mask,
-    const at::Tensor& psi,
-    variable_list& out);
+using BackwardWeightVjp = bool (*)(Node& node, const variable_list& grads, const EdgeMask& mask,
+                                   const at::Tensor& psi, variable_list& out);
 
 // What the fused state update needs to apply an activation's derivative
 // itself (ops/relax_update.h): the kind, the saved tensor it reads, and its
@@ -75,7 +68,8 @@ bool mm(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool convolution(Node&, const variable_list&, const EdgeMask&, variable_list&);
 bool addmm_psi(Node&, const variable_list&, const EdgeMask&, const at::Tensor&, variable_list&);
 bool mm_psi(Node&, const variable_list&, const EdgeMask&, const at::Tensor&, variable_list&);
-bool convolution_psi(Node&, const variable_list&, const EdgeMask&, const at::Tensor&, variable_list&);
+bool convolution_psi(Node&, const variable_list&, const EdgeMask&, const at::Tensor&,
+                     variable_list&);
 
 // pooling_norm.cpp
 bool max_pool2d(Node&, const variable_list&, const EdgeMask&, variable_list&);

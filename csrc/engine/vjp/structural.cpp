@@ -51,9 +51,12 @@ bool cat(Node& n, const variable_list& g, const EdgeMask& m, variable_list& out)
 
 bool view(Node& n, const variable_list& g, const EdgeMask& m, variable_list& out) {
   const std::vector<c10::SymInt>* sizes = nullptr;
-  if (auto* f = dynamic_cast<gen::ViewBackward0*>(&n)) sizes = &f->self_sym_sizes;
-  else if (auto* f2 = dynamic_cast<gen::UnsafeViewBackward0*>(&n)) sizes = &f2->self_sym_sizes;
-  else if (auto* f3 = dynamic_cast<gen::ReshapeAliasBackward0*>(&n)) sizes = &f3->self_sym_sizes;
+  if (auto* f = dynamic_cast<gen::ViewBackward0*>(&n))
+    sizes = &f->self_sym_sizes;
+  else if (auto* f2 = dynamic_cast<gen::UnsafeViewBackward0*>(&n))
+    sizes = &f2->self_sym_sizes;
+  else if (auto* f3 = dynamic_cast<gen::ReshapeAliasBackward0*>(&n))
+    sizes = &f3->self_sym_sizes;
   if (!sizes || !mask_within(m, {0})) return false;
   out.assign(1, at::Tensor());
   if (m[0] && g[0].defined()) out[0] = g[0].reshape_symint(*sizes);
