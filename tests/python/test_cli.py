@@ -589,3 +589,61 @@ def test_limited_test_batches_sample_every_class(tmp_path: Path) -> None:
     labels = torch.cat([y for _, y in trainer.test_batches])
     assert len(labels) == 20 and len(set(labels.tolist())) > 3
     assert torch.equal(labels, torch.cat([y for _, y in again.test_batches]))  # any seed
+
+
+@needs_fashion
+def test_tensorboard_event_file_holds_the_recorded_metrics(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, board = tmp_path / "run", tmp_path / "board"
+    result = run_cli(
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "mlp",
+        "--method",
+        "ar",
+        "--variant",
+        "feedback_alignment",
+        "--epochs",
+        "2",
+        "--limit-train-batches",
+        "4",
+        "--limit-test-batches",
+        "1",
+        "--cosine-every",
+        "2",
+        "--out",
+        str(out),
+        "--tensorboard",
+        str(board),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(board))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+
+    def series(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    records = read_metrics(out)
+    for key, tag in (("train_loss", "train/loss"), ("test_acc", "test/accuracy")):
+        expected = [(r["epoch"], r[key]) for r in records]
+        assert [s for s, _ in series(tag)] == [1, 2]
+        assert [v for _, v in series(tag)] == pytest.approx([v for _, v in expected], rel=1e-6)
+    measurements = [json.loads(line) for line in (out / "cosine.jsonl").read_text().splitlines()]
+    steps = [(m["epoch"] - 1) * 4 + m["batch"] for m in measurements]
+    assert steps == [0, 2, 4, 6]
+    assert [s for s, _ in series("cosine/mean")] == steps
+    assert [v for _, v in series("cosine/mean")] == pytest.approx(
+        [m["cosine_mean"] for m in measurements], rel=1e-6
+    )
+    for name in measurements[0]["param_cosines"]:
+        assert f"cosine/{name}" in tags
+    angles = measurements[-1]["psi_angles"]
+    assert angles, "feedback alignment has backward weights"
+    for name, value in angles.items():
+        assert series(f"psi_angle/{name}")[-1] == (6, pytest.approx(value, rel=1e-6))
+    assert "relaxation/steps" in tags and "lr" in tags

@@ -373,6 +373,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "--out", default=None, help="folder for config.json, metrics.jsonl and cosine.jsonl"
     )
     g.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also write the run's metrics (loss, accuracy, per-parameter cosine to "
+        "autograd, psi angles, residuals) as a TensorBoard event file in DIR",
+    )
+    g.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -138,6 +138,8 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     cosine_every: int = 50
+    # Folder for a TensorBoard event file of the run's metrics (None: none).
+    tensorboard: str | None = None
     progress: bool = False
     # Continue an interrupted run from the checkpoint in ``out`` (saved after
     # every epoch): the same trajectory as one uninterrupted run.
@@ -259,6 +261,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, stream: TextIO | None = None) -> None:
         self.config = c = config
         self.stream = stream if stream is not None else sys.stdout
+        self.board = None  # a TensorBoardLog while fit() runs with config.tensorboard
         self._check(c)
         self.device = resolve_device(c.device)
         torch.manual_seed(c.seed)
@@ -411,6 +414,10 @@ class Trainer:
         c = self.config
         history = self._resume() if c.resume else []
         files = self._open_outputs(append=bool(history))
+        if c.tensorboard:
+            from torch_ar.experiments.tensorboard import TensorBoardLog
+
+            self.board = TensorBoardLog(c.tensorboard)
         try:
             self._print(
                 f"{c.method} | {c.model} on {c.dataset} | {len(self.train_batches)} train "
@@ -432,6 +439,8 @@ class Trainer:
                 record["time_s"] = round(time.perf_counter() - record.pop("_start"), 3)
                 history.append(record)
                 self._print(self._epoch_line(record))
+                if self.board is not None:
+                    self.board.epoch(record)
                 if "metrics" in files:
                     files["metrics"].write(json.dumps(record) + "\n")
                     files["metrics"].flush()
@@ -441,6 +450,9 @@ class Trainer:
         finally:
             for f in files.values():
                 f.close()
+            if self.board is not None:
+                self.board.close()
+                self.board = None
         return history
 
     def _train_epoch(self, epoch: int, cosine_file: TextIO | None) -> dict[str, Any]:
@@ -488,6 +500,8 @@ class Trainer:
                 measurements.append(m)
                 if cosine_file is not None:
                     cosine_file.write(json.dumps(m) + "\n")
+                if self.board is not None:
+                    self.board.measurement((epoch - 1) * batches + index, m)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
         record: dict[str, Any] = {
@@ -643,14 +657,10 @@ class Trainer:
         if not path.is_file() or not metrics.is_file():
             return []  # nothing to resume: start from scratch
         state = torch.load(path, map_location=self.device, weights_only=False)
-        saved = {
-            k: v for k, v in state["config"].items() if k not in ("resume", "progress", "epochs")
-        }
-        now = {
-            k: v
-            for k, v in asdict(self.config).items()
-            if k not in ("resume", "progress", "epochs")
-        }
+        # Settings that do not change the trajectory may differ on resuming.
+        free = ("resume", "progress", "epochs", "tensorboard")
+        saved = {k: v for k, v in state["config"].items() if k not in free}
+        now = {k: v for k, v in asdict(self.config).items() if k not in free}
         # A setting added since the checkpoint was made is absent there: None, its default.
         changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
         if (
