@@ -43,40 +43,49 @@ class RelaxationDivergedError(RuntimeError):
 
 @dataclass
 class RelaxationStats:
-    """What the last backward's relaxation did.
+    """What the last backward's relaxation did (`ARBackward.last_stats`).
 
-    steps: relaxation steps taken (D for the exact single sweep, which is
-        identical to D literal Jacobi steps at eta 1), or evaluated in closed form.
-    evaluation: how: "exact_sweep" (eta 1: each layer once), "closed_form"
-        (the outcome of `steps` literal steps by Horner's rule) or "literal".
-    sweeps: passes over the layers that applied the relaxation's linear map
-        J: 1 for the exact sweep, min(steps, D) - 1 or so for the closed form,
-        one per step for the literal steps.
-    depth: D, the longest path in layers from a relaxing state to an output.
-    converged: tol met, or exact by construction (eta 1 and enough steps), or
-        the last update below 1e-6 relative.
-    exact_shortcut: the states were computed by one reverse sweep instead of
-        simulated steps (eta 1, no trace); the result is the same fixed point.
-    max_residual / residuals: final relative residual |target - x| / |target|,
-        overall and per state: of the last step taken (literal), of the
-        returned states (closed form: what step steps + 1 would measure), or
-        zero (exact sweep).
-    nonfinite: a state became NaN/Inf and was let through to the gradients
-        (nonfinite="propagate", or "auto" under autocast).
-    residual_trace: [steps, num_states] residuals per step (trace=True).
-    cosine_trace: parameter name -> [steps] cosine of its gradient to the
-        exact gradient after each step (trace_cosine=True).
-    graph_steps: steps replayed from a recorded CUDA graph (cuda_graph=True).
-    fused_activations: states whose activation derivative the update kernel
-        applied (fuse_activations=True, literal steps).
-    relaxing_states: states that relax (num_states also counts the outputs,
-        which are clamped to the loss gradient).
-    params_outside_relaxation: parameters whose gradient depends on no
-        relaxing state (the output layer's; every parameter when the model
-        has no relaxing state, where AR is backprop).
-    inlined_checkpoints: torch.utils.checkpoint regions that the forward ran
-        as plain code so that their layers could relax (see
-        torch_ar.checkpointing).
+    Attributes:
+        steps: relaxation steps taken (D for the exact single sweep, which is
+            identical to D literal Jacobi steps at eta 1), or evaluated in
+            closed form.
+        evaluation: how: `"exact_sweep"` (eta 1: each layer once),
+            `"closed_form"` (the outcome of `steps` literal steps by Horner's
+            rule) or `"literal"`.
+        sweeps: passes over the layers that applied the relaxation's linear
+            map J: 1 for the exact sweep, at most D - 1 for the closed form,
+            one per step for the literal steps.
+        depth: D, the longest path in layers from a relaxing state to an
+            output.
+        converged: tol met, or exact by construction (eta 1 and enough
+            steps), or the last update below 1e-6 relative.
+        exact_shortcut: the states were computed by one reverse sweep instead
+            of simulated steps (eta 1, no trace); the result is the same fixed
+            point.
+        max_residual: the largest of `residuals`.
+        residuals: final relative residual |target - x| / |target| per state:
+            of the last step taken (literal), of the returned states (closed
+            form: what step steps + 1 would measure), or zero (exact sweep).
+        state_names: the states, named by the autograd node and output that
+            make them.
+        num_states: the states, the outputs (clamped to the loss gradient)
+            included.
+        nonfinite: a state became NaN/Inf and was let through to the
+            gradients (`nonfinite="propagate"`, or `"auto"` under autocast).
+        residual_trace: [steps, num_states] residuals per step (`trace=True`).
+        cosine_trace: parameter name -> [steps] cosine of its gradient to the
+            exact gradient after each step (`trace_cosine=True`).
+        graph_steps: steps replayed from a recorded CUDA graph
+            (`cuda_graph=True`).
+        fused_activations: states whose activation derivative the update
+            kernel applied (`fuse_activations=True`, literal steps).
+        relaxing_states: states that relax (`num_states` less the outputs).
+        params_outside_relaxation: parameters whose gradient depends on no
+            relaxing state (the output layer's; every parameter when the model
+            has no relaxing state, where AR is backprop).
+        inlined_checkpoints: `torch.utils.checkpoint` regions that the forward
+            ran as plain code so that their layers could relax (see
+            `torch_ar.checkpointing`).
     """
 
     steps: int
@@ -408,26 +417,34 @@ class ARBackward(nn.Module):
 
     After the forward pass every layer output holds a state that relaxes, in
     parallel, towards the backprop adjoint; the parameter gradients are read
-    off the equilibrium and reach ``.grad`` through autograd as usual.
+    off the equilibrium and reach `.grad` through autograd as usual. With the
+    defaults (eta=1, steps=None) the gradients equal autograd's.
 
-    Example::
+    ```python
+    ar = torch_ar.ARBackward(net, eta=0.1, steps=100)
+    loss = F.mse_loss(ar(x), y)
+    loss.backward()  # net's .grad now holds AR gradients
+    ar.last_stats.depth  # layers between the deepest state and the output
+    ```
 
-        ar = torch_ar.ARBackward(net, eta=0.1, steps=100)
-        loss = F.mse_loss(ar(x), y)
-        loss.backward()            # net's .grad now holds AR gradients
-        ar.last_stats.depth        # layers between the deepest state and the output
+    The keyword options are `RelaxConfig`'s, documented there, and
+    `backward_weight_params`: with a variant that uses backward weights, psi
+    is made for the weights of nn.Linear and nn.Conv1d/2d/3d modules and for
+    nn.MultiheadAttention's input projections (packed or separate q/k/v);
+    name any other parameter that the model reads as the weight of
+    `F.linear` (2-D: psi is [in, out]) or `F.conv*` (psi of its shape) here to
+    give it one too:
 
-    With the defaults (eta=1, steps=None) the gradients equal autograd's.
+    ```python
+    ar = torch_ar.ARBackward(
+        net, variant="feedback_alignment", backward_weight_params=["head.weight_raw"]
+    )
+    ```
 
-    The options are RelaxConfig's (see there), and ``backward_weight_params``:
-    with a variant that uses backward weights, psi is made for the weights of
-    nn.Linear and nn.Conv1d/2d/3d modules and for nn.MultiheadAttention's
-    input projections (packed or separate q/k/v); name any other parameter
-    that the model reads as the weight of ``F.linear`` (2-D: psi is [in, out])
-    or ``F.conv*`` (psi of its shape) here to give it one too::
-
-        ar = torch_ar.ARBackward(net, variant="feedback_alignment",
-                                 backward_weight_params=["head.weight_raw"])
+    Calling it returns exactly what `module(*args, **kwargs)` returns
+    (tensors, tuples, dicts, non-tensor values); under `torch.no_grad()` it is
+    the plain module. `loss.backward()` and `torch.autograd.grad` both give AR
+    gradients; inputs that require grad receive AR gradients too.
     """
 
     def __init__(

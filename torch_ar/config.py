@@ -18,55 +18,78 @@ BACKWARD_WEIGHT_INITS = ("normal", "matched", "xavier", "transpose")
 class RelaxConfig:
     """How the states relax after the forward pass.
 
-    eta: Euler step size in (0, 1]; 1 makes Jacobi exact after D steps.
-    steps: number of relaxation steps; None means D (eta 1, Jacobi), one sweep
-        (eta 1, sweep), or "until tol" when tol is given.
-    tol: stop when every state's relative residual is at most tol.
-    init: initial states, "forward" (the forward values, as the paper) or "zero".
-    schedule: "jacobi" (all states from the previous step, the paper's parallel
-        phase) or "sweep" (reverse topological Gauss-Seidel).
-    granularity: "layer" (one state per layer output, the paper's neurons:
-        a structural op such as linear, conv, BatchNorm, pooling or an add,
-        with the elementwise and view ops after it), "block" (a parametrised
-        op, linear, conv or embedding lookup, with everything after it up to
-        the next parametrised op or branch point: norms, pools, activations,
-        views and a residual add, whose other input is then an input of the
-        block; about half the depth of a ResNet) or "op" (one state per op).
-    trace: record every state's residual at every step.
-    trace_cosine: record, per step, the cosine of each parameter's current
-        gradient to the exact (autograd) gradient.
-    max_steps: cap on the steps when only tol is given.
-    check_every: on accelerators, read residuals back every this many steps.
-    variant: one of torch_ar.variants.VARIANTS (default "exact").
-    weight_update_derivative: with a variant that drops f' during relaxation,
-        still use f' in the weight gradient (the original code does).
-    backward_weight_init: "normal" (N(0, backward_weight_std), the paper),
-        "matched" (N(0, s) with s the standard deviation of the layer's own
-        weight when wrapped: the paper draws psi like W, and a CNN's default
-        init gives each layer its own scale), "xavier" (uniform with
-        bound sqrt(6 / (fan_in + fan_out)) of the layer, BioTorch's default)
-        or "transpose" (psi = W^T). The sign_symmetry variants make psi from W
-        instead (see torch_ar.variants).
-    backward_weight_std: standard deviation of the "normal" initialisation.
-    backward_weight_decay: Kolen-Pollack decay: adds decay * psi to psi's
-        gradient and decay * W to W's, so psi - W^T shrinks; 0 (off) by default.
-    nonfinite: what a NaN/Inf state does: "raise" RelaxationDivergedError
-        (naming node and step), "propagate" it into the gradients as autograd
-        would, or "auto": raise, except when the forward ran under autocast,
-        where a GradScaler needs the inf gradients to skip the step.
-    fuse_activations: apply the derivative of an activation at the top of a
-        layer inside the state update kernel instead of a VJP of its own
-        (same fixed point; off gives the unfused reference path).
-    cuda_graph: on CUDA tensors, record one relaxation step as a CUDA graph
-        and replay it for the remaining literal steps (fewer kernel launches).
-        Graphs whose relaxation runs an op's own backward (not in the op
-        table's specialised list) relax without one, with a warning.
-    evaluation: how the steps are computed. "auto" (default): the exact
-        sweep at eta 1 with enough steps; with explicit steps and no trace,
-        tol or cuda_graph, the closed form (the outcome of the T literal
-        steps from min(T, D) - 1 input-VJP sweeps, README "Closed form");
-        otherwise the literal steps. "closed_form" insists on it (an error
-        where it cannot give the literal outcome); "literal" always steps.
+    `ARBackward` takes these as keyword arguments; this dataclass holds their
+    defaults and checks them (a `ValueError` naming the option at construction).
+
+    Attributes:
+        eta: Euler step size in (0, 1]. With 1 the Jacobi iteration is exact
+            after D steps.
+        steps: relaxation steps. `None`: D steps at eta 1 (one sweep with
+            `schedule="sweep"`), or until `tol` when `tol` is given. eta < 1
+            needs `steps` or `tol`.
+        tol: stop when every state's relative residual `|x_new - x| / |target|`
+            is at most `tol` (capped by `max_steps`).
+        init: initial states: `"forward"` (the forward values, as the paper and
+            its code) or `"zero"`.
+        schedule: `"jacobi"`: every state reads the previous step (the paper's
+            parallel phase); `"sweep"`: reverse-topological Gauss-Seidel (what
+            the original training loop did).
+        granularity: `"layer"`: one state per layer output (the paper's
+            neurons: a structural op such as linear, conv, BatchNorm, pooling or
+            an add, with the elementwise and view ops after it); `"block"`: a
+            parametrised op (linear, conv or embedding lookup) with everything
+            after it up to the next parametrised op or branch point (norms,
+            pools, activations, views and a residual add, whose other input is
+            then an input of the block), about half the depth of a ResNet;
+            `"op"`: one state per op output.
+        trace: record every state's residual at every step (forces literal
+            steps).
+        trace_cosine: record, per step, the cosine of each parameter's current
+            gradient to the exact (autograd) gradient (forces literal steps).
+        max_steps: cap on the steps when only `tol` is given.
+        check_every: on accelerators, read the residuals back (one device
+            sync) every this many steps: `tol` and divergence are tested then,
+            so a run with `tol` may take up to `check_every - 1` steps more than
+            needed. On CPU they are read every step.
+        variant: one of `torch_ar.VARIANTS` (default `"exact"`; see the
+            Variants page).
+        weight_update_derivative: with a variant that drops f' during
+            relaxation, still use f' in the weight gradient (the original code
+            does).
+        backward_weight_init: `"normal"` (N(0, `backward_weight_std`), the
+            paper's), `"matched"` (N(0, s) with s the standard deviation of the
+            layer's own weight when wrapped: the paper draws psi like W, and a
+            CNN's default init gives each layer its own scale), `"xavier"`
+            (uniform with bound sqrt(6 / (fan_in + fan_out)) of the layer,
+            BioTorch's default) or `"transpose"` (psi = W^T). The sign_symmetry
+            variants make psi from W instead.
+        backward_weight_std: standard deviation of the `"normal"`
+            initialisation.
+        backward_weight_decay: Kolen-Pollack decay: adds decay * psi to psi's
+            gradient and decay * W to W's, so psi - W^T shrinks; 0 (off) by
+            default.
+        nonfinite: what a NaN/Inf state does: `"raise"`
+            `RelaxationDivergedError` (naming node and step), `"propagate"` it
+            into the gradients as autograd would, or `"auto"` (default): raise,
+            except when the forward ran under autocast, where a `GradScaler`
+            needs the inf gradients to skip the step.
+        fuse_activations: the state update kernel also writes `f'(a) * x` for
+            states at activation outputs, so the activation runs no VJP of its
+            own during relaxation. Same fixed point; `False` gives the unfused
+            reference path.
+        cuda_graph: on CUDA tensors, record a block of relaxation steps as a
+            CUDA graph and replay it for the remaining literal steps (one launch
+            per block instead of several per step). Off by default until a GPU
+            benchmark has measured it. A graph whose relaxation runs an op's own
+            backward (an op not specialised in the op table) relaxes without
+            one and warns.
+        evaluation: `"auto"` (default): the exact sweep at eta 1 with enough
+            steps; with explicit `steps` and no `trace`, `trace_cosine`, `tol` or
+            `cuda_graph`, the closed form (the outcome of the `steps` literal
+            steps from min(T, D) - 1 input-VJP sweeps, computed without taking
+            them; see How it works); otherwise the literal steps.
+            `"closed_form"` insists on it (a `ValueError` where only literal
+            steps can give what is asked); `"literal"` always steps.
     """
 
     eta: float = 1.0

@@ -38,6 +38,16 @@ TOLERANCE = 1e-9
 
 @dataclass
 class Check:
+    """One selftest check.
+
+    Attributes:
+        name: what was checked (kernel, engine path or variant, and dtype).
+        ok: it passed.
+        error: the largest relative error, where one was measured.
+        limit: the error it had to stay within.
+        detail: why it failed, or what was measured.
+    """
+
     name: str
     ok: bool
     error: float | None  # the largest relative error, where one was measured
@@ -47,6 +57,16 @@ class Check:
 
 @dataclass
 class SelftestReport:
+    """What `selftest` found on one device.
+
+    Attributes:
+        device: the device tested (`"cpu"`, `"cuda"`, `"cuda:1"`, ...).
+        versions: torch, CUDA, driver, GPU, compute capability and the
+            architectures the build holds: what a bug report needs.
+        checks: every `Check`, in the order they ran.
+        seconds: wall time of the whole selftest.
+    """
+
     device: str
     versions: dict[str, str]
     checks: list[Check] = field(default_factory=list)
@@ -54,13 +74,16 @@ class SelftestReport:
 
     @property
     def ok(self) -> bool:
+        """Every check ran and passed."""
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     @property
     def failures(self) -> list[Check]:
+        """The checks that failed."""
         return [c for c in self.checks if not c.ok]
 
     def table(self) -> str:
+        """The report as Markdown: the versions, then one row per check."""
         lines = [
             f"# torch_ar selftest on {self.device}",
             "",

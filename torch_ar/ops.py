@@ -9,6 +9,22 @@ import torch
 
 @dataclass(frozen=True)
 class SupportedOp:
+    """One row of the engine's op table (`supported_ops()`).
+
+    Attributes:
+        node: autograd node name, e.g. `"ReluBackward0"`.
+        op: what users call it.
+        role: `"structural"` (starts a layer), `"lookup"`, `"elementwise"` or
+            `"view"` (joins the layer below).
+        specialised: the engine has an input-only VJP of its own (else it calls
+            the op's backward with the parameter edges hidden).
+        activation: a nonlinearity f: passes states through without f' in the
+            variants that drop it.
+        backward_weight: takes psi in the variants without weight transport.
+        fused_update: its f' is applied by the state update kernel (no VJP
+            launch of its own).
+    """
+
     node: str  # autograd node name, e.g. "ReluBackward0"
     op: str  # what users call it
     role: str  # "structural" (starts a layer), "elementwise" or "view" (joins it)

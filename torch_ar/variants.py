@@ -27,6 +27,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Variant:
+    """What a variant changes in the relaxation's VJPs.
+
+    Attributes:
+        name: the name `ARBackward(variant=...)` takes.
+        backward_weights: `"none"`, `"learned"` (psi trained by W's increments)
+            or `"fixed"` (psi drawn once, or made from W's signs).
+        drop_activation_derivative: activations pass states through without f'.
+        summary: one line for tables.
+        sign_feedback: psi made from W's signs at every backward
+            (`backward_weights="fixed"`): None, `"uniform"` (uSF),
+            `"fixed_random"` (frSF) or `"batch_random"` (brSF).
+    """
+
     name: str
     backward_weights: str  # "none", "learned" or "fixed"
     drop_activation_derivative: bool
@@ -37,6 +50,7 @@ class Variant:
 
     @property
     def uses_backward_weights(self) -> bool:
+        """The variant propagates through psi instead of W."""
         return self.backward_weights != "none"
 
 
@@ -91,6 +105,8 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
+"""Every variant by name: `exact` and the paper's and BioTorch's variants without
+weight transport or without f' (see the Variants page)."""
 
 
 def get_variant(name: str) -> Variant:

@@ -453,7 +453,7 @@ CASES = [
             "mutate_first_layer_after",
             _mutates("no_grad_after_use_first_layer"),
             _x(5, 4),
-            # A documented difference (README, Limitations): the inputs are
+            # A documented difference (docs, Limitations): the inputs are
             # private leaves that require grad, so the first layer saves its
             # weight too, and changing it in place before backward is caught
             # by autograd's version check (plain autograd saves nothing here).

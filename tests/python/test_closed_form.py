@@ -1,7 +1,7 @@
 """The closed form gives the outcome of the literal steps on every zoo graph.
 
 With the Jacobians frozen, T relaxation steps are a polynomial in J of degree
-below D (README "Closed form"); the engine evaluates it by Horner's rule.
+below D (docs, How it works: "Closed form"); the engine evaluates it by Horner's rule.
 float64: every parameter within 1e-10 relative of the literal steps, for eta
 in {0.05, 0.1, 0.5, 0.9}, T in {1, 2, D-1, D, D+1, 100, 1000}, both schedules,
 both inits and every variant; float32 closed form against float64 literal

@@ -367,7 +367,7 @@ def gradient_errors(
         and _checkpoint_then_inplace(spec)
         and ("modified by an inplace operation" in str(ar_error))
     ):
-        # Known limitation (README, Limitations; pinned by the strict xfail
+        # Known limitation (docs, Limitations; pinned by the strict xfail
         # below): relaxation runs the checkpointed region on its forward's saved
         # tensors, which a later in-place op invalidates; autograd recomputes them.
         # It fails loudly, never with a wrong gradient.
