@@ -137,8 +137,12 @@ LOWER_LR_ROWS = (
     "ar-combined",
 )
 # At the lower rate only: the random-psi variants with psi drawn at each forward
-# weight's own scale, as the paper draws psi like W (README, Variants).
+# weight's own scale, as the paper draws psi like W (docs, Variants).
 MATCHED_PSI_ROWS = ("ar-feedback_alignment", "ar-combined")
+# Feedback alignment without normalisation at BioTorch's rate for it (its
+# LeNet configurations train FA at lr 0.001 against backprop's 0.1), with
+# backprop at the same rate as its reference: --cifar-fa-lr, seed 0.
+FA_LR_ROWS = ("backprop", "ar-feedback_alignment-psi_matched")
 
 
 # ResNet-20 on CIFAR-10 at the field's scale (He et al. 2016; BioTorch's table):
@@ -322,6 +326,15 @@ def plan(args: argparse.Namespace) -> list[Job]:
                         jobs.append(_cifar_job(name, method_args, cost, seed, lr, args))
             for name, method_args, cost, _ in methods:
                 if name in MATCHED_PSI_ROWS:
+                    matched = [*method_args, "--backward-weight-init", "matched"]
+                    jobs.append(
+                        _cifar_job(f"{name}-psi_matched", matched, cost, seeds[0], lr, args)
+                    )
+        for lr in args.cifar_fa_lr:
+            for name, method_args, cost, _ in methods:
+                if name == "backprop":
+                    jobs.append(_cifar_job(name, method_args, cost, seeds[0], lr, args))
+                elif f"{name}-psi_matched" in FA_LR_ROWS:
                     matched = [*method_args, "--backward-weight-init", "matched"]
                     jobs.append(
                         _cifar_job(f"{name}-psi_matched", matched, cost, seeds[0], lr, args)
@@ -721,7 +734,7 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
                 "seed), full 60,000/10,000 split. Every AR row relaxes with the paper's "
                 "settings: eta 0.1, 100 steps from the forward values, the `sweep` schedule "
                 "(top-down, as the original training loop) unless the row says `jacobi`, "
-                "evaluated in closed form (the literal steps' values; README, How it works). "
+                "evaluated in closed form (the literal steps' values; docs, How it works). "
                 "The cosine column compares each AR gradient with autograd's every 50 "
                 "batches (for a variant: how far its relaxed gradient is from backprop's)."
             )
@@ -930,6 +943,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"learning rates at which the CIFAR-10 variants that diverge at {CIFAR_LR:g} run "
         "again, with backprop and AR eta 0.1 as references and with psi drawn at each "
         "weight's scale (default: 0.01)",
+    )
+    parser.add_argument(
+        "--cifar-fa-lr",
+        type=lambda t: [float(v) for v in t.split(",") if v.strip()],
+        default=[0.001],
+        help="learning rates of one more feedback-alignment row (psi at each weight's scale) "
+        "with backprop beside it, seed 0 (default: 0.001, BioTorch's rate for FA without "
+        "normalisation)",
     )
     parser.add_argument(
         "--cifar-lower-lr-seeds",

@@ -386,6 +386,17 @@ def test_experiment_plan_matches_the_paper_settings() -> None:
             cmd = cmd[:at] + cmd[at + 2 :]
         # Otherwise the very command of the lr 0.05 row.
         assert [a for a in cmd if a != "0.01"] == [a for a in same.command if a != "0.05"]
+    # Feedback alignment at BioTorch's rate for it, with backprop beside it.
+    fa_rate = {j.name: j for j in jobs if j.group == "cifar10-cnn-lr0.001"}
+    assert set(fa_rate) == {
+        "cifar10-cnn-lr0.001-backprop-s0",
+        "cifar10-cnn-lr0.001-ar-feedback_alignment-psi_matched-s0",
+    }
+    for job in fa_rate.values():
+        cmd = job.command
+        assert cmd[cmd.index("--lr") + 1] == "0.001"
+        same = lower[job.name.replace("-lr0.001", "-lr0.01")]
+        assert [a for a in cmd if a != "0.001"] == [a for a in same.command if a != "0.01"]
 
 
 def _plan_args():
@@ -400,6 +411,7 @@ def _plan_args():
         cifar_steps=252,
         cifar_lower_lrs=[0.01],
         cifar_lower_lr_seeds=[0, 1],
+        cifar_fa_lr=[0.001],
     )
 
 
