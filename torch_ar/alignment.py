@@ -10,30 +10,13 @@ Two measures, both cheap enough to log every few training steps:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from torch_ar.metrics import ar_vs_autograd
-
-
-def _angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Angle between two tensors as flat vectors, accurate near 0 and 180 degrees.
-
-    acos(cosine) loses half the digits near 0 (about 1e-5 degrees between
-    equal float64 tensors, from rounding in the cosine); 2 * atan2(|u - v|,
-    |u + v|) of the unit vectors does not.
-    """
-    a = a.detach().flatten().double()
-    b = b.detach().flatten().double()
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return 0.0 if na == nb else 90.0
-    u, v = a / na, b / nb
-    return math.degrees(2.0 * math.atan2((u - v).norm().item(), (u + v).norm().item()))
+from torch_ar.metrics import angle_degrees, ar_vs_autograd
 
 
 def _owner(module: nn.Module, param_name: str) -> nn.Module:
@@ -70,7 +53,7 @@ def backward_weight_angles(ar: nn.Module) -> dict[str, float]:
     """
     angles = {}
     for name, psi in ar.backward_weights().items():
-        angles[name] = _angle_degrees(psi, exact_backward_weight(ar.module, name))
+        angles[name] = angle_degrees(psi, exact_backward_weight(ar.module, name))
     return angles
 
 

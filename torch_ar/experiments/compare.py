@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torch_ar.experiments.training import _replay_rng, _rng_state
-from torch_ar.metrics import cosine
+from torch_ar.metrics import RandomState, angle_from_cosine, cosine, gradients_at
 
 # Relaxation steps shown in the printed table (those recorded, and the last).
 TABLE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -57,10 +56,6 @@ def log_steps(last: int, per_decade: int = 8) -> list[int]:
         counts.add(value)
         k += 1
     return sorted(counts)
-
-
-def _angle(c: float) -> float:
-    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
 
 
 @dataclass
@@ -94,7 +89,7 @@ class RelaxationTraces:
 
     def angle(self, eta: float, name: str) -> list[float]:
         """Angle in degrees to the autograd gradient after each step."""
-        return [_angle(c) for c in self.cosine[eta][name]]
+        return [angle_from_cosine(c) for c in self.cosine[eta][name]]
 
     def table_steps(self) -> list[int]:
         shown = [s for s in TABLE_STEPS if s in self._index]
@@ -107,7 +102,7 @@ class RelaxationTraces:
     def at_step(self, eta: float, step: int) -> dict[str, float]:
         """min / mean cosine and max / mean angle over the parameters after ``step`` steps."""
         values = [self.value(eta, n, step) for n in self.parameters]
-        angles = [_angle(c) for c in values]
+        angles = [angle_from_cosine(c) for c in values]
         return {
             "cosine_min": min(values),
             "cosine_mean": sum(values) / len(values),
@@ -161,7 +156,7 @@ class RelaxationTraces:
                 per_param = {
                     n: {
                         "cosine": self.value(eta, n, step),
-                        "angle_deg": _angle(self.value(eta, n, step)),
+                        "angle_deg": angle_from_cosine(self.value(eta, n, step)),
                     }
                     for n in self.parameters
                 }
@@ -195,7 +190,9 @@ class RelaxationTraces:
             for eta in self.etas:
                 for name in self.parameters:
                     for t, c in zip(self.recorded, self.cosine[eta][name], strict=True):
-                        writer.writerow([f"{eta:g}", t, name, f"{c:.7f}", f"{_angle(c):.5f}"])
+                        writer.writerow(
+                            [f"{eta:g}", t, name, f"{c:.7f}", f"{angle_from_cosine(c):.5f}"]
+                        )
 
 
 class _Probe:
@@ -218,29 +215,21 @@ class _Probe:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.device = self.params[0].device if self.params else x.device
-        self.buffers = {n: b.clone() for n, b in model.named_buffers()}
-        self.construction = _rng_state(self.device)
-        self.forward = _rng_state(self.device)
+        self.construction = RandomState([self.device])
+        self.forward = RandomState([self.device])
         self.reference = self.gradients(model)
-
-    def restore_buffers(self) -> None:
-        with torch.no_grad():
-            for n, b in self.model.named_buffers():
-                b.copy_(self.buffers[n])
 
     def wrapper(self, **options: Any) -> nn.Module:
         from torch_ar import ARBackward  # late: the engine is only needed here
 
-        with _replay_rng(self.construction, self.device):
+        with self.construction.replay():
             return ARBackward(self.model, **options)
 
     def gradients(self, module: nn.Module) -> tuple[torch.Tensor | None, ...]:
-        with _replay_rng(self.forward, self.device):
-            grads = torch.autograd.grad(
-                self.loss_fn(module(self.x), self.y), self.params, allow_unused=True
-            )
-        self.restore_buffers()
-        return grads
+        def loss(out: Any) -> torch.Tensor:
+            return self.loss_fn(out, self.y)
+
+        return gradients_at(module, loss, (self.x,), self.params, self.forward)
 
     def cosines(self, module: nn.Module) -> dict[str, float]:
         return self.compare(module)[0]
@@ -360,32 +349,25 @@ def relaxation_traces(
     names = [n for n, _ in named]
     params = [p for _, p in named]
     device = params[0].device if params else x.device
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-
-    def restore_buffers() -> None:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
-
-    construction = _rng_state(device)
+    construction = RandomState([device])
     wrappers = []
     for eta in etas:
-        with _replay_rng(construction, device):
+        with construction.replay():
             wrappers.append(
                 ARBackward(model, eta=eta, steps=steps, trace_cosine=True, **ar_options)
             )
-    forward = _rng_state(device)
-    with _replay_rng(forward, device):
-        reference = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
-    restore_buffers()
+    forward = RandomState([device])
+
+    def loss(out: Any) -> torch.Tensor:
+        return loss_fn(out, y)
+
+    reference = gradients_at(model, loss, (x,), params, forward)
 
     traces: dict[float, dict[str, list[float]]] = {}
     finals: dict[float, dict[str, float]] = {}
     depth = 0
     for eta, ar in zip(etas, wrappers, strict=True):
-        with _replay_rng(forward, device):
-            grads = torch.autograd.grad(loss_fn(ar(x), y), params, allow_unused=True)
-        restore_buffers()
+        grads = gradients_at(ar, loss, (x,), params, forward)
         stats = ar.last_stats
         trace = stats.cosine_trace or {}
         depth = stats.depth

@@ -10,12 +10,11 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,7 +25,7 @@ from torch import nn
 
 from torch_ar.experiments import data as data_lib
 from torch_ar.experiments.models import build_model
-from torch_ar.metrics import cosine
+from torch_ar.metrics import RandomState, cosine, gradients_at
 
 try:
     from tqdm import tqdm
@@ -202,20 +201,8 @@ def parameter_cosines(
     return [cosine(g, r) for g, r in pairs if g is not None and r is not None]
 
 
-@contextlib.contextmanager
-def _replay_rng(
-    state: tuple[torch.Tensor, list[torch.Tensor]], device: torch.device
-) -> Iterator[None]:
-    """Run a block with the RNG as it was at ``state``, leaving the outer RNG untouched."""
-    cuda_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.set_rng_state(state[0])
-        if cuda_devices:
-            torch.cuda.set_rng_state(state[1][0], device)
-        yield
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _generator_states(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The generators' states as a checkpoint keeps them: (CPU, [CUDA device's])."""
     cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
     return torch.get_rng_state(), cuda
 
@@ -533,7 +520,7 @@ class Trainer:
     def _train_step(
         self, x: torch.Tensor, y: torch.Tensor, measure: bool
     ) -> tuple[float, torch.Tensor, dict[str, Any] | None]:
-        rng = _rng_state(self.device) if measure else None
+        rng = RandomState([self.device]) if measure else None
         self.optimizer.zero_grad(set_to_none=True)
         out = self.net(x)
         loss = self.loss_fn(out, y)
@@ -542,9 +529,7 @@ class Trainer:
         self.optimizer.step()
         return loss.item(), out.detach(), measurement
 
-    def _measure(
-        self, x: torch.Tensor, y: torch.Tensor, rng: tuple[torch.Tensor, list[torch.Tensor]]
-    ) -> dict[str, Any]:
+    def _measure(self, x: torch.Tensor, y: torch.Tensor, rng: RandomState) -> dict[str, Any]:
         """Compare the AR gradients now in ``.grad`` with autograd's on the same batch.
 
         The reference pass replays the training step's RNG (same dropout masks)
@@ -553,14 +538,9 @@ class Trainer:
         """
         stats = getattr(self.net, "last_stats", None)
         ar_grads = [p.grad for p in self.params]
-        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-        with _replay_rng(rng, self.device):
-            reference = torch.autograd.grad(
-                self.loss_fn(self.model(x), y), self.params, allow_unused=True
-            )
-        with torch.no_grad():
-            for name, b in self.model.named_buffers():
-                b.copy_(buffers[name])
+        reference = gradients_at(
+            self.model, lambda out: self.loss_fn(out, y), (x,), self.params, rng
+        )
         per_param = {
             name: cosine(g, r)
             for name, g, r in zip(self.param_names, ar_grads, reference, strict=True)
@@ -638,7 +618,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "batch_order": self.train_batches.generator.get_state(),
             "augment": self.augment_generator.get_state(),
-            "rng": _rng_state(self.device),
+            "rng": _generator_states(self.device),
         }
 
     def _save_checkpoint(self, epoch: int) -> None:
