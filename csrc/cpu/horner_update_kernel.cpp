@@ -1,12 +1,14 @@
 // CPU kernel of torch_ar::horner_update_: one pass over each state computes
 // the Horner stage (ops/relax_math.h), flushes tiny values and accumulates
-// the norms in double. Work items of all states share one parallel_for;
-// absent inputs read a block of zeros, so every item runs the same loop.
+// the norms in double. Chunks of all states share one parallel_for
+// (cpu/multi_tensor.h); absent inputs read a block of zeros, so every chunk
+// runs the same loop.
 
+#include "cpu/multi_tensor.h"
 #include "ops/horner_update.h"
 #include "ops/relax_math.h"
 
-#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -14,9 +16,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 namespace torch_ar {
@@ -24,20 +23,11 @@ namespace {
 
 namespace rm = relax_math;
 
-constexpr int64_t kChunkElements = 32768;
-constexpr int64_t kSerialBelowElements = 65536;
-
 struct Norms {
   double out = 0.0;
   double residual = 0.0;
   double target = 0.0;
   double nonfinite = 0.0;
-};
-
-struct Item {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
 };
 
 // Pointers of one item, each already offset to the item's first element.
@@ -163,55 +153,30 @@ at::Tensor horner_update_cpu(at::TensorList out, const horner_update_detail::Opt
                              double alpha, double beta, double flush_below, bool residual) {
   auto in = horner_update_detail::check_inputs(out, initial, loss_terms, targets, residual_targets,
                                                flush_below, c10::DeviceType::CPU);
-  const int64_t n = static_cast<int64_t>(out.size());
-  std::vector<Item> items;
-  int64_t total = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t numel = in.out[i].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunkElements)
-      items.push_back({i, begin, std::min(begin + kChunkElements, numel)});
-    total += numel;
-  }
+  std::vector<int64_t> numels;
+  for (const at::Tensor& t : in.out) numels.push_back(t.numel());
   // Absent inputs read zeros: all-zero bits are 0.0 in every floating dtype.
-  alignas(64) static const double zero_block[kChunkElements] = {};
-  std::vector<Norms> partial(items.size());
-  auto run_items = [&](int64_t first, int64_t last) {
-    for (int64_t j = first; j < last; ++j) {
-      const Item& item = items[j];
-      const int64_t i = item.tensor;
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, in.out[i].scalar_type(), "horner_update_cpu", [&] {
-            const auto* zero = reinterpret_cast<const scalar_t*>(zero_block);
-            auto read = [&](const at::Tensor& t) -> const scalar_t* {
-              return t.defined() ? t.const_data_ptr<scalar_t>() + item.begin : zero;
-            };
-            Operands<scalar_t> ops{in.out[i].mutable_data_ptr<scalar_t>() + item.begin,
-                                   read(in.initial[i]), read(in.loss_terms[i]), read(in.targets[i]),
-                                   read(in.residual_targets[i])};
-            partial[j] = horner_range<scalar_t>(ops, item.end - item.begin, alpha, beta,
-                                                flush_below, residual);
-          });
-    }
-  };
-  const int64_t num_items = static_cast<int64_t>(items.size());
-  if (total < kSerialBelowElements)
-    run_items(0, num_items);
-  else
-    at::parallel_for(0, num_items, 1, run_items);
+  alignas(64) static const double zero_block[multi_tensor_cpu::kChunkElements] = {};
+  at::Tensor norms = multi_tensor_cpu::sum_over_chunks<4>(
+      numels, [&](const multi_tensor_cpu::Chunk& chunk) -> std::array<double, 4> {
+        const int64_t i = chunk.tensor;
+        Norms sums;
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kHalf, at::kBFloat16, in.out[i].scalar_type(), "horner_update_cpu", [&] {
+              const auto* zero = reinterpret_cast<const scalar_t*>(zero_block);
+              auto read = [&](const at::Tensor& t) -> const scalar_t* {
+                return t.defined() ? t.const_data_ptr<scalar_t>() + chunk.begin : zero;
+              };
+              Operands<scalar_t> ops{in.out[i].mutable_data_ptr<scalar_t>() + chunk.begin,
+                                     read(in.initial[i]), read(in.loss_terms[i]),
+                                     read(in.targets[i]), read(in.residual_targets[i])};
+              sums = horner_range<scalar_t>(ops, chunk.size(), alpha, beta, flush_below, residual);
+            });
+        return {sums.out, sums.residual, sums.target, sums.nonfinite};
+      });
   horner_update_detail::write_back(out, in.out);
-
-  // Item order, not thread order: the norms do not depend on the thread count.
-  at::Tensor norms = at::zeros({n, 4}, at::TensorOptions().dtype(at::kDouble));
-  double* acc = norms.mutable_data_ptr<double>();
-  for (int64_t j = 0; j < num_items; ++j) {
-    double* row = acc + 4 * items[j].tensor;
-    row[0] += partial[j].out;
-    row[1] += partial[j].residual;
-    row[2] += partial[j].target;
-    row[3] += partial[j].nonfinite;
-  }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < 3; ++k) acc[4 * i + k] = std::sqrt(acc[4 * i + k]);
+  // Norms of the output, residual and target; the non-finite count stays a count.
+  norms.narrow(1, 0, 3).sqrt_();
   return norms;
 }
 

@@ -3,10 +3,11 @@
 // accumulates the residual norms in double; for a state with an activation,
 // f'(a) * x is then written from the same chunk while it is still in cache.
 
+#include "cpu/multi_tensor.h"
 #include "ops/relax_math.h"
 #include "ops/relax_update.h"
 
-#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -14,25 +15,11 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace torch_ar {
 namespace {
-
-// Elements per work item. Items from all tensors share one parallel_for,
-// so a list of many small states still spreads over the threads.
-constexpr int64_t kChunkElements = 32768;
-// Below this total the threading overhead outweighs the work.
-constexpr int64_t kSerialBelowElements = 65536;
-
-struct WorkItem {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
 
 struct SquaredNorms {
   double residual = 0.0;
@@ -168,7 +155,6 @@ at::Tensor relax_update_cpu_impl(at::TensorList states, at::TensorList targets, 
                                  at::TensorList activation_inputs,
                                  at::TensorList activation_grads) {
   relax_update_detail::check_inputs(states, targets, flush_below, c10::DeviceType::CPU);
-  const int64_t n = static_cast<int64_t>(states.size());
   auto walked = relax_update_detail::walked_tensors(states, targets, activations, activation_inputs,
                                                     activation_grads);
   std::vector<at::Tensor>& work_states = walked.states;
@@ -176,61 +162,33 @@ at::Tensor relax_update_cpu_impl(at::TensorList states, at::TensorList targets, 
   const std::vector<at::Tensor>& work_inputs = walked.activation_inputs;
   std::vector<at::Tensor>& work_grads = walked.activation_grads;
 
-  std::vector<WorkItem> items;
-  int64_t total_elements = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t numel = work_states[i].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
-      items.push_back({i, begin, std::min(begin + kChunkElements, numel)});
-    }
-    total_elements += numel;
-  }
-
-  // One slot per item, summed in item order below: the norms do not depend
-  // on the number of threads.
-  std::vector<SquaredNorms> partial(items.size());
-  auto relax_items = [&](int64_t first, int64_t last) {
-    for (int64_t j = first; j < last; ++j) {
-      const WorkItem& item = items[j];
-      at::Tensor& state = work_states[item.tensor];
-      const at::Tensor& target = work_targets[item.tensor];
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, state.scalar_type(), "relax_update_cpu", [&] {
-            partial[j] = relax_range<scalar_t>(state.mutable_data_ptr<scalar_t>() + item.begin,
-                                               target.const_data_ptr<scalar_t>() + item.begin,
-                                               item.end - item.begin, eta, flush_below);
-            const auto& act = activations.empty() ? relax_update_detail::ActivationOf{}
-                                                  : activations[item.tensor];
-            if (act.kind != kDerivativeNone) {
-              activation_range<scalar_t>(
-                  state.const_data_ptr<scalar_t>() + item.begin,
-                  work_inputs[act.entry].const_data_ptr<scalar_t>() + item.begin,
-                  work_grads[act.entry].mutable_data_ptr<scalar_t>() + item.begin,
-                  item.end - item.begin, act);
-            }
-          });
-    }
-  };
-  const int64_t num_items = static_cast<int64_t>(items.size());
-  if (total_elements < kSerialBelowElements) {
-    relax_items(0, num_items);
-  } else {
-    at::parallel_for(0, num_items, 1, relax_items);
-  }
+  std::vector<int64_t> numels;
+  for (const at::Tensor& state : work_states) numels.push_back(state.numel());
+  at::Tensor norms = multi_tensor_cpu::sum_over_chunks<2>(
+      numels, [&](const multi_tensor_cpu::Chunk& chunk) -> std::array<double, 2> {
+        at::Tensor& state = work_states[chunk.tensor];
+        const at::Tensor& target = work_targets[chunk.tensor];
+        SquaredNorms sums;
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kHalf, at::kBFloat16, state.scalar_type(), "relax_update_cpu", [&] {
+              sums = relax_range<scalar_t>(state.mutable_data_ptr<scalar_t>() + chunk.begin,
+                                           target.const_data_ptr<scalar_t>() + chunk.begin,
+                                           chunk.size(), eta, flush_below);
+              const auto& act = activations.empty() ? relax_update_detail::ActivationOf{}
+                                                    : activations[chunk.tensor];
+              if (act.kind != kDerivativeNone) {
+                activation_range<scalar_t>(
+                    state.const_data_ptr<scalar_t>() + chunk.begin,
+                    work_inputs[act.entry].const_data_ptr<scalar_t>() + chunk.begin,
+                    work_grads[act.entry].mutable_data_ptr<scalar_t>() + chunk.begin, chunk.size(),
+                    act);
+              }
+            });
+        return {sums.residual, sums.target};
+      });
   relax_update_detail::write_back_states(states, work_states);
   relax_update_detail::write_back_states(activation_grads, work_grads);
-
-  at::Tensor norms = at::empty({n, 2}, at::TensorOptions().dtype(at::kDouble));
-  double* out = norms.mutable_data_ptr<double>();
-  std::fill(out, out + 2 * n, 0.0);
-  for (int64_t j = 0; j < num_items; ++j) {
-    out[2 * items[j].tensor] += partial[j].residual;
-    out[2 * items[j].tensor + 1] += partial[j].target;
-  }
-  for (int64_t k = 0; k < 2 * n; ++k) {
-    out[k] = std::sqrt(out[k]);
-  }
-  return norms;
+  return norms.sqrt_();
 }
 
 at::Tensor relax_update_cpu(at::TensorList states, at::TensorList targets, double eta,
