@@ -73,27 +73,13 @@ __global__ void __launch_bounds__(mt::kThreads)
     horner_update_kernel(const __grid_constant__ mt::Table<HornerSlot, Capacity> table,
                          double* __restrict__ chunk_sums, double alpha, double beta,
                          double flush_below, bool residual) {
-  __shared__ double shared[mt::kWarps];
-  const int64_t num_chunks = table.first_chunk[table.num_tensors];
-  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const mt::ChunkRange range = mt::chunk_range(table, c);
-    const HornerSlot& slot = table.tensors[range.tensor];
-    double out_sq = 0.0, res_sq = 0.0, tgt_sq = 0.0, bad = 0.0;
-    mt::with_element_type(slot.element_type, [&](auto element) {
-      horner_chunk<decltype(element)>(slot, range.begin, range.end, alpha, beta, flush_below,
-                                      residual, out_sq, res_sq, tgt_sq, bad);
-    });
-    out_sq = mt::block_sum(out_sq, shared);
-    res_sq = mt::block_sum(res_sq, shared);
-    tgt_sq = mt::block_sum(tgt_sq, shared);
-    bad = mt::block_sum(bad, shared);
-    if (threadIdx.x == 0) {
-      chunk_sums[4 * c] = out_sq;
-      chunk_sums[4 * c + 1] = res_sq;
-      chunk_sums[4 * c + 2] = tgt_sq;
-      chunk_sums[4 * c + 3] = bad;
-    }
-  }
+  mt::for_each_chunk<4>(
+      table, chunk_sums, [&](const HornerSlot& slot, const mt::ChunkRange& range, double* sums) {
+        mt::with_element_type(slot.element_type, [&](auto element) {
+          horner_chunk<decltype(element)>(slot, range.begin, range.end, alpha, beta, flush_below,
+                                          residual, sums[0], sums[1], sums[2], sums[3]);
+        });
+      });
 }
 
 at::Tensor horner_update_cuda(at::TensorList out, const horner_update_detail::OptionalList& initial,

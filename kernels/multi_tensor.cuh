@@ -136,6 +136,29 @@ __device__ ChunkRange chunk_range(const Table<Slot, Capacity>& table, int64_t ch
   return {lo, begin, min(begin + kChunkElements, table.tensors[lo].numel)};
 }
 
+// The loop every multi-tensor kernel runs: blocks stride over the table's
+// chunks; for each, `chunk(slot, range, sums)` adds the thread's share of
+// the chunk's Columns sums into sums[], the block adds the threads' shares
+// in a fixed order, and the chunk's sums go to a slot of its own in
+// chunk_sums (no atomics: a fixed order after). Each op writes only `chunk`.
+template <int Columns, typename Slot, int Capacity, typename ChunkFn>
+__device__ __forceinline__ void for_each_chunk(const Table<Slot, Capacity>& table,
+                                               double* __restrict__ chunk_sums, ChunkFn&& chunk) {
+  __shared__ double shared[kWarps];
+  const int64_t num_chunks = table.first_chunk[table.num_tensors];
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const ChunkRange range = chunk_range(table, c);
+    double sums[Columns] = {};
+    chunk(table.tensors[range.tensor], range, sums);
+#pragma unroll
+    for (int k = 0; k < Columns; ++k) sums[k] = block_sum(sums[k], shared);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < Columns; ++k) chunk_sums[Columns * c + k] = sums[k];
+    }
+  }
+}
+
 // One block per tensor: each thread adds a strided share of the tensor's
 // chunk sums in chunk order, then the block's fixed-order tree adds the
 // shares, so a large state's norm takes as many steps as it has chunks per

@@ -74,24 +74,13 @@ __global__ void __launch_bounds__(mt::kThreads)
     relax_update_multi_tensor_kernel(const __grid_constant__ mt::Table<TensorSlot, Capacity> table,
                                      double* __restrict__ chunk_sums, double eta,
                                      double flush_below) {
-  __shared__ double shared[mt::kWarps];
-  const int64_t num_chunks = table.first_chunk[table.num_tensors];
-  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const mt::ChunkRange range = mt::chunk_range(table, c);
-    const TensorSlot& slot = table.tensors[range.tensor];
-    double residual_sq = 0.0;
-    double target_sq = 0.0;
-    mt::with_element_type(slot.element_type, [&](auto element) {
-      relax_chunk<decltype(element)>(slot, range.begin, range.end, eta, flush_below, residual_sq,
-                                     target_sq);
-    });
-    residual_sq = mt::block_sum(residual_sq, shared);
-    target_sq = mt::block_sum(target_sq, shared);
-    if (threadIdx.x == 0) { // one slot per chunk: no atomics, a fixed order after
-      chunk_sums[2 * c] = residual_sq;
-      chunk_sums[2 * c + 1] = target_sq;
-    }
-  }
+  mt::for_each_chunk<2>(table, chunk_sums,
+                        [&](const TensorSlot& slot, const mt::ChunkRange& range, double* sums) {
+                          mt::with_element_type(slot.element_type, [&](auto element) {
+                            relax_chunk<decltype(element)>(slot, range.begin, range.end, eta,
+                                                           flush_below, sums[0], sums[1]);
+                          });
+                        });
 }
 
 at::Tensor relax_update_cuda_impl(at::TensorList states, at::TensorList targets, double eta,
