@@ -22,8 +22,8 @@ struct OpInfo {
   const char* node_name; // autograd node name, e.g. "ReluBackward0"
   const char* op;        // what users call it
   OpRole role;
-  vjp::SpecialisedVjp vjp;                  // nullptr: generic node
-  bool is_activation;                       // an elementwise nonlinearity f (for the variants)
+  vjp::SpecialisedVjp vjp = nullptr;        // nullptr: generic node
+  bool is_activation = false;               // an elementwise nonlinearity f (for the variants)
   int weight_edge = -1;                     // input edge of the weight (linear/conv), -1: none
   vjp::BackwardWeightVjp psi_vjp = nullptr; // input-VJP with a backward weight
   // The derivative the fused state update applies in place of this node's
