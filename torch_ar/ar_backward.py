@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from torch_ar import backward_weights as psi_lib
 from torch_ar.capture import ForwardValueRecorder, make_input_leaf
 from torch_ar.checkpointing import inline_checkpoints
 from torch_ar.config import RelaxConfig
+from torch_ar.stats import RelaxationStats, stats_from_engine
 from torch_ar.variants import get_variant
-
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# The engine's codes for RelaxationStats.evaluation (csrc/engine/config.h).
-_EVALUATION_NAMES = {1: "exact_sweep", 2: "closed_form", 3: "literal"}
 
 # Counts parameter and submodule registrations in any module: a wrapper
 # re-lists its module's parameters only when this moved. (Replacing a
@@ -39,76 +35,6 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 
 class RelaxationDivergedError(RuntimeError):
     """A state became NaN or infinite during relaxation (the message names node and step)."""
-
-
-@dataclass
-class RelaxationStats:
-    """What the last backward's relaxation did (`ARBackward.last_stats`).
-
-    Attributes:
-        steps: relaxation steps taken (D for the exact single sweep, which is
-            identical to D literal Jacobi steps at eta 1), or evaluated in
-            closed form.
-        evaluation: how: `"exact_sweep"` (eta 1: each layer once),
-            `"closed_form"` (the outcome of `steps` literal steps by Horner's
-            rule) or `"literal"`.
-        sweeps: passes over the layers that applied the relaxation's linear
-            map J: 1 for the exact sweep, at most D - 1 for the closed form,
-            one per step for the literal steps.
-        depth: D, the longest path in layers from a relaxing state to an
-            output.
-        converged: tol met, or exact by construction (eta 1 and enough
-            steps), or the last update below 1e-6 relative.
-        exact_shortcut: the states were computed by one reverse sweep instead
-            of simulated steps (eta 1, no trace); the result is the same fixed
-            point.
-        max_residual: the largest of `residuals`.
-        residuals: final relative residual |target - x| / |target| per state:
-            of the last step taken (literal), of the returned states (closed
-            form: what step steps + 1 would measure), or zero (exact sweep).
-        state_names: the states, named by the autograd node and output that
-            make them.
-        num_states: the states, the outputs (clamped to the loss gradient)
-            included.
-        nonfinite: a state became NaN/Inf and was let through to the
-            gradients (`nonfinite="propagate"`, or `"auto"` under autocast).
-        residual_trace: [steps, num_states] residuals per step (`trace=True`).
-        cosine_trace: parameter name -> [steps] cosine of its gradient to the
-            exact gradient after each step (`trace_cosine=True`).
-        graph_steps: steps replayed from a recorded CUDA graph
-            (`cuda_graph=True`).
-        fused_activations: states whose activation derivative the update
-            kernel applied (`fuse_activations=True`, literal steps).
-        relaxing_states: states that relax (`num_states` less the outputs).
-        params_outside_relaxation: parameters whose gradient depends on no
-            relaxing state (the output layer's; every parameter when the model
-            has no relaxing state, where AR is backprop).
-        inlined_checkpoints: `torch.utils.checkpoint` regions that the forward
-            ran as plain code so that their layers could relax (see
-            `torch_ar.checkpointing`).
-    """
-
-    steps: int
-    depth: int
-    converged: bool
-    exact_shortcut: bool
-    max_residual: float
-    nonfinite: bool
-    state_names: list[str]
-    residuals: dict[str, float]
-    residual_trace: torch.Tensor | None = None
-    cosine_trace: dict[str, torch.Tensor] | None = None
-    graph_steps: int = 0
-    fused_activations: int = 0
-    relaxing_states: int = 0
-    params_outside_relaxation: int = 0
-    inlined_checkpoints: int = 0
-    evaluation: str = "literal"
-    sweeps: int = 0
-    num_states: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.num_states = len(self.state_names)
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -254,30 +180,6 @@ class _ForwardRun:
             self.forward_values_handle = 0
 
 
-def _matched_std(name: str, weight: torch.Tensor) -> float:
-    """The spread of ``weight`` for a psi drawn at the forward weight's own scale."""
-    std = weight.detach().double().std().item() if weight.numel() > 1 else 0.0
-    if not (std > 0 and math.isfinite(std)):
-        raise ValueError(
-            f"ARBackward: backward_weight_init='matched' draws psi at the standard deviation "
-            f"of its forward weight, but '{name}' (shape {tuple(weight.shape)}) has std {std}; "
-            "initialise the weight first or use backward_weight_init='normal'"
-        )
-    return std
-
-
-def _xavier_std(weight: torch.Tensor) -> float:
-    """sqrt(2 / (fan_in + fan_out)) of a linear or conv weight."""
-    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
-    return math.sqrt(2.0 / float(fan_in + fan_out))
-
-
-def _xavier_uniform(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A tensor of ``shape`` drawn as Xavier-uniform for ``weight``'s fans."""
-    bound = math.sqrt(3.0) * _xavier_std(weight)
-    return torch.empty(shape, dtype=weight.dtype, device=weight.device).uniform_(-bound, bound)
-
-
 def _flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
     """(flat list, spec) of the forward's arguments; spec None for plain tensor
     positional arguments (the common case, without pytree's cost)."""
@@ -398,12 +300,8 @@ class _ARFunction(torch.autograd.Function):
             w_grad = param_grads[i]
             grad = None
             if w_grad is not None and needs_psi[len(psi_grads)]:
-                # The paper's rule: psi moves by W's increment, transposed for linear.
                 transposed = run.owner._psi_layout[run.param_names[i]] == "transposed"
-                grad = w_grad.t() if transposed else w_grad
-                grad = grad.contiguous()
-                if decay:
-                    grad = grad + decay * psi.detach()
+                grad = psi_lib.backward_weight_gradient(w_grad, psi, transposed, decay)
             if w_grad is not None and decay:
                 param_grads[i] = w_grad + decay * run.params[i].detach()
             if not needs_all[i]:
@@ -528,83 +426,32 @@ class ARBackward(nn.Module):
         cfg = self.config
         learned = get_variant(cfg.variant).backward_weights == "learned"
         sign_feedback = get_variant(cfg.variant).sign_feedback
-        for name, w in self._weights_read_by_linear_or_conv():
-            transposed = w.dim() == 2  # F.linear's weight; conv weights keep their shape
-            shape = w.t().shape if transposed else w.shape
-            if cfg.backward_weight_init == "transpose":
-                init = (w.detach().t() if transposed else w.detach()).clone().contiguous()
-            elif cfg.backward_weight_init == "xavier":
-                init = _xavier_uniform(w, shape)
-            else:
-                std = cfg.backward_weight_std
-                if cfg.backward_weight_init == "matched":
-                    std = _matched_std(name, w)
-                init = torch.randn(shape, dtype=w.dtype, device=w.device) * std
+        found = psi_lib.weights_read_by_linear_or_conv(self.module, self._extra_psi_params)
+        for name, w in found:
+            init = psi_lib.initial_backward_weight(name, w, cfg)
             key = name.replace(".", "__")
             if sign_feedback == "fixed_random":
                 # The magnitudes stay; the signs come from W at every backward.
                 self.backward_weight_magnitude[key] = nn.Parameter(
-                    _xavier_uniform(w, shape).abs(), requires_grad=False
+                    psi_lib.xavier_uniform(w, init.shape).abs(), requires_grad=False
                 )
             self.backward_weight_store[key] = nn.Parameter(init, requires_grad=learned)
-            self._psi_layout[name] = "transposed" if transposed else "same"
+            self._psi_layout[name] = "transposed" if psi_lib.is_transposed(w) else "same"
         if sign_feedback is not None:
             self.refresh_sign_feedback()
 
-    def _weights_read_by_linear_or_conv(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, weight) of every parameter that gets a psi, once each: the
-        weights of nn.Linear and nn.Conv1d/2d/3d modules, nn.MultiheadAttention's
-        input projections (packed or separate q/k/v), and the parameters named in
-        backward_weight_params."""
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        found: list[tuple[str, nn.Parameter]] = []
-        seen: set[int] = set()
-
-        def add(w: nn.Parameter | None) -> None:
-            if w is not None and id(w) in names and id(w) not in seen:
-                seen.add(id(w))
-                found.append((names[id(w)], w))
-
-        for layer in self.module.modules():
-            if isinstance(layer, _WEIGHT_LAYERS):
-                add(layer.weight)
-            elif isinstance(layer, nn.MultiheadAttention):
-                for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                    add(getattr(layer, attr, None))
-        params = dict(self.module.named_parameters())
-        for name in self._extra_psi_params:
-            if name not in params:
-                raise ValueError(
-                    f"ARBackward: backward_weight_params names {name!r}, which is not a "
-                    f"parameter of the module (it has {sorted(params)[:8]}...)"
-                )
-            if params[name].dim() < 2:
-                raise ValueError(
-                    f"ARBackward: backward_weight_params names {name!r} of shape "
-                    f"{tuple(params[name].shape)}; a backward weight replaces the weight of a "
-                    "linear (2-D) or convolution (3-D and more) op"
-                )
-            add(params[name])
-        return found
-
-    @torch.no_grad()
     def refresh_sign_feedback(self) -> None:
         """Remakes psi from the forward weights' signs (the sign_symmetry
         variants); runs at every backward, before the relaxation."""
         rule = get_variant(self.config.variant).sign_feedback
         if rule is None:
             return
-        for name, layout in self._psi_layout.items():
+        for name in self._psi_layout:
             key = name.replace(".", "__")
-            w = self.module.get_parameter(name).detach()
-            signs = torch.sign(w.t() if layout == "transposed" else w)
-            psi = self.backward_weight_store[key]
-            if rule == "uniform":
-                psi.copy_(signs * _xavier_std(w))
-            elif rule == "fixed_random":
-                psi.copy_(signs * self.backward_weight_magnitude[key])
-            else:  # batch_random
-                psi.copy_(signs * _xavier_uniform(w, psi.shape).abs())
+            magnitude = self.backward_weight_magnitude[key] if rule == "fixed_random" else None
+            psi_lib.remake_from_signs(
+                self.backward_weight_store[key], self.module.get_parameter(name), rule, magnitude
+            )
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The module's named parameters, re-listed only after a module anywhere
@@ -704,45 +551,6 @@ class ARBackward(nn.Module):
     def last_stats(self) -> RelaxationStats | None:
         """What the last backward's relaxation did (None before the first backward)."""
         if self._last_stats is None and self._last_raw is not None:
-            object.__setattr__(self, "_last_stats", self._build_stats(*self._last_raw))
+            stats = stats_from_engine(self.config, *self._last_raw)
+            object.__setattr__(self, "_last_stats", stats)
         return self._last_stats
-
-    def _build_stats(
-        self,
-        leaves: tuple[list[str], int],
-        summary: list[float],
-        residuals: torch.Tensor,
-        residual_trace: torch.Tensor,
-        cosine_trace: torch.Tensor,
-        names: list[str],
-        inlined_checkpoints: int,
-    ) -> RelaxationStats:
-        s = summary
-        param_names, num_inputs = leaves
-        leaf_names = param_names + [f"input{i}" for i in range(num_inputs)]
-        cosines = None
-        if self.config.trace_cosine and cosine_trace.numel():
-            cosines = {
-                name: cosine_trace[:, i].clone()
-                for i, name in enumerate(leaf_names)
-                if not torch.isnan(cosine_trace[:, i]).all()
-            }
-        return RelaxationStats(
-            steps=int(s[0]),
-            depth=int(s[1]),
-            converged=bool(s[2]),
-            exact_shortcut=bool(s[3]),
-            max_residual=float(s[4]),
-            nonfinite=bool(s[6]),
-            state_names=list(names),
-            residuals={n: float(r) for n, r in zip(names, residuals.tolist())},
-            residual_trace=residual_trace if self.config.trace else None,
-            cosine_trace=cosines,
-            graph_steps=int(s[7]),
-            fused_activations=int(s[8]),
-            relaxing_states=int(s[9]),
-            params_outside_relaxation=int(s[10]),
-            evaluation=_EVALUATION_NAMES[int(s[11])],
-            sweeps=int(s[12]),
-            inlined_checkpoints=inlined_checkpoints,
-        )

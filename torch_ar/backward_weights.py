@@ -1,0 +1,126 @@
+"""Backward weights (psi) of the variants without weight transport: which
+weights get one, how psi starts, how the sign-concordant variants remake it
+from W, and psi's own gradient. ARBackward holds the tensors (in its
+state_dict) and calls these."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from torch_ar.config import RelaxConfig
+
+# Modules whose weight gets a psi (with nn.MultiheadAttention's projections).
+PSI_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+MULTIHEAD_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def weights_read_by_linear_or_conv(
+    module: nn.Module, extra_names: Sequence[str] = ()
+) -> list[tuple[str, nn.Parameter]]:
+    """(name, weight) of every parameter that gets a psi, once each: the
+    weights of nn.Linear and nn.Conv1d/2d/3d modules, nn.MultiheadAttention's
+    input projections (packed or separate q/k/v), and the parameters named in
+    `extra_names` (ARBackward's backward_weight_params)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    found: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+
+    def add(w: nn.Parameter | None) -> None:
+        if w is not None and id(w) in names and id(w) not in seen:
+            seen.add(id(w))
+            found.append((names[id(w)], w))
+
+    for layer in module.modules():
+        if isinstance(layer, PSI_LAYERS):
+            add(layer.weight)
+        elif isinstance(layer, nn.MultiheadAttention):
+            for attr in MULTIHEAD_PROJECTIONS:
+                add(getattr(layer, attr, None))
+    params = dict(module.named_parameters())
+    for name in extra_names:
+        if name not in params:
+            raise ValueError(
+                f"ARBackward: backward_weight_params names {name!r}, which is not a "
+                f"parameter of the module (it has {sorted(params)[:8]}...)"
+            )
+        if params[name].dim() < 2:
+            raise ValueError(
+                f"ARBackward: backward_weight_params names {name!r} of shape "
+                f"{tuple(params[name].shape)}; a backward weight replaces the weight of a "
+                "linear (2-D) or convolution (3-D and more) op"
+            )
+        add(params[name])
+    return found
+
+
+def matched_std(name: str, weight: torch.Tensor) -> float:
+    """The spread of ``weight`` for a psi drawn at the forward weight's own scale."""
+    std = weight.detach().double().std().item() if weight.numel() > 1 else 0.0
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(
+            f"ARBackward: backward_weight_init='matched' draws psi at the standard deviation "
+            f"of its forward weight, but '{name}' (shape {tuple(weight.shape)}) has std {std}; "
+            "initialise the weight first or use backward_weight_init='normal'"
+        )
+    return std
+
+
+def xavier_std(weight: torch.Tensor) -> float:
+    """sqrt(2 / (fan_in + fan_out)) of a linear or conv weight."""
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+    return math.sqrt(2.0 / float(fan_in + fan_out))
+
+
+def xavier_uniform(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A tensor of ``shape`` drawn as Xavier-uniform for ``weight``'s fans."""
+    bound = math.sqrt(3.0) * xavier_std(weight)
+    return torch.empty(shape, dtype=weight.dtype, device=weight.device).uniform_(-bound, bound)
+
+
+def is_transposed(weight: torch.Tensor) -> bool:
+    """psi is W^T for F.linear's 2-D weight; conv weights keep their shape."""
+    return weight.dim() == 2
+
+
+def initial_backward_weight(name: str, weight: torch.Tensor, config: RelaxConfig) -> torch.Tensor:
+    """psi at the start, by `config.backward_weight_init`."""
+    shape = weight.t().shape if is_transposed(weight) else weight.shape
+    if config.backward_weight_init == "transpose":
+        w = weight.detach()
+        return (w.t() if is_transposed(weight) else w).clone().contiguous()
+    if config.backward_weight_init == "xavier":
+        return xavier_uniform(weight, shape)
+    std = config.backward_weight_std
+    if config.backward_weight_init == "matched":
+        std = matched_std(name, weight)
+    return torch.randn(shape, dtype=weight.dtype, device=weight.device) * std
+
+
+@torch.no_grad()
+def remake_from_signs(
+    psi: torch.Tensor, weight: torch.Tensor, rule: str, magnitude: torch.Tensor | None
+) -> None:
+    """psi = sign(W) (transposed for linear) times a magnitude, in place: the
+    layer's Xavier std (uSF, `rule="uniform"`), the fixed |R| (frSF,
+    `"fixed_random"`) or a fresh Xavier-uniform |R_t| (brSF, `"batch_random"`)."""
+    w = weight.detach()
+    signs = torch.sign(w.t() if is_transposed(w) else w)
+    if rule == "uniform":
+        psi.copy_(signs * xavier_std(w))
+    elif rule == "fixed_random":
+        psi.copy_(signs * magnitude)
+    else:  # batch_random
+        psi.copy_(signs * xavier_uniform(w, psi.shape).abs())
+
+
+def backward_weight_gradient(
+    weight_grad: torch.Tensor, psi: torch.Tensor, transposed: bool, decay: float
+) -> torch.Tensor:
+    """psi's gradient: the paper's rule, psi moves by W's increment
+    (transposed for linear), plus Kolen-Pollack decay * psi."""
+    grad = (weight_grad.t() if transposed else weight_grad).contiguous()
+    return grad + decay * psi.detach() if decay else grad
