@@ -14,6 +14,7 @@
 // does. One horner_update_ launch per level and stage updates all of the
 // level's states.
 #include "engine/coefficients.h"
+#include "engine/engine.h"
 #include "engine/executor.h"
 #include "engine/per_device.h"
 #include "ops/horner_update.h"
@@ -483,9 +484,7 @@ std::vector<at::Tensor> Executor::closed_form(std::vector<at::Tensor> forward_va
   stats.sweeps = K;
   stats.nonfinite = nonfinite;
   stats.max_residual = nonfinite ? std::numeric_limits<double>::infinity() : worst;
-  const bool exact_by_depth =
-      config_.eta == 1.0 && (sweep ? config_.steps >= 1 : config_.steps >= plan_.depth);
-  stats.converged = !nonfinite && (exact_by_depth || worst <= 1e-6);
+  stats.converged = converged_without_tol(config_, config_.steps, plan_.depth, nonfinite, worst);
   stats.residuals = at::tensor(final_residual, at::kDouble);
 
   propagate_param_side();

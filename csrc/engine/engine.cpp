@@ -16,10 +16,18 @@
 
 namespace torch_ar {
 
+bool exact_by_depth(const EngineConfig& c, int64_t steps, int64_t depth) {
+  return c.eta == 1.0 && (c.schedule == Schedule::Sweep ? steps >= 1 : steps >= depth);
+}
+
 bool can_take_exact_sweep(const EngineConfig& c, int64_t depth) {
   if (c.eta != 1.0 || c.trace || c.trace_cosine || c.tol > 0) return false;
-  if (c.steps < 0) return true;
-  return c.schedule == Schedule::Sweep ? c.steps >= 1 : c.steps >= depth;
+  return c.steps < 0 || exact_by_depth(c, c.steps, depth);
+}
+
+bool converged_without_tol(const EngineConfig& c, int64_t steps, int64_t depth, bool nonfinite,
+                           double max_residual) {
+  return !nonfinite && (exact_by_depth(c, steps, depth) || max_residual <= 1e-6);
 }
 
 Evaluation choose_evaluation(const EngineConfig& c, int64_t depth) {

@@ -41,8 +41,18 @@ std::vector<bool> relaxing_state_values(const std::vector<at::Tensor>& outputs,
                                         Granularity granularity,
                                         const std::vector<at::Tensor>& data_indices = {});
 
+// True when `steps` steps reach the fixed point by construction: eta 1 and
+// one Gauss-Seidel sweep, or D Jacobi steps (the Jacobi map is nilpotent).
+bool exact_by_depth(const EngineConfig& config, int64_t steps, int64_t depth);
+
 // True when eta, steps, tol and tracing allow the single exact sweep.
 bool can_take_exact_sweep(const EngineConfig& config, int64_t depth);
+
+// "converged" of a relaxation without a tolerance: finite, and exact by depth
+// or its residual at most 1e-6 relative (the literal steps' last update, the
+// closed form's returned states).
+bool converged_without_tol(const EngineConfig& config, int64_t steps, int64_t depth, bool nonfinite,
+                           double max_residual);
 
 // Which evaluation runs: the exact sweep where it is exact, the closed form
 // where it gives the literal steps' outcome (explicit steps; no trace, tol

@@ -1,6 +1,7 @@
 // The relaxation loop: x <- x + eta * (ext + sum_c VJP_c(x_c) - x), Jacobi
 // (every layer reads the previous step) or sweep (reverse topological
 // Gauss-Seidel). No Python runs inside it.
+#include "engine/engine.h"
 #include "engine/executor.h"
 #include "engine/node_vjp.h"
 #include "engine/per_device.h"
@@ -614,9 +615,8 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   if (config_.tol <= 0) {
     // Without a tolerance, "converged" means the last update moved nothing
     // beyond rounding, or the schedule is exact by construction.
-    const bool exact_by_depth =
-        config_.eta == 1.0 && (sweep ? stats.steps >= 1 : stats.steps >= plan_.depth);
-    stats.converged = !stats.nonfinite && (exact_by_depth || stats.max_residual <= 1e-6);
+    stats.converged = converged_without_tol(config_, stats.steps, plan_.depth, stats.nonfinite,
+                                            stats.max_residual);
   }
   stats.residuals = at::tensor(final_residual, at::kDouble);
   if (config_.trace) {
