@@ -80,8 +80,8 @@ TORCH_LIBRARY(torch_ar, m) {
   m.def(
       "relax(Tensor[] outputs, Tensor?[] output_grads, Tensor[] leaves, "
       "bool[] leaf_is_input, bool[] leaf_needs_grad, int forward_values, "
-      "float eta, int steps, float tol, int max_steps, str init, str schedule, "
-      "str granularity, bool trace, bool trace_cosine, int keep_graph, "
+      "float eta, int? steps, float? tol, int max_steps, str init, str schedule, "
+      "str granularity, bool trace, bool trace_cosine, bool? keep_graph, "
       "int check_every, Tensor?[] backward_weights, bool use_backward_weights, "
       "bool drop_activation_derivative, bool weight_update_derivative, "
       "bool raise_on_nonfinite, bool fuse_activations, bool cuda_graph, "

@@ -21,9 +21,10 @@ RelaxResult relax_op(at::TensorList outputs,
                      const c10::List<std::optional<at::Tensor>>& output_grads,
                      at::TensorList leaves, const c10::List<bool>& leaf_is_input,
                      const c10::List<bool>& leaf_needs_grad, int64_t forward_values, double eta,
-                     int64_t steps, double tol, int64_t max_steps, c10::string_view init,
-                     c10::string_view schedule, c10::string_view granularity, bool trace,
-                     bool trace_cosine, int64_t keep_graph, int64_t check_every,
+                     std::optional<int64_t> steps, std::optional<double> tol, int64_t max_steps,
+                     c10::string_view init, c10::string_view schedule, c10::string_view granularity,
+                     bool trace, bool trace_cosine, std::optional<bool> keep_graph,
+                     int64_t check_every,
                      const c10::List<std::optional<at::Tensor>>& backward_weights,
                      bool use_backward_weights, bool drop_activation_derivative,
                      bool weight_update_derivative, bool raise_on_nonfinite, bool fuse_activations,
@@ -36,17 +37,19 @@ RelaxResult relax_op(at::TensorList outputs,
 
   EngineConfig config;
   config.eta = eta;
-  config.steps = steps;
-  config.tol = tol;
+  TORCH_CHECK(!steps || *steps >= 1, "torch_ar: steps must be a positive integer, got ", *steps);
+  TORCH_CHECK(!tol || *tol > 0.0, "torch_ar: tol must be positive, got ", *tol);
+  // Absent steps and tol: EngineConfig's "not given" (D steps; no tolerance).
+  config.steps = steps.value_or(-1);
+  config.tol = tol.value_or(-1.0);
   config.max_steps = max_steps;
   config.init = parse_init(std::string(init));
   config.schedule = parse_schedule(std::string(schedule));
   config.granularity = parse_granularity(std::string(granularity));
   config.trace = trace;
   config.trace_cosine = trace_cosine;
-  // -1: do what the running backward asked for (retain_graph).
-  config.keep_graph =
-      keep_graph < 0 ? torch::autograd::get_current_graph_task_keep_graph() : keep_graph != 0;
+  // Absent: do what the running backward asked for (retain_graph).
+  config.keep_graph = keep_graph.value_or(torch::autograd::get_current_graph_task_keep_graph());
   config.check_every = check_every;
   config.use_backward_weights = use_backward_weights;
   config.drop_activation_derivative = drop_activation_derivative;
