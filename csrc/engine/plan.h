@@ -94,6 +94,10 @@ struct Plan {
   std::vector<std::vector<bool>> param_side_masks;         // per graph node
   std::vector<at::Tensor> leaf_direct;                     // outputs that are leaves themselves
   std::vector<std::pair<EdgeTarget, at::Tensor>> param_side_ext;
+  // Per module output: whether the plan expects a loss gradient there, and
+  // where it enters (a state, a leaf, or a param-side node; None: nowhere).
+  std::vector<bool> root_has_grad;
+  std::vector<EdgeTarget> loss_entries;
   int depth = 0;
   int num_relaxing = 0;
   // Parameters whose gradient depends on no relaxing state: those of layers
@@ -102,6 +106,19 @@ struct Plan {
   int params_outside_relaxation = 0;
 };
 
+// The plan's two halves. The structure (states, layers, masks, depth) is
+// known after the forward, given which module outputs will receive a loss
+// gradient; the loss gradients themselves arrive with the backward and are
+// bound into it (slot ext, leaf_direct, param_side_ext), replacing any bound
+// before.
+Plan make_plan(const CapturedGraph& graph, const std::vector<bool>& root_has_grad,
+               Granularity granularity);
+std::vector<bool> roots_with_grad(const std::vector<at::Tensor>& output_grads);
+// Whether `output_grads` are defined exactly where the plan expects them.
+bool expects_loss_gradients(const Plan& plan, const std::vector<at::Tensor>& output_grads);
+void bind_loss_gradients(Plan& plan, const std::vector<at::Tensor>& output_grads);
+
+// Both at once.
 Plan make_plan(const CapturedGraph& graph, const std::vector<at::Tensor>& output_grads,
                Granularity granularity);
 
