@@ -13,9 +13,10 @@ from torch_ar import (
     _C,  # noqa: F401  (registers torch.ops.torch_ar.*)
     metrics,
 )
-from torch_ar.ar_backward import ARBackward, RelaxationDivergedError, RelaxationStats
+from torch_ar.ar_backward import ARBackward, RelaxationStats
 from torch_ar.config import RelaxConfig
 from torch_ar.diagnostics import SelftestReport, selftest
+from torch_ar.errors import RelaxationDivergedError
 from torch_ar.ops import SupportedOp, release_cuda_graph_memory, supported_ops
 from torch_ar.variants import VARIANTS
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,8 +14,11 @@ from torch_ar import backward_weights as psi_lib
 from torch_ar.capture import ForwardValueRecorder, make_input_leaf
 from torch_ar.checkpointing import inline_checkpoints
 from torch_ar.config import RelaxConfig
+from torch_ar.engine import EngineConfig, Relaxation, engine_options
+from torch_ar.errors import RelaxationDivergedError
 from torch_ar.stats import RelaxationStats, stats_from_engine
-from torch_ar.variants import get_variant
+
+__all__ = ["ARBackward", "RelaxationDivergedError", "RelaxationStats"]
 
 # Counts parameter and submodule registrations in any module: a wrapper
 # re-lists its module's parameters only when this moved. (Replacing a
@@ -31,10 +33,6 @@ def _count_registration(*_: Any) -> None:
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-
-
-class RelaxationDivergedError(RuntimeError):
-    """A state became NaN or infinite during relaxation (the message names node and step)."""
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -77,20 +75,20 @@ class _ForwardRun:
         )
         self.psi_tensors = [p for p in self.psis if p is not None]
         self.input_leaves: list[torch.Tensor] = []
-        self.outputs: list[torch.Tensor] = []  # differentiable inner outputs
-        self.output_slots: list[int] = []  # their index among returned tensors
+        self.output_slots: list[int] = []  # the differentiable outputs' index among tensors
         self.out_flat: list[Any] = []
         self.out_spec = None
         self.tensor_positions: list[int] = []
-        self.forward_values: list[torch.Tensor] = []  # recorded, until stashed
-        self.forward_values_handle = 0
-        self.released = False
         # Under autocast a GradScaler may be in use: it expects inf/NaN
         # gradients (to skip the step), not an exception.
         nonfinite = owner.config.nonfinite
-        self.raise_on_nonfinite = nonfinite == "raise" or (
+        raise_on_nonfinite = nonfinite == "raise" or (
             nonfinite == "auto" and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
         )
+        self.engine_config = owner._engine_configs[raise_on_nonfinite]
+        # The engine object of this forward: captured and planned when the
+        # forward ends, it runs the relaxation in the backward.
+        self.relaxation: Relaxation | None = None
 
     @property
     def inputs(self) -> list[torch.Tensor]:
@@ -102,15 +100,14 @@ class _ForwardRun:
         for pos, leaf in zip(self.input_positions, self.input_leaves):
             flat[pos] = leaf
         args, kwargs = (tuple(flat), {}) if self.spec is None else tree_unflatten(flat, self.spec)
-        with (
-            torch.enable_grad(),
-            inline_checkpoints(self.config.calls_layers_repeatedly) as inlined,
-        ):
-            if self.config.needs_forward_values:
+        repeats, needs_forward_values = self.owner._forward_rules
+        forward_values: list[torch.Tensor] = []
+        with torch.enable_grad(), inline_checkpoints(repeats) as inlined:
+            if needs_forward_values:
                 recorder = ForwardValueRecorder()
                 with recorder:
                     out = self.owner.module(*args, **kwargs)
-                self.forward_values = recorder.values
+                forward_values = recorder.values
             else:
                 out = self.owner.module(*args, **kwargs)
         self.inlined_checkpoints = inlined[0]
@@ -127,43 +124,27 @@ class _ForwardRun:
             _check_supported_tensor(t, f"output {k}")
             if t.requires_grad:
                 candidates.append(k)
-        # As in autograd, an output is differentiable only when it depends on a
-        # parameter or on an input that requires grad (the private input
-        # leaves always require grad, so look at the graph).
-        wanted = self.params + [
-            leaf for leaf, t in zip(self.input_leaves, inputs) if t.requires_grad
-        ]
         if candidates:
-            reach = torch.ops.torch_ar.differentiable_outputs(
-                [self.out_flat[self.tensor_positions[k]] for k in candidates], wanted
-            ).tolist()
-            for k, ok in zip(candidates, reach):
-                if ok:
-                    self.outputs.append(self.out_flat[self.tensor_positions[k]])
-                    self.output_slots.append(k)
-        if self.forward_values and self.outputs:
-            # Keep only the relaxing states' values until backward: the rest
-            # (pre-activations, say) would otherwise outlive the forward.
-            keep = torch.ops.torch_ar.relaxing_state_values(
-                self.outputs,
+            # As in autograd, an output is differentiable only when it depends
+            # on a parameter or on an input that requires grad (the private
+            # input leaves always require grad, so the engine looks at the
+            # graph); the graph behind those is captured and planned here, once.
+            self.relaxation, reach = Relaxation.capture(
+                self.engine_config,
+                [self.out_flat[self.tensor_positions[k]] for k in candidates],
                 self.params + self.input_leaves,
                 [False] * len(self.params) + [True] * len(self.input_leaves),
-                self.forward_values,
-                self.config.granularity,
+                self.expected_needs(inputs),
+                forward_values,
                 self.data_indices,
-            ).tolist()
-            self.forward_values = [v for v, k in zip(self.forward_values, keep) if k]
-        if self.forward_values:
-            # Kept on the C++ side under a handle: the engine frees each value
-            # as soon as its state is done, not when the backward returns.
-            self.forward_values_handle = torch.ops.torch_ar.stash_forward_values(
-                self.forward_values
             )
-            weakref.finalize(
-                self, torch.ops.torch_ar.drop_forward_values, self.forward_values_handle
-            )
-        self.forward_values = []
+            self.output_slots = [k for k, ok in zip(candidates, reach) if ok]
         return [self.out_flat[pos].detach() for pos in self.tensor_positions]
+
+    def expected_needs(self, inputs: tuple[torch.Tensor, ...]) -> list[bool]:
+        """Which leaves the backward will want gradients of, as far as the
+        forward can tell (autograd's needs_input_grad then confirms it)."""
+        return [True] * len(self.params) + [t.requires_grad for t in inputs]
 
     def rebuild(self, tensors: tuple[torch.Tensor, ...]) -> Any:
         flat = list(self.out_flat)
@@ -172,12 +153,9 @@ class _ForwardRun:
         return flat[0] if self.out_spec is None else tree_unflatten(flat, self.out_spec)
 
     def release(self) -> None:
-        self.released = True
-        self.outputs = []
+        if self.relaxation is not None:
+            self.relaxation.release()
         self.input_leaves = []
-        if self.forward_values_handle:
-            torch.ops.torch_ar.drop_forward_values(self.forward_values_handle)
-            self.forward_values_handle = 0
 
 
 def _flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
@@ -215,12 +193,7 @@ class _ARFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor | None):
         run: _ForwardRun = ctx.run
-        if run.released:
-            raise RuntimeError(
-                "ARBackward: trying to backward through the graph a second time; its "
-                "saved forward values were freed after the first backward. Specify "
-                "retain_graph=True on the first backward to backward twice."
-            )
+        relaxation = run.relaxation
         n_params, n_psi = len(run.params), len(run.psi_tensors)
         needs_all = list(ctx.needs_input_grad[1:])
         needs_psi = needs_all[n_params : n_params + n_psi]
@@ -234,10 +207,9 @@ class _ARFunction(torch.autograd.Function):
         if not any(needs):
             return (None, *([None] * len(needs_all)))
         cfg = run.config
-        variant = get_variant(cfg.variant)
+        variant = cfg.variant_spec
         if variant.sign_feedback is not None:
             run.owner.refresh_sign_feedback()
-        leaves = run.params + run.input_leaves
         backward_weights = (
             [p.detach() if p is not None else None for p in run.psis]
             + [None] * len(run.input_leaves)
@@ -245,37 +217,8 @@ class _ARFunction(torch.autograd.Function):
             else []
         )
         try:
-            result = torch.ops.torch_ar.relax(
-                run.outputs,
-                [grads[k] for k in run.output_slots],
-                leaves,
-                [False] * n_params + [True] * len(run.input_leaves),
-                needs,
-                run.forward_values_handle,
-                float(cfg.eta),
-                None if cfg.steps is None else int(cfg.steps),
-                None if cfg.tol is None else float(cfg.tol),
-                int(cfg.max_steps),
-                cfg.init,
-                cfg.schedule,
-                cfg.granularity,
-                bool(cfg.trace),
-                bool(cfg.trace_cosine),
-                None,  # keep_graph: what the running backward asked for (retain_graph)
-                int(cfg.check_every),
-                backward_weights,
-                variant.uses_backward_weights,
-                variant.drop_activation_derivative,
-                bool(cfg.weight_update_derivative),
-                run.raise_on_nonfinite,
-                bool(cfg.fuse_activations),
-                bool(cfg.cuda_graph),
-                run.data_indices,
-                cfg.evaluation,
-            )
+            out = relaxation.backward([grads[k] for k in run.output_slots], needs, backward_weights)
         except RuntimeError as err:
-            if "relaxation diverged" in str(err):
-                raise RelaxationDivergedError(str(err).split("\n")[0]) from None
             if type(err).__name__ == "CheckpointError":
                 raise RuntimeError(
                     "ARBackward: a checkpointed region inside the module can be unpacked only "
@@ -286,11 +229,8 @@ class _ARFunction(torch.autograd.Function):
                     "sweep (eta=1, exact variant, no steps/tol/trace)."
                 ) from err
             raise
-        out, summary, residuals, residual_trace, cosine_trace, names = result
-        run.owner._record_stats(run, summary, residuals, residual_trace, cosine_trace, names)
-        run.owner._warn_if_degenerate(summary)
-        if summary[5] == 0.0:  # the graph was not kept for another backward
-            run.release()
+        run.owner._record_stats(run)
+        run.owner._warn_if_degenerate(relaxation)
         param_grads, input_grads = out[:n_params], out[n_params:]
         psi_grads = []
         decay = float(cfg.backward_weight_decay)
@@ -400,11 +340,21 @@ class ARBackward(nn.Module):
             cuda_graph=cuda_graph,
             evaluation=evaluation,
         )
+        # The engine's settings, by the forward's nonfinite rule (raise or not),
+        # and what they ask of every forward (the engine's rule, asked once):
+        # may a layer's VJP run more than once (then checkpointed regions run
+        # inline), do the forward values matter, is relaxation asked for.
+        self._engine_configs = {
+            raise_: EngineConfig(**engine_options(self.config, raise_)) for raise_ in (False, True)
+        }
+        engine = self._engine_configs[True]
+        self._forward_rules = (engine.may_evaluate_layers_repeatedly, engine.needs_forward_values)
+        # Whether a backward should check that something relaxed (until it has).
+        self._check_degenerate = engine.asks_for_relaxation
         # Raw results of the last backward; last_stats builds the dataclass
         # only when asked (it is off the training loop's hot path).
         self._last_raw: tuple | None = None
         self._last_stats: RelaxationStats | None = None
-        self._warned_degenerate = False
         self._param_cache: tuple[int, list[tuple[str, nn.Parameter]]] | None = None
         # psi per linear/conv weight, registered so that state_dict(),
         # parameters() and optimizers see it; keys are the weight's name with
@@ -414,18 +364,18 @@ class ARBackward(nn.Module):
         self.backward_weight_magnitude = nn.ParameterDict()
         self._psi_layout: dict[str, str] = {}
         self._extra_psi_params = tuple(backward_weight_params)
-        if self._extra_psi_params and not get_variant(variant).uses_backward_weights:
+        if self._extra_psi_params and not self.config.variant_spec.uses_backward_weights:
             raise ValueError(
                 f"ARBackward: backward_weight_params given, but variant {variant!r} uses no "
                 "backward weights"
             )
-        if get_variant(variant).uses_backward_weights:
+        if self.config.variant_spec.uses_backward_weights:
             self._create_backward_weights()
 
     def _create_backward_weights(self) -> None:
         cfg = self.config
-        learned = get_variant(cfg.variant).backward_weights == "learned"
-        sign_feedback = get_variant(cfg.variant).sign_feedback
+        learned = cfg.variant_spec.backward_weights == "learned"
+        sign_feedback = cfg.variant_spec.sign_feedback
         found = psi_lib.weights_read_by_linear_or_conv(self.module, self._extra_psi_params)
         for name, w in found:
             init = psi_lib.initial_backward_weight(name, w, cfg)
@@ -443,7 +393,7 @@ class ARBackward(nn.Module):
     def refresh_sign_feedback(self) -> None:
         """Remakes psi from the forward weights' signs (the sign_symmetry
         variants); runs at every backward, before the relaxation."""
-        rule = get_variant(self.config.variant).sign_feedback
+        rule = self.config.variant_spec.sign_feedback
         if rule is None:
             return
         for name in self._psi_layout:
@@ -507,43 +457,30 @@ class ARBackward(nn.Module):
             f"schedule={c.schedule!r}, granularity={c.granularity!r}, variant={c.variant!r}"
         )
 
-    def _record_stats(
-        self,
-        run: _ForwardRun,
-        summary: list[float],
-        residuals: torch.Tensor,
-        residual_trace: torch.Tensor,
-        cosine_trace: torch.Tensor,
-        names: list[str],
-    ) -> None:
-        # Leaf names are built only if the stats are read.
-        raw = (
-            (run.param_names, len(run.input_leaves)),
-            summary,
-            residuals,
-            residual_trace,
-            cosine_trace,
-            names,
-            run.inlined_checkpoints,
-        )
+    def _record_stats(self, run: _ForwardRun) -> None:
+        # The engine object keeps its stats; leaf names are built only if read.
+        raw = ((run.param_names, len(run.input_leaves)), run.relaxation, run.inlined_checkpoints)
         # object.__setattr__: nn.Module's own costs more than the rest of this.
         object.__setattr__(self, "_last_raw", raw)
         object.__setattr__(self, "_last_stats", None)
 
-    def _warn_if_degenerate(self, summary: list[float]) -> None:
+    def _warn_if_degenerate(self, relaxation: Relaxation) -> None:
         """Warn once when nothing relaxes although the settings ask for relaxation."""
-        if self._warned_degenerate or summary[9] > 0:
+        if not self._check_degenerate:
+            return
+        # Checked once: a module either has relaxing states or not.
+        self._check_degenerate = False
+        stats = relaxation.stats()
+        if stats.relaxing_states > 0:
             return
         c = self.config
-        if c.variant == "exact" and c.eta == 1.0 and c.steps is None and c.tol is None:
-            return  # the exact sweep: nothing to relax, nothing lost
-        self._warned_degenerate = True
         warnings.warn(
             f"ARBackward: the wrapped module has no relaxing state, so eta={c.eta}, "
             f"steps={c.steps} and variant={c.variant!r} change nothing: AR gradients are "
-            f"backprop's here ({int(summary[10])} parameters differentiated outside the "
-            "relaxation). States live on layer outputs that depend on a floating input or on "
-            "a lookup by the module's integer inputs; pass the data as an input of the module.",
+            f"backprop's here ({stats.params_outside_relaxation} parameters differentiated "
+            "outside the relaxation). States live on layer outputs that depend on a floating "
+            "input or on a lookup by the module's integer inputs; pass the data as an input of "
+            "the module.",
             stacklevel=4,
         )
 

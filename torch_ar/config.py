@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
-from torch_ar.variants import get_variant
+from torch_ar.variants import VARIANTS, Variant, get_variant
 
 INIT_MODES = ("forward", "zero")
 SCHEDULES = ("jacobi", "sweep")
 GRANULARITIES = ("layer", "block", "op")
 EVALUATIONS = ("auto", "closed_form", "literal")
 BACKWARD_WEIGHT_INITS = ("normal", "matched", "xavier", "transpose")
+NONFINITE_MODES = ("auto", "raise", "propagate")
+
+
+def _option(default: Any, *, choices: tuple[str, ...] = (), bound: str = "") -> Any:
+    """A RelaxConfig option: its default, and what a command line accepts for
+    it (one of ``choices``, or a number with ``bound`` "positive" or
+    "nonnegative"); the CLI makes its flags from these."""
+    return field(default=default, metadata={"choices": choices, "bound": bound})
 
 
 @dataclass(frozen=True)
@@ -90,34 +100,40 @@ class RelaxConfig:
             them; see How it works); otherwise the literal steps.
             `"closed_form"` insists on it (a `ValueError` where only literal
             steps can give what is asked); `"literal"` always steps.
+        variant_spec: the parsed `variant` (a `torch_ar.variants.Variant`:
+            whether it uses backward weights, drops f', its psi rule); set from
+            `variant`, not an argument.
     """
 
-    eta: float = 1.0
-    steps: int | None = None
-    tol: float | None = None
-    init: str = "forward"
-    schedule: str = "jacobi"
-    granularity: str = "layer"
+    eta: float = _option(1.0, bound="positive")
+    steps: int | None = _option(None, bound="positive")
+    tol: float | None = _option(None, bound="positive")
+    init: str = _option("forward", choices=INIT_MODES)
+    schedule: str = _option("jacobi", choices=SCHEDULES)
+    granularity: str = _option("layer", choices=GRANULARITIES)
     trace: bool = False
     trace_cosine: bool = False
-    max_steps: int = 10_000
-    check_every: int = 10
-    variant: str = "exact"
+    max_steps: int = _option(10_000, bound="positive")
+    check_every: int = _option(10, bound="positive")
+    variant: str = _option("exact", choices=tuple(sorted(VARIANTS)))
     weight_update_derivative: bool = True
-    backward_weight_init: str = "normal"
-    backward_weight_std: float = 0.05
-    backward_weight_decay: float = 0.0
-    nonfinite: str = "auto"
+    backward_weight_init: str = _option("normal", choices=BACKWARD_WEIGHT_INITS)
+    backward_weight_std: float = _option(0.05, bound="positive")
+    backward_weight_decay: float = _option(0.0, bound="nonnegative")
+    nonfinite: str = _option("auto", choices=NONFINITE_MODES)
     fuse_activations: bool = True
     cuda_graph: bool = False
-    evaluation: str = "auto"
+    evaluation: str = _option("auto", choices=EVALUATIONS)
+    variant_spec: Variant = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.nonfinite not in ("auto", "raise", "propagate"):
+        if self.nonfinite not in NONFINITE_MODES:
             raise ValueError(
                 f"nonfinite must be 'auto', 'raise' or 'propagate', got {self.nonfinite!r}"
             )
         variant = get_variant(self.variant)
+        # The parsed variant, kept (frozen dataclass) so nothing parses it again.
+        object.__setattr__(self, "variant_spec", variant)
         if (
             variant.drop_activation_derivative
             and self.weight_update_derivative
@@ -201,26 +217,13 @@ class RelaxConfig:
         if not isinstance(self.check_every, int) or self.check_every < 1:
             raise ValueError(f"check_every must be a positive integer, got {self.check_every!r}")
 
-    @property
-    def calls_layers_repeatedly(self) -> bool:
-        """Whether the relaxation may evaluate a layer's VJP more than once.
 
-        Only the exact sweep (eta 1, the exact variant, no steps, tol or
-        trace) evaluates each node once, as autograd does.
-        """
-        exact_sweep = (
-            self.eta == 1.0
-            and self.variant == "exact"
-            and self.steps is None
-            and self.tol is None
-            and not self.trace
-            and not self.trace_cosine
-        )
-        return not exact_sweep
-
-    @property
-    def needs_forward_values(self) -> bool:
-        """Whether the initial states matter: only for literal steps from forward values."""
-        literal = self.eta != 1.0 or self.trace or self.trace_cosine or self.tol is not None
-        literal = literal or self.steps is not None
-        return self.init == "forward" and literal
+def option_help(name: str) -> str:
+    """The description of option ``name`` in RelaxConfig's docstring, on one
+    line (the CLI's help for its flag)."""
+    doc = RelaxConfig.__doc__ or ""
+    attributes = doc.split("Attributes:", 1)[1]
+    match = re.search(rf"^ {{8}}{name}: (.*?)(?=^ {{8}}\w+: |\Z)", attributes, re.M | re.S)
+    if match is None:
+        raise KeyError(f"RelaxConfig's docstring does not describe {name!r}")
+    return " ".join(match.group(1).split())

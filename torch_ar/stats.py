@@ -4,13 +4,11 @@ engine returns (only when `ARBackward.last_stats` is read)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from torch_ar.config import RelaxConfig
-
-# The engine's codes for RelaxationStats.evaluation (csrc/engine/config.h).
-EVALUATION_NAMES = {1: "exact_sweep", 2: "closed_form", 3: "literal"}
 
 
 @dataclass
@@ -86,41 +84,44 @@ class RelaxationStats:
 def stats_from_engine(
     config: RelaxConfig,
     leaves: tuple[list[str], int],
-    summary: list[float],
-    residuals: torch.Tensor,
-    residual_trace: torch.Tensor,
-    cosine_trace: torch.Tensor,
-    names: list[str],
+    relaxation: Any,
     inlined_checkpoints: int,
 ) -> RelaxationStats:
-    """The stats of one relaxation from what the engine returned: its
-    positional summary, the per-state residuals and traces, and the names."""
-    s = summary
+    """The stats of one relaxation from the engine object's named stats
+    (`torch_ar._C.RelaxStats`), with the leaves' names for the cosine trace."""
+    s = relaxation.stats()
     param_names, num_inputs = leaves
     leaf_names = param_names + [f"input{i}" for i in range(num_inputs)]
+    names = list(s.state_names)
     cosines = None
-    if config.trace_cosine and cosine_trace.numel():
+    trace = s.cosine_trace
+    if config.trace_cosine and trace is not None and trace.numel():
         cosines = {
-            name: cosine_trace[:, i].clone()
+            name: trace[:, i].clone()
             for i, name in enumerate(leaf_names)
-            if not torch.isnan(cosine_trace[:, i]).all()
+            if not torch.isnan(trace[:, i]).all()
         }
+    residuals = s.residuals
     return RelaxationStats(
-        steps=int(s[0]),
-        depth=int(s[1]),
-        converged=bool(s[2]),
-        exact_shortcut=bool(s[3]),
-        max_residual=float(s[4]),
-        nonfinite=bool(s[6]),
-        state_names=list(names),
-        residuals={n: float(r) for n, r in zip(names, residuals.tolist())},
-        residual_trace=residual_trace if config.trace else None,
+        steps=s.steps,
+        depth=s.depth,
+        converged=s.converged,
+        exact_shortcut=s.exact_shortcut,
+        max_residual=s.max_residual,
+        nonfinite=s.nonfinite,
+        state_names=names,
+        residuals=(
+            {n: float(r) for n, r in zip(names, residuals.tolist())}
+            if residuals is not None
+            else dict.fromkeys(names, 0.0)
+        ),
+        residual_trace=s.residual_trace if config.trace else None,
         cosine_trace=cosines,
-        graph_steps=int(s[7]),
-        fused_activations=int(s[8]),
-        relaxing_states=int(s[9]),
-        params_outside_relaxation=int(s[10]),
-        evaluation=EVALUATION_NAMES[int(s[11])],
-        sweeps=int(s[12]),
+        graph_steps=s.graph_steps,
+        fused_activations=s.fused_activations,
+        relaxing_states=s.relaxing_states,
+        params_outside_relaxation=s.params_outside_relaxation,
+        evaluation=s.evaluation,
+        sweeps=s.sweeps,
         inlined_checkpoints=inlined_checkpoints,
     )

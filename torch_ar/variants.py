@@ -53,6 +53,13 @@ class Variant:
         """The variant propagates through psi instead of W."""
         return self.backward_weights != "none"
 
+    def engine_options(self) -> dict[str, bool]:
+        """What the variant changes in the engine, by its option names."""
+        return {
+            "use_backward_weights": self.uses_backward_weights,
+            "drop_activation_derivative": self.drop_activation_derivative,
+        }
+
 
 VARIANTS: dict[str, Variant] = {
     v.name: v

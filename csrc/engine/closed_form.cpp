@@ -15,6 +15,7 @@
 // level's states.
 #include "engine/coefficients.h"
 #include "engine/engine.h"
+#include "engine/errors.h"
 #include "engine/executor.h"
 #include "engine/per_device.h"
 #include "ops/horner_update.h"
@@ -151,7 +152,6 @@ std::vector<at::Tensor> Executor::closed_form(std::vector<at::Tensor> forward_va
   }
   int max_below = 0;
   for (int s : relaxing_) max_below = std::max(max_below, below_[s]);
-  const bool sweep = config_.schedule == Schedule::Sweep;
   const HornerCoefficients coef =
       horner_coefficients(config_.schedule, config_.eta, config_.steps, max_below);
   const int K = static_cast<int>(coef.initial.size()) - 1;
@@ -233,7 +233,7 @@ std::vector<at::Tensor> Executor::closed_form(std::vector<at::Tensor> forward_va
               << " steps (stage " << stage << " of " << K << "): the state of node '"
               << plan_.slots[s].name << "' became NaN or infinite (eta=" << config_.eta
               << "). Check the inputs and the loss for NaN/Inf, or use a smaller eta.";
-          TORCH_CHECK(false, msg.str());
+          throw RelaxationDiverged(msg.str(), plan_.slots[s].name, stage);
         }
         nonfinite = true;
         continue;

@@ -31,4 +31,26 @@ Evaluation parse_evaluation(const std::string& name) {
               "'");
 }
 
+bool EngineConfig::may_evaluate_layers_repeatedly() const {
+  return !(eta == 1.0 && exact_rule() && steps < 0 && tol < 0 && !trace && !trace_cosine);
+}
+
+bool EngineConfig::needs_forward_values() const {
+  const bool literal = eta != 1.0 || trace || trace_cosine || tol >= 0 || steps >= 0;
+  return init == InitMode::Forward && literal;
+}
+
+bool EngineConfig::asks_for_relaxation() const {
+  return !(exact_rule() && eta == 1.0 && steps < 0 && tol < 0);
+}
+
+const std::vector<std::string>& engine_option_names() {
+  static const std::vector<std::string> names = {
+#define TORCH_AR_OPTION_NAME(name, type, default_value) #name,
+      TORCH_AR_ENGINE_OPTIONS(TORCH_AR_OPTION_NAME)
+#undef TORCH_AR_OPTION_NAME
+  };
+  return names;
+}
+
 } // namespace torch_ar

@@ -1,5 +1,6 @@
 #pragma once
-// The engine's C++ entry point: capture -> plan -> relax -> gradients.
+// The engine's rules and its one-call entry point: capture -> plan -> relax ->
+// gradients (see engine/relaxation.h for the object that ARBackward holds).
 
 #include "engine/config.h"
 #include "engine/executor.h"
@@ -26,20 +27,11 @@ struct EngineResult {
   RelaxStats stats;
 };
 
-// Runs on a private thread when an outer autograd graph task is current, so
-// that task's exec_info cannot hide inner nodes' gradients. Takes the inputs
-// by value: the forward values are dropped one by one as the relaxation
-// finishes with them (move them in to let them go).
+// One relaxation from start to end: a Relaxation captured from `inputs` and
+// run backward at once (the tests' and tools' entry; ARBackward's forward and
+// backward call the two halves at their own times). The forward values are
+// dropped one by one as the relaxation finishes with them (move them in).
 EngineResult run_engine(EngineInputs inputs, const EngineConfig& config);
-
-// Which of `values` (tensors recorded during forward) are relaxing states of
-// the graph behind `outputs`: only those need keeping for init="forward".
-std::vector<bool> relaxing_state_values(const std::vector<at::Tensor>& outputs,
-                                        const std::vector<at::Tensor>& leaves,
-                                        const std::vector<bool>& leaf_is_input,
-                                        const std::vector<at::Tensor>& values,
-                                        Granularity granularity,
-                                        const std::vector<at::Tensor>& data_indices = {});
 
 // True when `steps` steps reach the fixed point by construction: eta 1 and
 // one Gauss-Seidel sweep, or D Jacobi steps (the Jacobi map is nilpotent).

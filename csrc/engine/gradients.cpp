@@ -1,6 +1,7 @@
 // Gradients from the equilibrium: each layer's full VJP (weights and inputs)
 // once, then the parameter-only part of the graph (e.g. W.t(), weight norm)
 // by ordinary reverse accumulation.
+#include "engine/errors.h"
 #include "engine/executor.h"
 #include "engine/node_vjp.h"
 
@@ -128,10 +129,12 @@ std::vector<at::Tensor> Executor::exact_sweep(bool release_saved) {
     sweep_nonfinite_ = worst >= 0;
     if (worst >= 0 && config_.raise_on_nonfinite) {
       const StateSlot& slot = plan_.slots[worst];
-      TORCH_CHECK(false, "torch_ar: relaxation diverged at step ", slot.level,
-                  ": the state of node '", slot.name,
-                  "' became NaN or infinite (eta=1, exact sweep). Check the inputs, the "
-                  "loss and custom backward functions for NaN/Inf.");
+      throw RelaxationDiverged(
+          "torch_ar: relaxation diverged at step " + std::to_string(slot.level) +
+              ": the state of node '" + slot.name +
+              "' became NaN or infinite (eta=1, exact sweep). Check the inputs, the loss and "
+              "custom backward functions for NaN/Inf.",
+          slot.name, slot.level);
     }
   }
   propagate_param_side();

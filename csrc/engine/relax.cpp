@@ -2,6 +2,7 @@
 // (every layer reads the previous step) or sweep (reverse topological
 // Gauss-Seidel). No Python runs inside it.
 #include "engine/engine.h"
+#include "engine/errors.h"
 #include "engine/executor.h"
 #include "engine/node_vjp.h"
 #include "engine/per_device.h"
@@ -431,7 +432,7 @@ bool Executor::check_finite(at::Tensor& norms, const std::vector<int>& slots, in
         << "' became " << (std::isnan(acc[i][0]) ? "NaN" : "infinite") << " (eta=" << config_.eta
         << "). Check the inputs and the loss for NaN/Inf, "
         << "or use a smaller eta.";
-    TORCH_CHECK(false, msg.str());
+    throw RelaxationDiverged(msg.str(), slot.name, step);
   }
   return true;
 }

@@ -1,10 +1,10 @@
-// The schemas of every torch_ar operator, declared once. Kernels register
+// The schemas of every torch_ar operator, declared once (the engine object
+// that ARBackward holds is bound in python_module.cpp). Kernels register
 // against them with TORCH_LIBRARY_IMPL(torch_ar, <DispatchKey>, m) in their
 // own files (cpu/, kernels/, ...). Add new operators here with one m.def line.
 
 #include "engine/op_table.h"
 #include "engine/step_graph.h"
-#include "ops/forward_values.h"
 
 #include <torch/library.h>
 
@@ -35,10 +35,6 @@ std::vector<std::string> build_info() {
 } // namespace
 
 TORCH_LIBRARY(torch_ar, m) {
-  // The recorded forward values of one forward, kept under a handle until
-  // its backward takes them; see ops/forward_values.h.
-  m.def("stash_forward_values(Tensor[] values) -> int");
-  m.def("drop_forward_values(int handle) -> ()", &torch_ar::drop_forward_values);
   // Tests only: the next CUDA graph capture is refused by the device, so the
   // fallback and its clean-up can be exercised.
   m.def("_refuse_next_cuda_graph_capture() -> ()", &torch_ar::refuse_next_capture_for_testing);
@@ -63,29 +59,9 @@ TORCH_LIBRARY(torch_ar, m) {
       "horner_update_(Tensor(a!)[] out, Tensor?[] initial, Tensor?[] loss_terms, "
       "Tensor?[] targets, Tensor?[] residual_targets, float alpha, float beta, "
       "float flush_below, bool residual) -> Tensor");
-  // The whole engine for one backward call: capture the graph behind
-  // `outputs`, relax, and return the gradients of `leaves`; see ops/relax.cpp.
   // The supported-op table (engine/op_table.cpp), one "|"-separated row per
   // autograd node: node name, op, role, specialised VJP, activation.
   m.def("supported_ops() -> str[]", &torch_ar::supported_op_rows);
   // How this library was built (see build_info above).
   m.def("build_info() -> str[]", &build_info);
-  // Which module outputs have a differentiable path to `leaves` (bool [n]).
-  m.def("differentiable_outputs(Tensor[] outputs, Tensor[] leaves) -> Tensor");
-  // Which recorded forward tensors are relaxing states (bool [n]): the only
-  // ones init="forward" needs kept until backward.
-  m.def(
-      "relaxing_state_values(Tensor[] outputs, Tensor[] leaves, bool[] leaf_is_input, "
-      "Tensor[] values, str granularity, Tensor[] data_indices) -> Tensor");
-  m.def(
-      "relax(Tensor[] outputs, Tensor?[] output_grads, Tensor[] leaves, "
-      "bool[] leaf_is_input, bool[] leaf_needs_grad, int forward_values, "
-      "float eta, int? steps, float? tol, int max_steps, str init, str schedule, "
-      "str granularity, bool trace, bool trace_cosine, bool? keep_graph, "
-      "int check_every, Tensor?[] backward_weights, bool use_backward_weights, "
-      "bool drop_activation_derivative, bool weight_update_derivative, "
-      "bool raise_on_nonfinite, bool fuse_activations, bool cuda_graph, "
-      "Tensor[] data_indices, str evaluation) -> "
-      "(Tensor?[] leaf_grads, float[] summary, Tensor residuals, Tensor residual_trace, "
-      "Tensor cosine_trace, str[] state_names)");
 }

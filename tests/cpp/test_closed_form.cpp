@@ -3,6 +3,7 @@
 // literal steps on hand-built graphs.
 #include "engine/coefficients.h"
 #include "engine/engine.h"
+#include "engine/errors.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -136,7 +137,9 @@ TEST(Coefficients, StableForLongRelaxations) {
         EXPECT_GE(c.initial[k], 0.0);
         EXPECT_LE(c.loss[k], 1.0);
         EXPECT_GE(c.loss[k], 0.0);
-        if (k) EXPECT_LE(c.loss[k], c.loss[k - 1] * (1.0 + 1e-15));
+        if (k) {
+          EXPECT_LE(c.loss[k], c.loss[k - 1] * (1.0 + 1e-15));
+        }
       }
       // Jacobi at eta 0.001: Bin(1e5, 1e-3) has mean 100, so a path of 300
       // layers is far from reached, and the tail is small but not zero.
@@ -321,10 +324,12 @@ TEST(ClosedForm, NanStateIsReportedWithNode) {
   try {
     torch_ar::run_engine(g.in, c);
     FAIL() << "expected an error";
-  } catch (const c10::Error& e) {
+  } catch (const torch_ar::RelaxationDiverged& e) {
     const std::string msg = e.what();
     EXPECT_NE(msg.find("diverged in the closed form"), std::string::npos) << msg;
     EXPECT_NE(msg.find("Backward0"), std::string::npos) << msg;
+    EXPECT_NE(e.node().find("Backward0"), std::string::npos) << e.node();
+    EXPECT_GE(e.step(), 0);
   }
   c.raise_on_nonfinite = false;
   auto r = torch_ar::run_engine(g.in, c);

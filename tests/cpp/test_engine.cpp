@@ -1,5 +1,9 @@
 // The engine on hand-built graphs, against gradients written out by hand.
 #include "engine/engine.h"
+#include "engine/errors.h"
+#include "engine/graph.h"
+#include "engine/plan.h"
+#include "engine/relaxation.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -195,10 +199,109 @@ TEST(Engine, NanStateIsReportedWithNodeAndStep) {
   try {
     torch_ar::run_engine(k.in, keep(c));
     FAIL() << "expected an error";
-  } catch (const c10::Error& e) {
+  } catch (const torch_ar::RelaxationDiverged& e) {
     std::string msg = e.what();
     EXPECT_NE(msg.find("diverged at step 1"), std::string::npos) << msg;
     EXPECT_NE(msg.find("TanhBackward0"), std::string::npos) << msg;
+    EXPECT_EQ(e.step(), 1);
+    EXPECT_NE(e.node().find("TanhBackward0"), std::string::npos) << e.node();
+  }
+}
+
+// The engine object: captured after the forward, run in the backward, it
+// gives run_engine's gradients; a backward that wants other leaves than the
+// forward assumed re-plans for them; without keep_graph it lets go.
+TEST(Relaxation, CaptureOnceThenBackwardMatchesTheOneCallEngine) {
+  for (bool literal : {false, true}) {
+    Case k = chain();
+    EngineConfig c;
+    if (literal) {
+      c.eta = 0.5;
+      c.steps = 60;
+      c.evaluation = torch_ar::Evaluation::Literal;
+    }
+    torch_ar::Relaxation r(c);
+    const std::vector<bool> differentiable =
+        r.capture(k.in.outputs, k.in.leaves, k.in.leaf_is_input, k.in.leaf_needs_grad, {}, {});
+    ASSERT_EQ(differentiable, std::vector<bool>{true});
+    torch_ar::EngineResult got;
+    got.leaf_grads = r.backward(k.in.output_grads, k.in.leaf_needs_grad, {}, /*keep_graph=*/true);
+    expect_matches(k, got, literal ? 1e-9 : 1e-12);
+    EXPECT_EQ(r.stats().depth, k.depth);
+    EXPECT_FALSE(r.released());
+    // Fewer leaves wanted: re-planned, and the unwanted one gets nothing.
+    std::vector<bool> fewer = {true, false, true, false};
+    got.leaf_grads = r.backward(k.in.output_grads, fewer, {}, /*keep_graph=*/false);
+    EXPECT_FALSE(got.leaf_grads[1].defined());
+    EXPECT_FALSE(got.leaf_grads[3].defined());
+    EXPECT_LT(rel_err(got.leaf_grads[0], k.expected[0]), literal ? 1e-9 : 1e-12);
+    EXPECT_LT(rel_err(got.leaf_grads[2], k.expected[2]), 1e-12);
+    EXPECT_TRUE(r.released());
+    EXPECT_THROW(r.backward(k.in.output_grads, fewer, {}, false), c10::Error);
+  }
+}
+
+TEST(Relaxation, OutputsThatReachNoWantedLeafAreNotDifferentiable) {
+  Case k = chain();
+  at::Tensor unrelated = param({2, 2}, 31) * 2.0;
+  torch_ar::Relaxation r(EngineConfig{});
+  std::vector<bool> needs = {true, true, true, true};
+  const std::vector<bool> differentiable =
+      r.capture({k.in.outputs[0], unrelated}, k.in.leaves, k.in.leaf_is_input, needs, {}, {});
+  EXPECT_EQ(differentiable, (std::vector<bool>{true, false}));
+}
+
+TEST(Relaxation, SettingsAnswerWhatTheForwardMustDo) {
+  EngineConfig exact;
+  EXPECT_FALSE(exact.may_evaluate_layers_repeatedly());
+  EXPECT_FALSE(exact.needs_forward_values());
+  EXPECT_FALSE(exact.asks_for_relaxation());
+  EngineConfig traced = exact;
+  traced.trace = true;
+  EXPECT_TRUE(traced.may_evaluate_layers_repeatedly());
+  EXPECT_TRUE(traced.needs_forward_values());
+  EXPECT_FALSE(traced.asks_for_relaxation());
+  EngineConfig slow = exact;
+  slow.eta = 0.1;
+  slow.steps = 100;
+  EXPECT_TRUE(slow.may_evaluate_layers_repeatedly());
+  EXPECT_TRUE(slow.needs_forward_values());
+  EXPECT_TRUE(slow.asks_for_relaxation());
+  slow.init = torch_ar::InitMode::Zero;
+  EXPECT_FALSE(slow.needs_forward_values());
+  EngineConfig variant = exact;
+  variant.use_backward_weights = true;
+  EXPECT_TRUE(variant.may_evaluate_layers_repeatedly());
+  EXPECT_TRUE(variant.asks_for_relaxation());
+}
+
+// The plan's seam: the structure planned for "a loss gradient at every
+// output" and the gradients bound later give the plan made with them.
+TEST(Plan, StructureThenBoundLossGradientsEqualsThePlanMadeWithThem) {
+  Case k = chain();
+  torch_ar::CapturedGraph g =
+      torch_ar::capture_graph(k.in.outputs, k.in.leaves, k.in.leaf_is_input, k.in.leaf_needs_grad);
+  torch_ar::Plan direct = torch_ar::make_plan(g, k.in.output_grads, torch_ar::Granularity::Layer);
+  torch_ar::Plan seam =
+      torch_ar::make_plan(g, std::vector<bool>{true}, torch_ar::Granularity::Layer);
+  EXPECT_TRUE(torch_ar::expects_loss_gradients(seam, k.in.output_grads));
+  EXPECT_FALSE(torch_ar::expects_loss_gradients(seam, {at::Tensor()}));
+  torch_ar::bind_loss_gradients(seam, k.in.output_grads);
+  ASSERT_EQ(seam.slots.size(), direct.slots.size());
+  EXPECT_EQ(seam.depth, direct.depth);
+  for (size_t s = 0; s < seam.slots.size(); ++s) {
+    EXPECT_EQ(seam.slots[s].name, direct.slots[s].name);
+    EXPECT_EQ(seam.slots[s].ext.defined(), direct.slots[s].ext.defined()) << s;
+    if (direct.slots[s].ext.defined()) {
+      EXPECT_TRUE(seam.slots[s].ext.equal(direct.slots[s].ext));
+    }
+  }
+  // Binding again replaces what was bound before.
+  torch_ar::bind_loss_gradients(seam, {k.in.output_grads[0] * 2.0});
+  for (size_t s = 0; s < seam.slots.size(); ++s) {
+    if (direct.slots[s].ext.defined()) {
+      EXPECT_TRUE(seam.slots[s].ext.equal(direct.slots[s].ext * 2.0));
+    }
   }
 }
 

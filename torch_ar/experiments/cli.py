@@ -16,17 +16,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from torch_ar.config import (
-    BACKWARD_WEIGHT_INITS,
-    GRANULARITIES,
-    INIT_MODES,
-    SCHEDULES,
-    RelaxConfig,
-)
+from torch_ar.config import RelaxConfig, option_help
 from torch_ar.experiments import data as data_lib
 from torch_ar.experiments import training
 from torch_ar.experiments.models import MODEL_NAMES
-from torch_ar.variants import VARIANTS
 
 
 def _number(kind: Callable[[str], float], low: float, strict: bool) -> Callable[[str], float]:
@@ -58,6 +51,8 @@ def existing_dir(text: str) -> str:
 
 
 DEFAULT_HELP = " (default: %(default)s)"
+# The RelaxConfig options `compare` takes (its own --etas and --steps set the rest).
+COMPARE_AR_OPTIONS = ("init", "schedule", "granularity", "variant")
 
 
 def step_counts(text: str) -> list[int] | str:
@@ -132,36 +127,27 @@ def _model_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> Non
     )
 
 
-def _relaxation_arguments(g: argparse._ArgumentGroup) -> None:
-    """--init, --schedule, --granularity, --variant (None: the library's defaults)."""
-    ar = RelaxConfig  # the library's defaults, shown in the help
-    g.add_argument(
-        "--init",
-        choices=INIT_MODES,
-        default=None,
-        help=f"initial states: forward values (the paper's) or zero (default: {ar.init})",
-    )
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=None,
-        help="jacobi: the paper's parallel phase; sweep: reverse-topological Gauss-Seidel "
-        f"(default: {ar.schedule})",
-    )
-    g.add_argument(
-        "--granularity",
-        choices=GRANULARITIES,
-        default=None,
-        help="one relaxing state per layer (the paper's neurons) or per op "
-        f"(default: {ar.granularity})",
-    )
-    g.add_argument(
-        "--variant",
-        choices=sorted(VARIANTS),
-        default=None,
-        help="exact, or one of the paper's variants without weight transport or "
-        "nonlinear derivatives (default: exact)",
-    )
+def _relax_config_arguments(g: argparse._ArgumentGroup, names: Sequence[str]) -> None:
+    """One flag per RelaxConfig option in ``names`` (``--backward-weight-init``
+    for backward_weight_init), made from the dataclass: its type, choices or
+    bound and default, and its docstring's description as the help. Each
+    defaults to None: the library's default."""
+    for name in names:
+        f = RelaxConfig.__dataclass_fields__[name]
+        flag = "--" + name.replace("_", "-")
+        text = option_help(name).replace("%", "%%")
+        if not text.rstrip(".").endswith("by default"):
+            text += f" (default: {f.default})"
+        choices, bound = f.metadata.get("choices"), f.metadata.get("bound")
+        if f.type == "bool":
+            g.add_argument(flag, action="store_true", default=None, help=text)
+        elif choices:
+            g.add_argument(flag, choices=choices, default=None, help=text)
+        else:
+            kind = int if f.type.startswith("int") else float
+            low = {"positive": (int(kind is int), kind is float), "nonnegative": (0, False)}
+            bounded = _number(kind, *low[bound]) if bound else kind
+            g.add_argument(flag, type=bounded, default=None, help=text)
 
 
 def _run_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> None:
@@ -217,7 +203,6 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "gradients, and (for AR) measure the cosine of the AR gradients to autograd's.",
     )
     d = training.TrainConfig()
-    ar = RelaxConfig  # the library's defaults, shown in the help
     default = DEFAULT_HELP
 
     g = t.add_argument_group("data")
@@ -257,53 +242,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
     g = t.add_argument_group("gradients")
     g.add_argument("--method", choices=training.METHODS, default=d.method, help=default[1:])
-    g.add_argument(
-        "--eta",
-        type=positive_float,
-        default=None,
-        help=f"relaxation step size in (0, 1] (default: {ar.eta:g}; the paper used 0.1 "
-        "with 100 steps)",
-    )
-    g.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help="relaxation steps (default: the graph's depth, exact at eta 1; needed for eta < 1 "
-        "unless --tol is given)",
-    )
-    g.add_argument(
-        "--tol", type=positive_float, default=None, help="stop relaxing below this residual"
-    )
-    _relaxation_arguments(g)
-    g.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        default=None,
-        help="on a CUDA device, replay each relaxation step from a recorded CUDA graph",
-    )
-    g.add_argument(
-        "--backward-weight-init",
-        choices=BACKWARD_WEIGHT_INITS,
-        default=None,
-        help="psi at the start, for the variants with backward weights: normal = "
-        "N(0, --backward-weight-std) (the paper's), matched = N(0, std of the layer's own "
-        f"weight), transpose = W^T (default: {ar.backward_weight_init})",
-    )
-    g.add_argument(
-        "--backward-weight-std",
-        type=positive_float,
-        default=None,
-        help=f"standard deviation of the normal psi initialisation "
-        f"(default: {ar.backward_weight_std:g})",
-    )
-    g.add_argument(
-        "--backward-weight-decay",
-        type=nonnegative_float,
-        default=None,
-        help="Kolen-Pollack decay for the variants with learned backward weights: adds "
-        "lambda * psi to psi's gradient and lambda * W to W's, so psi - W^T decays "
-        f"(default: {ar.backward_weight_decay:g})",
-    )
+    _relax_config_arguments(g, training.AR_OPTIONS)
     g.add_argument(
         "--cosine-every",
         type=nonnegative_int,
@@ -438,7 +377,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
         "gradient has cosine >= COSINE to autograd's on this batch and a length within "
         "sqrt(2 (1 - COSINE)) of it (4.5%% at the default when given: 0.999)",
     )
-    _relaxation_arguments(g)
+    _relax_config_arguments(g, COMPARE_AR_OPTIONS)
     g = c.add_argument_group("run")
     _run_arguments(g, d)
     g.add_argument("--out", default=None, help="folder for compare.png, compare.csv, compare.json")

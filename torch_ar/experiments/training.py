@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_ar.config import RelaxConfig
 from torch_ar.experiments import data as data_lib
 from torch_ar.experiments.models import build_model
 from torch_ar.metrics import RandomState, cosine, gradients_at
@@ -49,19 +50,6 @@ SUMMED_LOSSES = ("mse",)
 TEST_SAMPLE_SEED = 0
 # Seed of the validation sample held out of the training set (val_split).
 VAL_SAMPLE_SEED = 1
-AR_OPTIONS = (
-    "eta",
-    "steps",
-    "tol",
-    "init",
-    "schedule",
-    "granularity",
-    "variant",
-    "cuda_graph",
-    "backward_weight_init",
-    "backward_weight_std",
-    "backward_weight_decay",
-)
 
 
 class ConfigError(ValueError):
@@ -80,7 +68,7 @@ def _is_divergence(error: BaseException) -> bool:
     if isinstance(error, FloatingPointError):
         return True
     try:
-        from torch_ar.ar_backward import RelaxationDivergedError
+        from torch_ar.errors import RelaxationDivergedError
     except ImportError:
         return False
     return isinstance(error, RelaxationDivergedError)
@@ -169,6 +157,13 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------ losses
+
+
+# TrainConfig's fields that are RelaxConfig options (the ARBackward settings a
+# run may set; None keeps the library's default).
+AR_OPTIONS = tuple(
+    f.name for f in fields(TrainConfig) if f.name in RelaxConfig.__dataclass_fields__
+)
 
 
 def make_loss(name: str, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -1,0 +1,225 @@
+#include "engine/relaxation.h"
+
+#include "engine/engine.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/autograd/graph_task.h>
+
+#include <exception>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+
+namespace torch_ar {
+
+namespace {
+
+// Per state slot: the recorded forward value of its tensor, if any.
+std::vector<at::Tensor> match_forward_values(const Plan& plan,
+                                             const std::vector<at::Tensor>& recorded) {
+  std::vector<at::Tensor> result(plan.slots.size());
+  if (recorded.empty()) return result;
+  std::unordered_map<const torch::autograd::Node*, std::vector<at::Tensor>> by_node;
+  for (const auto& t : recorded) {
+    if (!t.defined() || !t.requires_grad()) continue;
+    const auto& fn = t.grad_fn();
+    if (!fn) continue;
+    auto& v = by_node[fn.get()];
+    uint32_t nr = t.output_nr();
+    if (v.size() <= nr) v.resize(nr + 1);
+    v[nr] = t;
+  }
+  for (size_t s = 0; s < plan.slots.size(); ++s) {
+    const auto& slot = plan.slots[s];
+    auto it = by_node.find(plan.graph->nodes[slot.node].get());
+    if (it != by_node.end() && slot.output_nr < it->second.size())
+      result[s] = it->second[slot.output_nr];
+  }
+  return result;
+}
+
+// Runs `body` where no outer graph task's exec_info is current: inside
+// torch.autograd.grad(..., inputs=...) the outer task marks which nodes run,
+// and our inner nodes are not among them.
+template <typename Body>
+void outside_graph_task(const std::vector<at::Tensor>& outputs, Body&& body) {
+  const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+  if (!exec_info || exec_info->empty()) {
+    body();
+    return;
+  }
+  at::ThreadLocalState tls;
+  std::optional<c10::Stream> stream;
+  for (const auto& t : outputs) {
+    if (t.defined() && t.device().type() != c10::DeviceType::CPU) {
+      c10::impl::VirtualGuardImpl impl(t.device().type());
+      stream = impl.getStream(t.device());
+      break;
+    }
+  }
+  std::exception_ptr error;
+  std::thread worker([&] {
+    try {
+      at::init_num_threads(); // honour torch.set_num_threads in this thread too
+      at::ThreadLocalStateGuard guard(tls);
+      std::optional<c10::StreamGuard> stream_guard;
+      if (stream) stream_guard.emplace(*stream);
+      body();
+    } catch (...) {
+      error = std::current_exception();
+    }
+  });
+  worker.join();
+  if (error) std::rethrow_exception(error);
+}
+
+} // namespace
+
+Relaxation::Relaxation(EngineConfig config) : config_(std::move(config)) {}
+
+std::vector<bool> Relaxation::capture(const std::vector<at::Tensor>& outputs,
+                                      std::vector<at::Tensor> leaves,
+                                      std::vector<bool> leaf_is_input,
+                                      std::vector<bool> leaf_needs_grad,
+                                      const std::vector<at::Tensor>& forward_values,
+                                      std::vector<at::Tensor> data_indices) {
+  TORCH_CHECK(leaves.size() == leaf_is_input.size() && leaves.size() == leaf_needs_grad.size(),
+              "torch_ar: leaves and their flags differ in length");
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> wanted;
+  for (size_t i = 0; i < leaves.size(); ++i)
+    if (leaf_needs_grad[i]) wanted.push_back(leaves[i]);
+  std::vector<bool> differentiable =
+      outputs.empty() ? std::vector<bool>() : outputs_reaching(outputs, wanted);
+  outputs_.clear();
+  for (size_t i = 0; i < outputs.size(); ++i)
+    if (differentiable[i]) outputs_.push_back(outputs[i]);
+  leaves_ = std::move(leaves);
+  leaf_is_input_ = std::move(leaf_is_input);
+  data_indices_ = std::move(data_indices);
+  released_ = false;
+  forward_values_.clear();
+  if (outputs_.empty()) return differentiable;
+
+  plan_for(std::vector<at::Tensor>(), leaf_needs_grad);
+  if (config_.needs_forward_values() && !forward_values.empty()) {
+    // Only the relaxing states' values stay: the rest (pre-activations, say)
+    // would otherwise outlive the forward.
+    std::vector<at::Tensor> matched = match_forward_values(*plan_, forward_values);
+    for (size_t s = 0; s < matched.size(); ++s)
+      if (matched[s].defined() && !plan_->slots[s].clamped)
+        forward_values_.push_back(std::move(matched[s]));
+  }
+  return differentiable;
+}
+
+void Relaxation::plan_for(const std::vector<at::Tensor>& output_grads,
+                          const std::vector<bool>& leaf_needs_grad) {
+  // Empty output_grads: the forward's assumption, a loss gradient at every
+  // differentiable output.
+  const std::vector<bool> has_grad = output_grads.empty() ? std::vector<bool>(outputs_.size(), true)
+                                                          : roots_with_grad(output_grads);
+  plan_.reset(); // it points into the graph it replaces
+  graph_ = std::make_unique<CapturedGraph>(
+      capture_graph(outputs_, leaves_, leaf_is_input_, leaf_needs_grad, data_indices_));
+  plan_ = std::make_unique<Plan>(make_plan(*graph_, has_grad, config_.granularity));
+  planned_needs_ = leaf_needs_grad;
+}
+
+std::vector<at::Tensor> Relaxation::backward(std::vector<at::Tensor> output_grads,
+                                             const std::vector<bool>& leaf_needs_grad,
+                                             const std::vector<at::Tensor>& backward_weights,
+                                             bool keep_graph) {
+  TORCH_CHECK(!released_,
+              "torch_ar: trying to backward through the graph a second time; its saved forward "
+              "values were freed after the first backward. Specify retain_graph=True on the "
+              "first backward to backward twice.");
+  TORCH_CHECK(output_grads.size() == outputs_.size(), "torch_ar: ", outputs_.size(),
+              " differentiable outputs but ", output_grads.size(), " output grads");
+  TORCH_CHECK(leaf_needs_grad.size() == leaves_.size(), "torch_ar: ", leaves_.size(),
+              " leaves but ", leaf_needs_grad.size(), " needs");
+  TORCH_CHECK(backward_weights.empty() || backward_weights.size() == leaves_.size(),
+              "torch_ar: backward_weights must be empty or one per leaf");
+  config_.keep_graph = keep_graph;
+  std::vector<at::Tensor> grads;
+  outside_graph_task(outputs_, [&] {
+    at::NoGradGuard no_grad;
+    if (!plan_ || leaf_needs_grad != planned_needs_ ||
+        !expects_loss_gradients(*plan_, output_grads))
+      plan_for(output_grads, leaf_needs_grad);
+    bind_loss_gradients(*plan_, output_grads);
+    grads = run(backward_weights);
+  });
+  if (!keep_graph) release();
+  return grads;
+}
+
+std::vector<at::Tensor> Relaxation::run(const std::vector<at::Tensor>& backward_weights) {
+  const Plan& plan = *plan_;
+  // Release the saved forward values on every exit path unless asked to keep them.
+  struct Release {
+    const CapturedGraph& graph;
+    bool keep;
+    ~Release() {
+      if (keep) return;
+      for (const auto& n : graph.nodes) n->release_variables();
+    }
+  } release{*graph_, config_.keep_graph};
+
+  stats_ = RelaxStats();
+  std::vector<at::Tensor> leaf_grads;
+  Executor executor(plan, config_, backward_weights);
+  const Evaluation evaluation = choose_evaluation(config_, plan.depth);
+  // From here on the per-state list holds the only references we keep.
+  std::vector<at::Tensor> initial = match_forward_values(plan, forward_values_);
+  if (!config_.keep_graph) forward_values_.clear();
+  if (evaluation == Evaluation::ClosedForm) {
+    leaf_grads = executor.closed_form(std::move(initial),
+                                      /*release_saved=*/!config_.keep_graph, stats_);
+  } else if (evaluation == Evaluation::ExactSweep) {
+    leaf_grads = executor.exact_sweep(/*release_saved=*/!config_.keep_graph);
+    stats_.depth = plan.depth;
+    stats_.steps =
+        config_.steps >= 0 ? config_.steps : (config_.schedule == Schedule::Sweep ? 1 : plan.depth);
+    stats_.nonfinite = executor.sweep_nonfinite();
+    stats_.converged = !stats_.nonfinite;
+    stats_.exact_shortcut = true;
+    stats_.evaluation = Evaluation::ExactSweep;
+    stats_.sweeps = 1;
+    stats_.residuals = at::zeros({static_cast<int64_t>(plan.slots.size())}, at::kDouble);
+  } else {
+    std::vector<at::Tensor> reference;
+    if (config_.trace_cosine) {
+      // The reference is autograd's gradient, whatever the variant.
+      EngineConfig exact_config = config_;
+      exact_config.use_backward_weights = false;
+      exact_config.drop_activation_derivative = false;
+      Executor exact(plan, exact_config);
+      reference = exact.exact_sweep();
+    }
+    executor.init_states(initial);
+    initial.clear();
+    stats_ = executor.relax(reference);
+    leaf_grads = executor.leaf_gradients();
+  }
+  for (const auto& slot : plan.slots) stats_.state_names.push_back(slot.name);
+  stats_.relaxing_states = plan.num_relaxing;
+  stats_.params_outside_relaxation = plan.params_outside_relaxation;
+  return leaf_grads;
+}
+
+void Relaxation::release() {
+  released_ = true;
+  plan_.reset();
+  graph_.reset();
+  outputs_.clear();
+  leaves_.clear();
+  data_indices_.clear();
+  forward_values_.clear();
+}
+
+} // namespace torch_ar
