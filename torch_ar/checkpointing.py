@@ -19,6 +19,13 @@ therefore run their function directly: the region's layers become states like
 any others and get the gradients the relaxation defines. The exact sweep
 evaluates each node once, as autograd does, and keeps checkpointing as it is.
 
+Autograd recomputes a region's saved tensors, so code after the region may
+change the region's outputs in place (``checkpoint(...)`` then ``relu_``).
+An inlined region cannot recompute (it ran once, as plain code), so it keeps
+a private copy of each saved tensor that the graph computed (parameters and
+data stay shared): a later in-place op then changes the output, not what
+the relaxation reads.
+
 The switch is thread-local: other threads (and code outside ARBackward) see
 ``torch.utils.checkpoint`` unchanged.
 """
@@ -29,6 +36,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import torch
 import torch.utils.checkpoint as _checkpoint
 
 _local = threading.local()
@@ -44,6 +52,17 @@ def _count_region() -> None:
     _local.regions = getattr(_local, "regions", 0) + 1
 
 
+def _private_copy(t: torch.Tensor) -> torch.Tensor:
+    # What the graph computed may be changed in place after the region; leaves
+    # (parameters, data) change only after the backward, as under autograd.
+    return t.clone() if t.grad_fn is not None else t
+
+
+def _inline_region() -> contextlib.AbstractContextManager:
+    """The context an inlined region runs in: its saved tensors kept as copies."""
+    return torch.autograd.graph.saved_tensors_hooks(_private_copy, lambda t: t)
+
+
 class _ReentrantSwitch:
     """Stands in for ``CheckpointFunction``: plain call while inlining, else the original."""
 
@@ -53,7 +72,8 @@ class _ReentrantSwitch:
     def apply(self, function, preserve_rng_state, *args):
         if _inlining():
             _count_region()
-            return function(*args)
+            with _inline_region():
+                return function(*args)
         return self._original.apply(function, preserve_rng_state, *args)
 
     def __getattr__(self, name: str):
@@ -62,7 +82,8 @@ class _ReentrantSwitch:
 
 def _plain_region() -> Iterator[None]:
     # checkpoint() advances the generator once before the function and once after.
-    yield
+    with _inline_region():
+        yield
 
 
 def _make_non_reentrant_switch(original):
