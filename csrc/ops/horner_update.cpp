@@ -95,6 +95,9 @@ Inputs check_inputs(at::TensorList out, const OptionalList& initial, const Optio
   in.loss_terms = checked_list(loss_terms, "loss_terms", out);
   in.targets = checked_list(targets, "targets", out);
   in.residual_targets = checked_list(residual_targets, "residual_targets", out);
+  // Meta (fake) tensors have no memory to overlap or walk, and may have
+  // symbolic sizes: the checks above are all that applies to them.
+  if (device_type == c10::DeviceType::Meta) return in;
   for (size_t i = 0; i < out.size(); ++i) {
     // Only the targets may be the output itself (the stage in place).
     // A non-contiguous input is read through a copy of its own (a snapshot
