@@ -104,9 +104,18 @@ def time_model(model: nn.Module, x: torch.Tensor, repeats: int, device: torch.de
     }
 
 
+# A model small enough that the time is the fixed cost of one backward.
+TOY = "2-layer toy 8-16-4 (tanh)"
+
+
 def cases(device: torch.device) -> list[tuple[str, nn.Module, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [
+        (
+            TOY,
+            nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)),
+            torch.randn(4, 8, generator=g),
+        ),
         ("paper MLP 784-300-300-100-10", paper_mlp(), torch.randn(64, 784, generator=g)),
         ("CIFAR CNN", cifar_cnn(), torch.randn(64, 3, 32, 32, generator=g)),
         (
@@ -167,6 +176,14 @@ def main() -> None:
             "Wrapper floor: the module on a private graph inside a bare autograd.Function "
             "whose backward is torch.autograd.grad, what any wrapper of this kind costs."
         ),
+    ]
+    toy = next(r for r in rows if r["model"] == TOY)
+    lines += [
+        "",
+        f"Fixed cost per backward (the {TOY}, batch {toy['batch']}): AR's backward takes "
+        f"{(toy['ar_backward_ms'] - toy['autograd_backward_ms']) * 1e3:.0f} µs more than "
+        f"autograd's, forward + backward {(toy['ar_step_ms'] - toy['autograd_step_ms']) * 1e3:.0f}"
+        " µs more.",
     ]
     (args.out / f"exact_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
