@@ -191,6 +191,10 @@ PYBIND11_MODULE(_C, m) {
       py::object type = py::module_::import("torch_ar.errors").attr("RelaxationDivergedError");
       py::object error = type(e.msg(), e.node(), e.step());
       PyErr_SetObject(type.ptr(), error.ptr());
+    } catch (const torch_ar::UnsupportedGraph& e) {
+      py::object type = py::module_::import("torch_ar.errors").attr("UnsupportedGraphError");
+      py::object error = type(e.msg(), e.node());
+      PyErr_SetObject(type.ptr(), error.ptr());
     } catch (...) {
       torch::translate_exception_to_python(std::current_exception());
     }

@@ -16,7 +16,7 @@ from torch_ar import (
 from torch_ar.ar_backward import ARBackward, RelaxationStats
 from torch_ar.config import RelaxConfig
 from torch_ar.diagnostics import SelftestReport, selftest
-from torch_ar.errors import RelaxationDivergedError
+from torch_ar.errors import RelaxationDivergedError, UnsupportedGraphError
 from torch_ar.ops import SupportedOp, release_cuda_graph_memory, supported_ops
 from torch_ar.variants import VARIANTS
 
@@ -32,5 +32,6 @@ __all__ = [
     "release_cuda_graph_memory",
     "selftest",
     "supported_ops",
+    "UnsupportedGraphError",
 ]
 __version__ = "0.1.0"

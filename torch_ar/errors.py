@@ -17,3 +17,19 @@ class RelaxationDivergedError(RuntimeError):
         super().__init__(message)
         self.node = node
         self.step = step
+
+
+class UnsupportedGraphError(RuntimeError):
+    """The wrapped module's forward built a graph that cannot be relaxed as
+    it is: it used a tensor that requires grad but is neither a parameter of
+    the module nor one of its inputs, or it contains an opaque
+    `torch.compile` region. The message says which and what to do.
+
+    Attributes:
+        node: the autograd node that cannot be relaxed (`AccumulateGrad` of
+            the outside tensor, or the compiled region's node).
+    """
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node

@@ -1,9 +1,11 @@
 #include "engine/graph.h"
+#include "engine/errors.h"
 #include "engine/op_table.h"
 
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <sstream>
 #include <string>
 #include <unordered_set>
 
@@ -85,18 +87,25 @@ CapturedGraph capture_graph(const std::vector<at::Tensor>& outputs,
   for (auto it = post_order.rbegin(); it != post_order.rend(); ++it) {
     const auto& n = *it;
     if (is_accumulate_grad(n.get())) {
-      TORCH_CHECK(g.leaf_of.count(n.get()),
-                  "torch_ar: the wrapped module's forward used a tensor that requires "
-                  "grad but is neither one of its parameters nor one of its inputs "
-                  "(for example a parameter of another module, or a tensor captured "
-                  "from outside). Register it as a parameter or pass it as an input.");
+      if (!g.leaf_of.count(n.get())) {
+        const auto& v = static_cast<const torch::autograd::AccumulateGrad*>(n.get())->variable;
+        std::ostringstream msg;
+        msg << "torch_ar: the wrapped module's forward used a tensor that requires grad but "
+               "is neither one of its parameters nor one of its inputs (";
+        if (v.defined()) msg << v.scalar_type() << " " << v.sizes() << " on " << v.device();
+        msg << "; for example a parameter of another module, or a tensor captured from "
+               "outside). Register it as a parameter or pass it as an input.";
+        throw UnsupportedGraph(msg.str(), n->name());
+      }
       continue;
     }
     const std::string name = n->name();
-    TORCH_CHECK(name.find("CompiledFunction") == std::string::npos,
-                "torch_ar: the forward graph contains '", name,
-                "', an opaque region produced by torch.compile. Activation relaxation "
-                "needs the individual ops; wrap the uncompiled module instead.");
+    if (name.find("CompiledFunction") != std::string::npos)
+      throw UnsupportedGraph("torch_ar: the forward graph contains '" + name +
+                                 "', an opaque region produced by torch.compile. Activation "
+                                 "relaxation needs the individual ops; wrap the uncompiled "
+                                 "module instead.",
+                             name);
     g.node_index[n.get()] = static_cast<int>(g.nodes.size());
     g.nodes.push_back(n);
   }

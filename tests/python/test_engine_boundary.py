@@ -145,3 +145,23 @@ def test_one_crossing_into_cpp_each_way_per_training_step():
         r = crossings.count_step(settings)
         assert r["forward_calls"] == {"_C.Relaxation.capture": 1}, r
         assert r["backward_calls"] == {"_C.Relaxation.backward": 1}, r
+
+
+def test_a_graph_that_cannot_be_relaxed_is_a_typed_error_naming_its_node():
+    outside = nn.Parameter(torch.randn(6, 2, dtype=torch.float64))
+
+    class UsesOutsideTensor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 6).double()
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x)) @ outside
+
+    ar = torch_ar.ARBackward(UsesOutsideTensor())
+    with pytest.raises(torch_ar.UnsupportedGraphError) as info:
+        ar(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+    assert isinstance(info.value, RuntimeError)
+    assert "AccumulateGrad" in info.value.node
+    assert "Double [6, 2] on cpu" in str(info.value), str(info.value)
+    assert "Register it as a parameter or pass it as an input" in str(info.value)

@@ -203,8 +203,9 @@ class CompiledInside(nn.Module):
 def test_compiled_region_inside_module_is_refused(torch_ar):
     ar = torch_ar.ARBackward(CompiledInside())
     x = torch.randn(3, 6)
-    with pytest.raises(Exception, match=r"torch\.compile"):
+    with pytest.raises(torch_ar.UnsupportedGraphError, match=r"torch\.compile") as info:
         ar(x).sum().backward()
+    assert "CompiledFunction" in info.value.node
 
 
 # --------------------------------------------------------------------------
