@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 #include "engine/relaxation.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace torch_ar {
@@ -17,6 +18,22 @@ bool can_take_exact_sweep(const EngineConfig& c, int64_t depth) {
 bool converged_without_tol(const EngineConfig& c, int64_t steps, int64_t depth, bool nonfinite,
                            double max_residual) {
   return !nonfinite && (exact_by_depth(c, steps, depth) || max_residual <= 1e-6);
+}
+
+std::vector<double> relative_residuals(const std::vector<std::pair<double, double>>& norms) {
+  double scale = 0.0;
+  for (const auto& n : norms) scale = std::max(scale, n.second); // NaN skipped
+  const double floor = std::max(scale * 1e-6, 1e-300);
+  std::vector<double> r(norms.size());
+  for (size_t i = 0; i < norms.size(); ++i)
+    r[i] = norms[i].first / std::max(norms[i].second, floor);
+  return r;
+}
+
+double max_residual(const std::vector<double>& residuals) {
+  double worst = 0.0;
+  for (double r : residuals) worst = std::max(worst, r); // NaN skipped
+  return worst;
 }
 
 Evaluation choose_evaluation(const EngineConfig& c, int64_t depth) {

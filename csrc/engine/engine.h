@@ -3,10 +3,11 @@
 // gradients (see engine/relaxation.h for the object that ARBackward holds).
 
 #include "engine/config.h"
-#include "engine/executor.h"
+#include "engine/relax_stats.h"
 
 #include <ATen/ATen.h>
 
+#include <utility>
 #include <vector>
 
 namespace torch_ar {
@@ -45,6 +46,15 @@ bool can_take_exact_sweep(const EngineConfig& config, int64_t depth);
 // closed form's returned states).
 bool converged_without_tol(const EngineConfig& config, int64_t steps, int64_t depth, bool nonfinite,
                            double max_residual);
+
+// Per state, |update| / |target| from (|target - x|, |target|): the relative
+// residual of the literal steps' last update and of the closed form's x_T.
+// The target norm is floored at 1e-6 of the largest one, so a state whose
+// equilibrium is exactly zero still gets a finite residual. A NaN norm
+// (unknown) gives NaN, which max_residual then skips.
+std::vector<double> relative_residuals(const std::vector<std::pair<double, double>>& norms);
+// The largest of them, NaN skipped.
+double max_residual(const std::vector<double>& residuals);
 
 // Which evaluation runs: the exact sweep where it is exact, the closed form
 // where it gives the literal steps' outcome (explicit steps; no trace, tol

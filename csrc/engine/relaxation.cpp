@@ -1,6 +1,10 @@
 #include "engine/relaxation.h"
 
+#include "engine/closed_form.h"
 #include "engine/engine.h"
+#include "engine/exact_sweep.h"
+#include "engine/literal_steps.h"
+#include "engine/router.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -172,20 +176,21 @@ std::vector<at::Tensor> Relaxation::run(const std::vector<at::Tensor>& backward_
 
   stats_ = RelaxStats();
   std::vector<at::Tensor> leaf_grads;
-  Executor executor(plan, config_, backward_weights);
+  Router router(plan, config_, backward_weights);
   const Evaluation evaluation = choose_evaluation(config_, plan.depth);
   // From here on the per-state list holds the only references we keep.
   std::vector<at::Tensor> initial = match_forward_values(plan, forward_values_);
   if (!config_.keep_graph) forward_values_.clear();
+  const bool release_saved = !config_.keep_graph;
   if (evaluation == Evaluation::ClosedForm) {
-    leaf_grads = executor.closed_form(std::move(initial),
-                                      /*release_saved=*/!config_.keep_graph, stats_);
+    leaf_grads = ClosedForm(router).run(std::move(initial), release_saved, stats_);
   } else if (evaluation == Evaluation::ExactSweep) {
-    leaf_grads = executor.exact_sweep(/*release_saved=*/!config_.keep_graph);
+    ExactSweep sweep(router);
+    leaf_grads = sweep.run(release_saved);
     stats_.depth = plan.depth;
     stats_.steps =
         config_.steps >= 0 ? config_.steps : (config_.schedule == Schedule::Sweep ? 1 : plan.depth);
-    stats_.nonfinite = executor.sweep_nonfinite();
+    stats_.nonfinite = sweep.nonfinite();
     stats_.converged = !stats_.nonfinite;
     stats_.exact_shortcut = true;
     stats_.evaluation = Evaluation::ExactSweep;
@@ -198,13 +203,14 @@ std::vector<at::Tensor> Relaxation::run(const std::vector<at::Tensor>& backward_
       EngineConfig exact_config = config_;
       exact_config.use_backward_weights = false;
       exact_config.drop_activation_derivative = false;
-      Executor exact(plan, exact_config);
-      reference = exact.exact_sweep();
+      Router exact(plan, exact_config);
+      reference = ExactSweep(exact).run();
     }
-    executor.init_states(initial);
+    LiteralSteps steps(router);
+    steps.init_states(initial);
     initial.clear();
-    stats_ = executor.relax(reference);
-    leaf_grads = executor.leaf_gradients();
+    stats_ = steps.relax(reference);
+    leaf_grads = steps.leaf_gradients();
   }
   for (const auto& slot : plan.slots) stats_.state_names.push_back(slot.name);
   stats_.relaxing_states = plan.num_relaxing;

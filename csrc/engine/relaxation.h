@@ -7,9 +7,9 @@
 // chooses the evaluation, runs it, and leaves named stats.
 
 #include "engine/config.h"
-#include "engine/executor.h"
 #include "engine/graph.h"
 #include "engine/plan.h"
+#include "engine/relax_stats.h"
 
 #include <ATen/ATen.h>
 

@@ -1,9 +1,7 @@
-// The relaxation loop: x <- x + eta * (ext + sum_c VJP_c(x_c) - x), Jacobi
-// (every layer reads the previous step) or sweep (reverse topological
-// Gauss-Seidel). No Python runs inside it.
+#include "engine/literal_steps.h"
+
 #include "engine/engine.h"
 #include "engine/errors.h"
-#include "engine/executor.h"
 #include "engine/node_vjp.h"
 #include "engine/per_device.h"
 #include "engine/step_graph.h"
@@ -11,42 +9,24 @@
 
 #include <ATen/ATen.h>
 
-#include <cfloat>
 #include <cmath>
 #include <limits>
 #include <sstream>
 
 namespace torch_ar {
 
-Executor::Executor(const Plan& plan, const EngineConfig& config,
-                   const std::vector<at::Tensor>& backward_weights)
-    : plan_(plan), backward_weights_(backward_weights), graph_(*plan.graph), config_(config) {
-  backward_weights_.resize(graph_.leaf_kind.size());
+LiteralSteps::LiteralSteps(Router& router)
+    : router_(router),
+      plan_(router.plan()),
+      graph_(router.graph()),
+      config_(router.config()),
+      relaxing_(router.relaxing()) {
   const size_t S = plan_.slots.size();
   x_.resize(S);
   target_.resize(S);
   fresh_.assign(S, 0);
-  vjp_dtype_.resize(S);
-  for (size_t s = 0; s < S; ++s) {
-    const auto& slot = plan_.slots[s];
-    vjp_dtype_[s] = c10::typeMetaToScalarType(
-        graph_.nodes[slot.node]->input_metadata(slot.output_nr).options().dtype());
-  }
-  state_dtype_.resize(S);
-  for (size_t s = 0; s < S; ++s) {
-    // Reduced-precision activations relax in float32: a bfloat16 state would
-    // round away increments below half an ulp and stall.
-    const bool reduced = vjp_dtype_[s] == at::kBFloat16 || vjp_dtype_[s] == at::kHalf;
-    state_dtype_[s] = reduced ? at::kFloat : vjp_dtype_[s];
-  }
-  below_.assign(S, 0);
-  for (size_t s = 0; s < S; ++s)
-    if (!plan_.slots[s].clamped && plan_.slots[s].needed) relaxing_.push_back(static_cast<int>(s));
-  leaf_grad_.resize(graph_.leaf_kind.size());
-  param_side_buf_.resize(graph_.nodes.size());
   constant_contrib_.resize(plan_.layers.size());
   constant_ready_.assign(plan_.layers.size(), 0);
-  fused_of_slot_.assign(S, -1);
   constant_target_.assign(S, 0);
   for (size_t s = 0; s < S; ++s) {
     const auto& consumers = plan_.slots[s].consumer_layers;
@@ -54,10 +34,11 @@ Executor::Executor(const Plan& plan, const EngineConfig& config,
     for (int c : consumers) all_constant = all_constant && plan_.layers[c].constant;
     constant_target_[s] = all_constant;
   }
+  fused_of_slot_.assign(S, -1);
   fused_of_layer_.assign(plan_.layers.size(), -1);
 }
 
-void Executor::setup_fused_activations() {
+void LiteralSteps::setup_fused_activations() {
   // With f' dropped the activation passes states through: nothing to fuse.
   if (!config_.fuse_activations || config_.drop_activation_derivative) return;
   const int p = static_cast<int>(Pass::Relax);
@@ -67,7 +48,7 @@ void Executor::setup_fused_activations() {
     if (layer.out_slots.size() != 1 || !layer.has_work[p]) continue;
     // Reduced-precision activations keep float32 states: the unfused path
     // converts them for the VJP.
-    if (x_[s].scalar_type() != vjp_dtype_[s]) continue;
+    if (x_[s].scalar_type() != router_.vjp_dtype(static_cast<int>(s))) continue;
     // The activation may sit under reshapes (flatten): their VJPs only
     // reshape, so f' applies to the state's memory in the same order.
     size_t k = 0;
@@ -91,7 +72,7 @@ void Executor::setup_fused_activations() {
     variable_list first{x_[s]};
     for (size_t q = 0; q <= k && first.size() == 1 && first[0].defined(); ++q)
       first = node_vjp(*graph_.nodes[layer.chain[q]], layer.ops[q], std::move(first),
-                       layer.masks[p][q], rule_for(layer, q, Pass::Relax));
+                       layer.masks[p][q], router_.rule_for(layer, q, Pass::Relax));
     if (first.size() != 1 || !first[0].defined() || first[0].numel() != x_[s].numel() ||
         first[0].scalar_type() != x_[s].scalar_type())
       continue;
@@ -117,7 +98,7 @@ void Executor::setup_fused_activations() {
   }
 }
 
-std::string Executor::uncapturable_node() const {
+std::string LiteralSteps::uncapturable_node() const {
   const int p = static_cast<int>(Pass::Relax);
   for (size_t L = 0; L < plan_.layers.size(); ++L) {
     const Layer& layer = plan_.layers[L];
@@ -138,8 +119,7 @@ std::string Executor::uncapturable_node() const {
   return "";
 }
 
-void Executor::init_states(const std::vector<at::Tensor>& forward_values) {
-  persistent_targets_ = true;
+void LiteralSteps::init_states(const std::vector<at::Tensor>& forward_values) {
   for (size_t s = 0; s < plan_.slots.size(); ++s) {
     const StateSlot& slot = plan_.slots[s];
     const auto& meta = graph_.nodes[slot.node]->input_metadata(slot.output_nr);
@@ -149,11 +129,7 @@ void Executor::init_states(const std::vector<at::Tensor>& forward_values) {
     }
     if (!slot.needed) continue;
     const at::Tensor& fv = forward_values.empty() ? at::Tensor() : forward_values[s];
-    // Reduced-precision activations relax in float32: a bfloat16 state would
-    // round away increments below half an ulp and stall.
-    auto options = meta.options();
-    if (vjp_dtype_[s] == at::kBFloat16 || vjp_dtype_[s] == at::kHalf)
-      options = options.dtype(at::kFloat);
+    const auto options = meta.options().dtype(router_.state_dtype(static_cast<int>(s)));
     if (config_.init == InitMode::Forward && fv.defined()) {
       // In the forward value's memory format (channels_last stays so): the
       // update kernels walk it as it is and the VJPs see the layout the
@@ -172,69 +148,32 @@ void Executor::init_states(const std::vector<at::Tensor>& forward_values) {
   }
 }
 
-double Executor::flush_below() const {
-  // Tiny decaying states turn denormal and slow every CPU op: flush them.
-  bool reduced = false;
-  for (int s : relaxing_) reduced = reduced || x_[s].scalar_type() != at::kDouble;
-  return reduced ? static_cast<double>(FLT_MIN) : DBL_MIN;
-}
-
-void Executor::begin_step() {
-  std::fill(fresh_.begin(), fresh_.end(), 0);
-}
-
-void Executor::contribute_state(int s, at::Tensor grad) {
-  if (sink_) {
-    // Closed form: accumulate into the stage's sink where the next stage
-    // needs the state at all.
-    if (below_[s] < sink_min_below_) return;
-    at::Tensor& acc = (*sink_)[s];
-    if (acc.defined()) {
-      acc.add_(grad);
-      return;
-    }
-    const auto dtype = state_dtype_[s];
-    // Take over a fresh VJP result nobody else holds: the stage writes into it.
-    const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
-                       grad.scalar_type() == dtype && grad.is_non_overlapping_and_dense();
-    acc = owned ? std::move(grad)
-                : grad.to(dtype, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Preserve);
+void LiteralSteps::add(int s, at::Tensor grad) {
+  if (recording_layer_ >= 0) constant_contrib_[recording_layer_].emplace_back(s, grad);
+  at::Tensor& target = target_[s];
+  if (fresh_[s]) {
+    target.add_(grad);
     return;
   }
-  if (persistent_targets_) {
-    if (!fresh_[s]) {
-      const at::Tensor& ext = plan_.slots[s].ext;
-      at::Tensor& target = target_[s];
-      // Take over a fresh VJP result nobody else holds instead of copying it.
-      const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
-                         grad.scalar_type() == target.scalar_type() &&
-                         grad.strides().equals(target.strides()) &&
-                         grad.is_non_overlapping_and_dense() && grad.device() == target.device() &&
-                         grad.sizes().equals(target.sizes());
-      if (owned) {
-        if (ext.defined()) grad.add_(ext);
-        target = std::move(grad);
-      } else if (ext.defined()) {
-        at::add_out(target, ext, grad);
-      } else {
-        target.copy_(grad);
-      }
-      fresh_[s] = 1;
-    } else {
-      target_[s].add_(grad);
-    }
-    return;
-  }
-  // Single sweep: out of place, since a VJP may hand back an alias of a state.
-  if (!fresh_[s]) {
-    target_[s] = plan_.slots[s].ext.defined() ? plan_.slots[s].ext + grad : grad;
-    fresh_[s] = 1;
+  const at::Tensor& ext = plan_.slots[s].ext;
+  // Take over a fresh VJP result nobody else holds instead of copying it.
+  const bool owned = grad.use_count() == 1 && grad.storage().use_count() == 1 &&
+                     grad.scalar_type() == target.scalar_type() &&
+                     grad.strides().equals(target.strides()) &&
+                     grad.is_non_overlapping_and_dense() && grad.device() == target.device() &&
+                     grad.sizes().equals(target.sizes());
+  if (owned) {
+    if (ext.defined()) grad.add_(ext);
+    target = std::move(grad);
+  } else if (ext.defined()) {
+    at::add_out(target, ext, grad);
   } else {
-    target_[s] = target_[s] + grad;
+    target.copy_(grad);
   }
+  fresh_[s] = 1;
 }
 
-void Executor::fill_missing_target(int s) {
+void LiteralSteps::fill_missing_target(int s) {
   // A state no consumer wrote this step: its target is the loss term alone.
   if (fresh_[s]) return;
   if (plan_.slots[s].ext.defined())
@@ -244,141 +183,41 @@ void Executor::fill_missing_target(int s) {
   fresh_[s] = 1;
 }
 
-void Executor::fill_missing_targets() {
-  for (int s : relaxing_) fill_missing_target(s);
-}
-
-VjpRule Executor::rule_for(const Layer& layer, size_t q, Pass pass) const {
-  VjpRule rule;
-  if (config_.exact_rule() || pass == Pass::Gradient || pass == Pass::Full) return rule;
-  if (pass == Pass::WeightGrad) {
-    // The weight update sees the state through f' unless asked otherwise:
-    // the f' of the activations right after the weight op. An activation
-    // behind another structural op (the ReLU after a block's BatchNorm or
-    // residual add) belongs to that op's layer at layer granularity, where
-    // the update never sees it; a block keeps that, so the fixed point does
-    // not depend on the granularity.
-    bool behind_structural = false;
-    for (size_t r = q + 1; r + 1 < layer.chain.size(); ++r)
-      behind_structural = behind_structural || starts_layer(layer.ops[r]);
-    rule.drop_activation_derivative = config_.drop_activation_derivative &&
-                                      (!config_.weight_update_derivative || behind_structural);
-    return rule;
-  }
-  rule.drop_activation_derivative = config_.drop_activation_derivative;
-  const OpInfo* op = layer.ops[q];
-  if (config_.use_backward_weights && op && op->psi_vjp) {
-    const int leaf = layer.weight_leaf[q];
-    const auto& node = *graph_.nodes[layer.chain[q]];
-    TORCH_CHECK(leaf >= 0 && backward_weights_[leaf].defined(),
-                "torch_ar: this variant replaces W by a backward weight psi in every linear "
-                "and convolution layer, but the weight of node '",
-                node.name(),
-                "' has none. Backward weights are created for the weights of nn.Linear and "
-                "nn.Conv1d/2d/3d modules and nn.MultiheadAttention's input projections; give "
-                "another parameter read by F.linear/F.conv* one with ARBackward(..., "
-                "backward_weight_params=[name]). A weight computed from a parameter (a slice of "
-                "a packed projection, say) cannot have one.");
-    rule.backward_weight = &backward_weights_[leaf];
-  }
-  return rule;
-}
-
-void Executor::run_layer(int L, Pass pass) {
+void LiteralSteps::run_layer(int L, Pass pass) {
   const Layer& layer = plan_.layers[L];
-  const int p = static_cast<int>(pass);
-  if (!layer.has_work[p]) return;
-
-  if (pass == Pass::Relax && layer.constant) {
+  if (!layer.has_work[static_cast<int>(pass)]) return;
+  if (pass != Pass::Relax) {
+    router_.run_layer(L, pass, x_, this);
+    return;
+  }
+  if (layer.constant) {
     // Outputs are clamped: the contributions are the same every step.
-    if (!constant_ready_[L]) {
-      constant_ready_[L] = 1;
-      // Fall through once and record what the layer sends.
-    } else {
+    if (constant_ready_[L]) {
       for (const auto& [s, grad] : constant_contrib_[L]) {
         // A target made only of constant contributions keeps last step's
         // value (the update reads targets, never writes them).
-        if (constant_target_[s] && persistent_targets_)
+        if (constant_target_[s])
           fresh_[s] = 1;
         else
-          contribute_state(s, grad);
+          add(s, grad);
       }
       return;
     }
+    // Run once and record what the layer sends.
+    constant_ready_[L] = 1;
+    recording_layer_ = L;
   }
-
-  variable_list grads(layer.out_slots.size());
-  bool any = false;
-  for (size_t k = 0; k < layer.out_slots.size(); ++k) {
-    int s = layer.out_slots[k];
-    if (s >= 0 && x_[s].defined()) {
-      grads[k] = x_[s].scalar_type() == vjp_dtype_[s] ? x_[s] : x_[s].to(vjp_dtype_[s]);
-      any = true;
-    }
-  }
-  if (!any) return;
-  // A fused layer starts at its activation, with f'(a) * x from the update.
-  const int fused = pass == Pass::Relax ? fused_of_layer_[L] : -1;
-  propagate(L, pass, std::move(grads), fused,
-            /*record_constant=*/pass == Pass::Relax && layer.constant);
-}
-
-void Executor::propagate(int L, Pass pass, variable_list grads, int fused, bool record_constant) {
+  const int fused = fused_of_layer_[L];
   if (fused >= 0) {
     // The update kernel wrote the activation's VJP: the chain goes on from there.
-    propagate_from(L, pass, fused_[fused].chain_index, {fused_[fused].grad_for_node},
-                   record_constant);
-    return;
+    router_.propagate_from(L, pass, fused_[fused].chain_index, {fused_[fused].grad_for_node}, this);
+  } else {
+    router_.run_layer(L, pass, x_, this);
   }
-  const Layer& layer = plan_.layers[L];
-  const int p = static_cast<int>(pass);
-  if (!layer.has_work[p]) return;
-  auto& node = *graph_.nodes[layer.chain[0]];
-  variable_list out =
-      node_vjp(node, layer.ops[0], std::move(grads), layer.masks[p][0], rule_for(layer, 0, pass));
-  propagate_from(L, pass, 0, std::move(out), record_constant);
+  recording_layer_ = -1;
 }
 
-void Executor::propagate_from(int L, Pass pass, size_t first, variable_list out,
-                              bool record_constant) {
-  const Layer& layer = plan_.layers[L];
-  const int p = static_cast<int>(pass);
-  if (!layer.has_work[p]) return;
-  variable_list grads;
-  for (size_t q = first; q < layer.chain.size(); ++q) {
-    const auto& mask = layer.masks[p][q];
-    if (q > first) {
-      auto& node = *graph_.nodes[layer.chain[q]];
-      out = node_vjp(node, layer.ops[q], std::move(grads), mask, rule_for(layer, q, pass));
-    }
-    grads.clear();
-    const auto& targets = layer.targets[q];
-    for (size_t j = 0; j < out.size(); ++j) {
-      if (!mask[j] || !out[j].defined()) continue;
-      const EdgeTarget& t = targets[j];
-      switch (t.kind) {
-        case TargetKind::Chain:
-          grads.assign(1, out[j]);
-          break;
-        case TargetKind::State:
-          if (record_constant) constant_contrib_[L].emplace_back(t.index, out[j]);
-          contribute_state(t.index, std::move(out[j]));
-          break;
-        case TargetKind::Leaf:
-          contribute_leaf(t.index, out[j]);
-          break;
-        case TargetKind::ParamSide:
-          contribute_param_side(t, out[j]);
-          break;
-        case TargetKind::None:
-          break;
-      }
-    }
-    if (grads.empty()) break; // nothing flows further down the chain
-  }
-}
-
-at::Tensor Executor::update(const std::vector<int>& all_slots) {
+at::Tensor LiteralSteps::update(const std::vector<int>& all_slots) {
   std::vector<c10::Device> devices;
   devices.reserve(all_slots.size());
   for (int s : all_slots) devices.push_back(x_[s].device());
@@ -402,12 +241,12 @@ at::Tensor Executor::update(const std::vector<int>& all_slots) {
       xs.push_back(x_[s]);
       ts.push_back(target_[s]);
     }
-    return relax_update_activation_(xs, ts, config_.eta, flush_below(), act_states, act_kinds,
-                                    act_params, act_inputs, act_grads);
+    return relax_update_activation_(xs, ts, config_.eta, router_.denormal_floor(), act_states,
+                                    act_kinds, act_params, act_inputs, act_grads);
   });
 }
 
-bool Executor::check_finite(at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
+bool LiteralSteps::check_finite(at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
   auto acc = norms.accessor<double, 2>();
   for (size_t i = 0; i < slots.size(); ++i) {
     if (std::isfinite(acc[i][0]) && std::isfinite(acc[i][1])) continue;
@@ -437,12 +276,12 @@ bool Executor::check_finite(at::Tensor& norms, const std::vector<int>& slots, in
   return true;
 }
 
-at::Tensor Executor::relax_step(bool sweep) {
+at::Tensor LiteralSteps::relax_step(bool sweep) {
   const size_t R = relaxing_.size();
-  begin_step();
+  std::fill(fresh_.begin(), fresh_.end(), 0);
   if (!sweep) {
     for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) run_layer(L, Pass::Relax);
-    fill_missing_targets();
+    for (int s : relaxing_) fill_missing_target(s);
     return R ? update(relaxing_) : at::zeros({0, 2}, at::kDouble);
   }
   std::vector<at::Tensor> parts(plan_.slots.size());
@@ -459,7 +298,7 @@ at::Tensor Executor::relax_step(bool sweep) {
   return R ? at::cat(rows, 0) : at::zeros({0, 2}, at::kDouble);
 }
 
-RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
+RelaxStats LiteralSteps::relax(const std::vector<at::Tensor>& reference_grads) {
   RelaxStats stats;
   stats.depth = plan_.depth;
   const bool sweep = config_.schedule == Schedule::Sweep;
@@ -475,17 +314,6 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
   std::vector<std::vector<double>> trace_rows;
   std::vector<std::vector<double>> cosine_rows;
   std::vector<double> final_residual(S, 0.0);
-
-  auto relative = [](const std::vector<std::pair<double, double>>& dn) {
-    // |d| / |target|, the target norm floored at 1e-6 of the largest one so a
-    // state whose equilibrium is exactly zero still gets a finite residual.
-    double scale = 0.0;
-    for (const auto& p : dn) scale = std::max(scale, p.second);
-    double floor = std::max(scale * 1e-6, 1e-300);
-    std::vector<double> r(dn.size());
-    for (size_t i = 0; i < dn.size(); ++i) r[i] = dn[i].first / std::max(dn[i].second, floor);
-    return r;
-  };
 
   setup_fused_activations();
   stats.fused_activations = static_cast<int64_t>(fused_.size());
@@ -583,28 +411,13 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
     auto acc = host.accessor<double, 2>();
     std::vector<std::pair<double, double>> dn(R);
     for (size_t i = 0; i < R; ++i) dn[i] = {acc[i][0], acc[i][1]};
-    std::vector<double> rel = relative(dn);
+    std::vector<double> rel = relative_residuals(dn);
     std::fill(final_residual.begin(), final_residual.end(), 0.0);
-    double worst = 0.0;
-    for (size_t i = 0; i < R; ++i) {
-      final_residual[relaxing_[i]] = rel[i];
-      worst = std::max(worst, rel[i]);
-    }
+    for (size_t i = 0; i < R; ++i) final_residual[relaxing_[i]] = rel[i];
+    const double worst = max_residual(rel);
     stats.max_residual = worst;
     if (config_.trace) trace_rows.push_back(final_residual);
-    if (config_.trace_cosine) {
-      std::vector<at::Tensor> current = leaf_gradients();
-      std::vector<double> row(current.size(), std::nan(""));
-      for (size_t l = 0; l < current.size(); ++l) {
-        if (!current[l].defined() || !reference_grads[l].defined()) continue;
-        auto a = current[l].to(at::kDouble).flatten();
-        auto b = reference_grads[l].to(at::kDouble).flatten();
-        double na = a.norm().item<double>(), nb = b.norm().item<double>();
-        row[l] =
-            (na == 0.0 || nb == 0.0) ? (na == nb ? 1.0 : 0.0) : a.dot(b).item<double>() / (na * nb);
-      }
-      cosine_rows.push_back(std::move(row));
-    }
+    if (config_.trace_cosine) cosine_rows.push_back(cosines(reference_grads));
     if (config_.tol > 0 && worst <= config_.tol) {
       stats.converged = true;
       break;
@@ -633,6 +446,36 @@ RelaxStats Executor::relax(const std::vector<at::Tensor>& reference_grads) {
       stats.cosine_trace[i].copy_(at::tensor(cosine_rows[i], at::kDouble));
   }
   return stats;
+}
+
+std::vector<double> LiteralSteps::cosines(const std::vector<at::Tensor>& reference_grads) {
+  std::vector<at::Tensor> current = leaf_gradients();
+  std::vector<double> row(current.size(), std::nan(""));
+  for (size_t l = 0; l < current.size(); ++l) {
+    if (!current[l].defined() || !reference_grads[l].defined()) continue;
+    auto a = current[l].to(at::kDouble).flatten();
+    auto b = reference_grads[l].to(at::kDouble).flatten();
+    double na = a.norm().item<double>(), nb = b.norm().item<double>();
+    row[l] =
+        (na == 0.0 || nb == 0.0) ? (na == nb ? 1.0 : 0.0) : a.dot(b).item<double>() / (na * nb);
+  }
+  return row;
+}
+
+std::vector<at::Tensor> LiteralSteps::leaf_gradients() {
+  router_.reset_gradients();
+  for (int L = 0; L < static_cast<int>(plan_.layers.size()); ++L) {
+    if (config_.exact_rule()) {
+      run_layer(L, Pass::Gradient);
+    } else {
+      // A variant propagates with its own VJPs but updates weights from the
+      // states (and, by default, f').
+      run_layer(L, Pass::InputGrad);
+      run_layer(L, Pass::WeightGrad);
+    }
+  }
+  router_.propagate_param_side();
+  return router_.finish_leaf_gradients();
 }
 
 } // namespace torch_ar

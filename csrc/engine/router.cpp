@@ -1,0 +1,201 @@
+#include "engine/router.h"
+
+#include "engine/node_vjp.h"
+
+#include <ATen/ATen.h>
+
+#include <cfloat>
+
+namespace torch_ar {
+
+Router::Router(const Plan& plan, const EngineConfig& config,
+               std::vector<at::Tensor> backward_weights)
+    : plan_(plan),
+      graph_(*plan.graph),
+      config_(config),
+      backward_weights_(std::move(backward_weights)) {
+  backward_weights_.resize(graph_.leaf_kind.size());
+  const size_t S = plan_.slots.size();
+  vjp_dtype_.resize(S);
+  state_dtype_.resize(S);
+  for (size_t s = 0; s < S; ++s) {
+    const auto& slot = plan_.slots[s];
+    vjp_dtype_[s] = c10::typeMetaToScalarType(
+        graph_.nodes[slot.node]->input_metadata(slot.output_nr).options().dtype());
+    // Reduced-precision activations relax in float32: a bfloat16 state would
+    // round away increments below half an ulp and stall.
+    const bool reduced = vjp_dtype_[s] == at::kBFloat16 || vjp_dtype_[s] == at::kHalf;
+    state_dtype_[s] = reduced ? at::kFloat : vjp_dtype_[s];
+    if (!slot.clamped && slot.needed) relaxing_.push_back(static_cast<int>(s));
+  }
+  leaf_grad_.resize(graph_.leaf_kind.size());
+  param_side_buf_.resize(graph_.nodes.size());
+}
+
+double Router::denormal_floor() const {
+  // Tiny decaying states turn denormal and slow every CPU op: flush them.
+  bool reduced = false;
+  for (int s : relaxing_) reduced = reduced || state_dtype_[s] != at::kDouble;
+  return reduced ? static_cast<double>(FLT_MIN) : DBL_MIN;
+}
+
+VjpRule Router::rule_for(const Layer& layer, size_t q, Pass pass) const {
+  VjpRule rule;
+  if (config_.exact_rule() || pass == Pass::Gradient || pass == Pass::Full) return rule;
+  if (pass == Pass::WeightGrad) {
+    // The weight update sees the state through f' unless asked otherwise:
+    // the f' of the activations right after the weight op. An activation
+    // behind another structural op (the ReLU after a block's BatchNorm or
+    // residual add) belongs to that op's layer at layer granularity, where
+    // the update never sees it; a block keeps that, so the fixed point does
+    // not depend on the granularity.
+    bool behind_structural = false;
+    for (size_t r = q + 1; r + 1 < layer.chain.size(); ++r)
+      behind_structural = behind_structural || starts_layer(layer.ops[r]);
+    rule.drop_activation_derivative = config_.drop_activation_derivative &&
+                                      (!config_.weight_update_derivative || behind_structural);
+    return rule;
+  }
+  rule.drop_activation_derivative = config_.drop_activation_derivative;
+  const OpInfo* op = layer.ops[q];
+  if (config_.use_backward_weights && op && op->psi_vjp) {
+    const int leaf = layer.weight_leaf[q];
+    const auto& node = *graph_.nodes[layer.chain[q]];
+    TORCH_CHECK(leaf >= 0 && backward_weights_[leaf].defined(),
+                "torch_ar: this variant replaces W by a backward weight psi in every linear "
+                "and convolution layer, but the weight of node '",
+                node.name(),
+                "' has none. Backward weights are created for the weights of nn.Linear and "
+                "nn.Conv1d/2d/3d modules and nn.MultiheadAttention's input projections; give "
+                "another parameter read by F.linear/F.conv* one with ARBackward(..., "
+                "backward_weight_params=[name]). A weight computed from a parameter (a slice of "
+                "a packed projection, say) cannot have one.");
+    rule.backward_weight = &backward_weights_[leaf];
+  }
+  return rule;
+}
+
+variable_list Router::layer_inputs(int L, const std::vector<at::Tensor>& x, bool relaxing,
+                                   bool clamped) const {
+  const Layer& layer = plan_.layers[L];
+  variable_list grads(layer.out_slots.size());
+  for (size_t k = 0; k < layer.out_slots.size(); ++k) {
+    const int s = layer.out_slots[k];
+    if (s < 0) continue;
+    const bool is_clamped = plan_.slots[s].clamped;
+    const at::Tensor& v = is_clamped ? plan_.slots[s].ext : x[s];
+    if (!v.defined() || (is_clamped ? !clamped : !relaxing)) continue;
+    grads[k] = v.scalar_type() == vjp_dtype_[s] ? v : v.to(vjp_dtype_[s]);
+  }
+  return grads;
+}
+
+void Router::run_layer(int L, Pass pass, const std::vector<at::Tensor>& x, StateSink* sink) {
+  if (!plan_.layers[L].has_work[static_cast<int>(pass)]) return;
+  variable_list grads = layer_inputs(L, x, /*relaxing=*/true, /*clamped=*/true);
+  bool any = false;
+  for (const auto& g : grads) any = any || g.defined();
+  if (any) propagate(L, pass, std::move(grads), sink);
+}
+
+void Router::propagate(int L, Pass pass, variable_list grads, StateSink* sink) {
+  const Layer& layer = plan_.layers[L];
+  const int p = static_cast<int>(pass);
+  if (!layer.has_work[p]) return;
+  auto& node = *graph_.nodes[layer.chain[0]];
+  variable_list out =
+      node_vjp(node, layer.ops[0], std::move(grads), layer.masks[p][0], rule_for(layer, 0, pass));
+  propagate_from(L, pass, 0, std::move(out), sink);
+}
+
+void Router::propagate_from(int L, Pass pass, size_t first, variable_list out, StateSink* sink) {
+  const Layer& layer = plan_.layers[L];
+  const int p = static_cast<int>(pass);
+  if (!layer.has_work[p]) return;
+  variable_list grads;
+  for (size_t q = first; q < layer.chain.size(); ++q) {
+    const auto& mask = layer.masks[p][q];
+    if (q > first) {
+      auto& node = *graph_.nodes[layer.chain[q]];
+      out = node_vjp(node, layer.ops[q], std::move(grads), mask, rule_for(layer, q, pass));
+    }
+    grads.clear();
+    const auto& targets = layer.targets[q];
+    for (size_t j = 0; j < out.size(); ++j) {
+      if (!mask[j] || !out[j].defined()) continue;
+      const EdgeTarget& t = targets[j];
+      switch (t.kind) {
+        case TargetKind::Chain:
+          grads.assign(1, out[j]);
+          break;
+        case TargetKind::State:
+          TORCH_INTERNAL_ASSERT(sink, "torch_ar: a pass without states reached state ", t.index);
+          sink->add(t.index, std::move(out[j]));
+          break;
+        case TargetKind::Leaf:
+          contribute_leaf(t.index, out[j]);
+          break;
+        case TargetKind::ParamSide:
+          contribute_param_side(t, out[j]);
+          break;
+        case TargetKind::None:
+          break;
+      }
+    }
+    if (grads.empty()) break; // nothing flows further down the chain
+  }
+}
+
+void Router::contribute_leaf(int leaf, const at::Tensor& grad) {
+  at::Tensor& acc = leaf_grad_[leaf];
+  acc = acc.defined() ? acc + grad : grad;
+}
+
+void Router::contribute_param_side(const EdgeTarget& t, const at::Tensor& grad) {
+  auto& buf = param_side_buf_[t.index];
+  if (buf.empty()) buf.resize(graph_.nodes[t.index]->num_inputs());
+  at::Tensor& acc = buf[t.input_nr];
+  acc = acc.defined() ? acc + grad : grad;
+}
+
+void Router::reset_gradients() {
+  for (auto& g : leaf_grad_) g = at::Tensor();
+  for (auto& b : param_side_buf_) b.clear();
+  for (const auto& [t, grad] : plan_.param_side_ext) contribute_param_side(t, grad);
+}
+
+void Router::propagate_param_side() {
+  for (int n : plan_.param_side_nodes) {
+    auto& buf = param_side_buf_[n];
+    if (buf.empty()) continue;
+    const auto& mask = plan_.param_side_masks[n];
+    bool want = false;
+    for (bool m : mask) want = want || m;
+    variable_list grads = std::move(buf);
+    buf.clear();
+    if (!want) continue;
+    auto& node = *graph_.nodes[n];
+    variable_list out = node_vjp(node, nullptr, std::move(grads), mask);
+    const auto& targets = plan_.param_side_targets[n];
+    for (size_t j = 0; j < out.size(); ++j) {
+      if (!mask[j] || !out[j].defined()) continue;
+      if (targets[j].kind == TargetKind::Leaf)
+        contribute_leaf(targets[j].index, out[j]);
+      else if (targets[j].kind == TargetKind::ParamSide)
+        contribute_param_side(targets[j], out[j]);
+    }
+  }
+}
+
+std::vector<at::Tensor> Router::finish_leaf_gradients() {
+  // Outputs that are leaves themselves pass their loss gradient straight on.
+  std::vector<at::Tensor> result(leaf_grad_.size());
+  for (size_t l = 0; l < result.size(); ++l) {
+    const at::Tensor& direct = plan_.leaf_direct[l];
+    if (direct.defined()) contribute_leaf(static_cast<int>(l), direct);
+    if (graph_.leaf_needs_grad[l]) result[l] = leaf_grad_[l];
+  }
+  return result;
+}
+
+} // namespace torch_ar
