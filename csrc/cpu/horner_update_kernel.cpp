@@ -70,25 +70,13 @@ Norms horner_scalar(const Operands<scalar_t>& p, int64_t n, double alpha, double
 }
 
 // float and double: eight lanes in two vectors of four, each with its own
-// double sums (the compiler's vector types give SIMD code on any x86-64,
-// as in cpu/relax_update_kernel.cpp). Same operations, same order as the
+// double sums (multi_tensor_cpu::Quad). Same operations, same order as the
 // scalar path, element by element.
-template <typename scalar_t>
-struct Quad;
-template <>
-struct Quad<float> {
-  typedef float type __attribute__((vector_size(4 * sizeof(float))));
-};
-template <>
-struct Quad<double> {
-  typedef double type __attribute__((vector_size(4 * sizeof(double))));
-};
-
 template <typename scalar_t>
 Norms horner_vec(const Operands<scalar_t>& p, int64_t n, double alpha, double beta,
                  double flush_below, bool residual) {
-  using quad_t = typename Quad<scalar_t>::type;
-  using dquad_t = Quad<double>::type;
+  using quad_t = typename multi_tensor_cpu::Quad<scalar_t>::type;
+  using dquad_t = multi_tensor_cpu::Quad<double>::type;
   const quad_t a = quad_t{} + static_cast<scalar_t>(alpha);
   const quad_t c = quad_t{} + static_cast<scalar_t>(beta);
   const quad_t flush = quad_t{} + static_cast<scalar_t>(flush_below);

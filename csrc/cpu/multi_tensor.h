@@ -22,6 +22,20 @@ constexpr int64_t kChunkElements = 32768;
 // Below this total the threading overhead outweighs the work.
 constexpr int64_t kSerialBelowElements = 65536;
 
+// Four lanes of float or double in the compiler's vector types, which become
+// SIMD code on any CPU (the extension is built without -mavx*; a plain loop
+// over the lanes was left scalar, and wider vector types were split badly).
+template <typename scalar_t>
+struct Quad;
+template <>
+struct Quad<float> {
+  typedef float type __attribute__((vector_size(4 * sizeof(float))));
+};
+template <>
+struct Quad<double> {
+  typedef double type __attribute__((vector_size(4 * sizeof(double))));
+};
+
 struct Chunk {
   int64_t tensor;
   int64_t begin;

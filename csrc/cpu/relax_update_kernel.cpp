@@ -47,29 +47,15 @@ SquaredNorms relax_range_scalar(scalar_t* state, const scalar_t* target, int64_t
   return acc;
 }
 
-// Float and double: eight lanes (two vectors of four) with their own double
-// sums, written with the compiler's vector types so that they become SIMD code
-// on any CPU (the extension is built without -mavx*; a plain loop over the
-// lanes was left scalar, and wider vector types were split badly). No lane's
-// additions are reordered, so the norms do not depend on how the work is
-// split. The flush is a select, not a branch: a data-dependent branch
-// mispredicts on ReLU states (half zeros).
-template <typename scalar_t>
-struct Quad;
-template <>
-struct Quad<float> {
-  typedef float type __attribute__((vector_size(4 * sizeof(float))));
-};
-template <>
-struct Quad<double> {
-  typedef double type __attribute__((vector_size(4 * sizeof(double))));
-};
-
+// Float and double: eight lanes (two multi_tensor_cpu::Quad vectors of four)
+// with their own double sums. No lane's additions are reordered, so the norms
+// do not depend on how the work is split. The flush is a select, not a
+// branch: a data-dependent branch mispredicts on ReLU states (half zeros).
 template <typename scalar_t>
 SquaredNorms relax_range_vec(scalar_t* __restrict__ state, const scalar_t* __restrict__ target,
                              int64_t n, double eta, double flush_below) {
-  using quad_t = typename Quad<scalar_t>::type;
-  using double_quad_t = Quad<double>::type;
+  using quad_t = typename multi_tensor_cpu::Quad<scalar_t>::type;
+  using double_quad_t = multi_tensor_cpu::Quad<double>::type;
   const quad_t eta_c = quad_t{} + static_cast<scalar_t>(eta);
   const quad_t flush_c = quad_t{} + static_cast<scalar_t>(flush_below);
   const quad_t zero{};
