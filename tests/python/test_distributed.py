@@ -125,7 +125,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "params": [p.detach().clone() for p in model.parameters()],
                 "all_ranks_params": gathered,
             }
+            del ddp, opt
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Leave together: a rank that tears gloo down while its peer still
+        # has a collective in flight can abort the peer at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
