@@ -126,21 +126,6 @@ def gradients_at(
                 b.copy_(buffers[name])
 
 
-def gradients_of(
-    module: nn.Module,
-    forward: Callable[[nn.Module], torch.Tensor],
-    names: Iterable[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """{name: d loss / d param} for loss = forward(module), via torch.autograd.grad."""
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if names is not None:
-        keep = set(names)
-        named = [(n, p) for n, p in named if n in keep]
-    loss = forward(module)
-    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    return {n: g for (n, _), g in zip(named, grads) if g is not None}
-
-
 def ar_vs_autograd(
     ar: nn.Module, loss_fn: Callable[[Any], torch.Tensor], *inputs: Any
 ) -> dict[str, dict[str, float]]:
