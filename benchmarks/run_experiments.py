@@ -806,7 +806,10 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
                     cells.append(f"{100 * sum(vals) / len(vals):.2f}" if vals else "—")
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         prefix = {"fashion-mnist": "fashion_mnist_"}.get(group, group.replace("-", "_") + "_")
-        title = {"fashion-mnist": "Fashion-MNIST, paper MLP"}.get(
+        title = {
+            "fashion-mnist": "Fashion-MNIST, paper MLP",
+            "cifar10-resnet20": "CIFAR-10 ResNet-20 with BatchNorm",
+        }.get(
             group, "CIFAR-10 small CNN" + group.removeprefix("cifar10-cnn").replace("-lr", ", lr ")
         )
         written = plots.write_training_figures(runs, figures, prefix=prefix, title=title)
