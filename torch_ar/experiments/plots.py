@@ -80,6 +80,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def run_label(config: dict[str, Any], resolved: dict[str, Any] | None = None) -> str:
     """A run's label without its seed: ``backprop``, ``AR eta 0.1, 100 steps``, ``AR combined eta 1``."""
     if config.get("method") != "ar":
+        model = str(config.get("model") or "")
+        if model.startswith("biotorch-"):  # a peer's own network, trained by its own layers
+            return f"BioTorch {model.removeprefix('biotorch-')}"
         return str(config.get("method", "?"))
     ar = (resolved or {}).get("ar_config") or {}
     eta = config.get("eta") if config.get("eta") is not None else ar.get("eta", 1.0)
@@ -118,6 +121,10 @@ def load_run(folder: str | Path) -> Run:
         config = {"method": metrics[0].get("method", "?")}
     run = Run(path, config, resolved, metrics, _read_jsonl(path / "cosine.jsonl"))
     run.label = run_label(config, resolved)
+    planned = config.get("epochs")
+    if isinstance(planned, int) and len(metrics) < planned:
+        # Kept apart from the finished seeds of the same method.
+        run.label += f" (stopped after epoch {len(metrics)} of {planned})"
     return run
 
 
