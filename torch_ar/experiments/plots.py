@@ -122,8 +122,9 @@ def load_run(folder: str | Path) -> Run:
     run = Run(path, config, resolved, metrics, _read_jsonl(path / "cosine.jsonl"))
     run.label = run_label(config, resolved)
     planned = config.get("epochs")
-    if isinstance(planned, int) and len(metrics) < planned:
-        # Kept apart from the finished seeds of the same method.
+    if isinstance(planned, int) and run.diverged is None and len(metrics) < planned:
+        # An interrupted run (not a diverged one, which ended for good) is
+        # kept apart from the finished seeds of its method.
         run.label += f" (stopped after epoch {len(metrics)} of {planned})"
     return run
 
