@@ -41,6 +41,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace torch_ar {
@@ -293,6 +294,15 @@ class CudaStepGraph final : public StepGraph {
 };
 
 std::unique_ptr<StepGraph> make_cuda_step_graph(const c10::Device& device) {
+  // Graph memory pools are the native caching allocator's; another backend
+  // (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync) cannot make one.
+  const std::string allocator = c10::cuda::CUDACachingAllocator::name();
+  if (allocator != "native") {
+    TORCH_WARN_ONCE("torch_ar: cuda_graph=True, but the CUDA allocator is '", allocator,
+                    "'; CUDA graphs need the native caching allocator's memory pools, so the "
+                    "steps run without one.");
+    return nullptr;
+  }
   return std::make_unique<CudaStepGraph>(device);
 }
 

@@ -1,6 +1,7 @@
 #include "engine/exact_sweep.h"
 
 #include "engine/errors.h"
+#include "engine/per_device.h"
 
 #include <ATen/ATen.h>
 
@@ -37,9 +38,9 @@ std::vector<at::Tensor> ExactSweep::run(bool release_saved) {
       x_[s] = target_[s].defined() ? std::move(target_[s]) : plan_.slots[s].ext;
       target_[s] = at::Tensor();
       if (x_[s].defined() && plan_.slots[s].needed) {
-        // A sum carries any NaN/Inf. (It overflows only for states near the
-        // dtype's largest value, which is divergence for any purpose.)
-        sums.push_back(x_[s].sum().to(at::kDouble));
+        // A sum carries any NaN/Inf. Accumulated in double: a half or
+        // float32 sum of finite elements could overflow their range.
+        sums.push_back(x_[s].sum(at::kDouble));
         sum_slots.push_back(s);
       }
     }
@@ -63,7 +64,7 @@ std::vector<at::Tensor> ExactSweep::run(bool release_saved) {
 
 void ExactSweep::check_finite(const std::vector<at::Tensor>& sums, const std::vector<int>& slots) {
   if (sums.empty()) return;
-  const at::Tensor host = at::stack(sums).to(at::kCPU);
+  const at::Tensor host = join_on_one_device(sums, /*stack=*/true).to(at::kCPU);
   auto acc = host.accessor<double, 1>();
   int worst = -1;
   for (int64_t i = 0; i < host.size(0); ++i) {

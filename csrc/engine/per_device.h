@@ -44,4 +44,18 @@ at::Tensor launch_per_device(const std::vector<c10::Device>& devices, Launch&& l
   return rows;
 }
 
+// Per-state partial results (sums, norms) of a model split over devices,
+// joined on the first one's device: at::stack / at::cat need one device.
+inline at::Tensor join_on_one_device(const std::vector<at::Tensor>& parts, bool stack) {
+  if (parts.empty()) return at::Tensor();
+  const c10::Device device = parts[0].device();
+  bool one_device = true;
+  for (const at::Tensor& p : parts) one_device = one_device && p.device() == device;
+  if (one_device) return stack ? at::stack(parts) : at::cat(parts);
+  std::vector<at::Tensor> moved;
+  moved.reserve(parts.size());
+  for (const at::Tensor& p : parts) moved.push_back(p.to(device, /*non_blocking=*/true));
+  return stack ? at::stack(moved) : at::cat(moved);
+}
+
 } // namespace torch_ar

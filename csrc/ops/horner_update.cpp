@@ -99,6 +99,18 @@ Inputs check_inputs(at::TensorList out, const OptionalList& initial, const Optio
   // symbolic sizes: the checks above are all that applies to them.
   if (device_type == c10::DeviceType::Meta) return in;
   for (size_t i = 0; i < out.size(); ++i) {
+    // A non-dense output is written through a fresh contiguous buffer that is
+    // copied back after every read, so nothing it overlaps can be read
+    // half-written (and ATen cannot tell overlap for it: TooHard).
+    if (!out[i].is_non_overlapping_and_dense()) {
+      at::Tensor work = flat_layout::walkable(out[i]);
+      for (auto* list : {&in.initial, &in.loss_terms, &in.targets, &in.residual_targets}) {
+        at::Tensor& term = (*list)[i];
+        if (term.defined()) term = flat_layout::walkable_like(term, work);
+      }
+      in.out.push_back(std::move(work));
+      continue;
+    }
     // Only the targets may be the output itself (the stage in place).
     // A non-contiguous input is read through a copy of its own (a snapshot
     // taken before out is written), so only a contiguous one may not overlap.
