@@ -166,18 +166,21 @@ PYBIND11_MODULE(_C, m) {
           "backward",
           [](Relaxation& r, const std::vector<std::optional<at::Tensor>>& output_grads,
              const std::vector<bool>& leaf_needs_grad,
-             const std::vector<std::optional<at::Tensor>>& backward_weights) {
+             const std::vector<std::optional<at::Tensor>>& backward_weights,
+             std::vector<std::string> leaf_names) {
             std::vector<at::Tensor> grads;
             {
               py::gil_scoped_release no_gil;
               // What the running backward asked for (retain_graph).
               const bool keep_graph = torch::autograd::get_current_graph_task_keep_graph();
               grads = r.backward(torch_ar::tensors_or_undefined(output_grads), leaf_needs_grad,
-                                 torch_ar::tensors_or_undefined(backward_weights), keep_graph);
+                                 torch_ar::tensors_or_undefined(backward_weights), keep_graph,
+                                 std::move(leaf_names));
             }
             return torch_ar::tensors_or_none(std::move(grads));
           },
-          py::arg("output_grads"), py::arg("leaf_needs_grad"), py::arg("backward_weights"))
+          py::arg("output_grads"), py::arg("leaf_needs_grad"), py::arg("backward_weights"),
+          py::arg("leaf_names") = std::vector<std::string>())
       .def_property_readonly("released", &Relaxation::released)
       .def("release", &Relaxation::release)
       .def("stats", &Relaxation::stats, py::return_value_policy::reference_internal);

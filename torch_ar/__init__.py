@@ -11,6 +11,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from torch_ar import (
     _C,  # noqa: F401  (registers torch.ops.torch_ar.*)
+    alignment,
     metrics,
 )
 from torch_ar.ar_backward import ARBackward, RelaxationStats
@@ -28,6 +29,7 @@ __all__ = [
     "RelaxationStats",
     "SelftestReport",
     "SupportedOp",
+    "alignment",
     "metrics",
     "release_cuda_graph_memory",
     "selftest",

@@ -16,25 +16,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch_ar.backward_weights import is_transposed, weight_as_read
 from torch_ar.metrics import angle_degrees, ar_vs_autograd
 
 
-def _owner(module: nn.Module, param_name: str) -> nn.Module:
-    """The submodule that holds the parameter called ``param_name``."""
-    owner_name = param_name.rpartition(".")[0]
-    return module.get_submodule(owner_name)
-
-
 def exact_backward_weight(module: nn.Module, weight_name: str) -> torch.Tensor:
-    """The psi that makes the layer's input-VJP exact: W^T for nn.Linear, W for conv.
+    """The psi that makes the layer's input-VJP exact, in psi's layout: W^T
+    for every 2-D weight (nn.Linear, nn.MultiheadAttention's projections,
+    Hugging Face's Conv1D, a weight read by F.linear), W for conv.
 
     Example::
 
         psi_star = exact_backward_weight(net, "0.weight")   # net[0] is nn.Linear
         psi_star.shape == net[0].weight.t().shape
     """
-    weight = module.get_parameter(weight_name).detach()
-    return weight.t() if isinstance(_owner(module, weight_name), nn.Linear) else weight
+    with torch.no_grad():
+        weight = weight_as_read(module, weight_name).detach()
+    return weight.t() if is_transposed(weight) else weight
 
 
 def backward_weight_angles(ar: nn.Module) -> dict[str, float]:

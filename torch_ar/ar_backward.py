@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -64,9 +65,16 @@ class _ForwardRun:
         for i, v in enumerate(self.flat):
             if isinstance(v, torch.Tensor):
                 _check_supported_tensor(v, f"input {i}")
-        named = [(n, p) for n, p in owner._named_parameters() if p.requires_grad]
+        # A frozen weight with a psi still carries the relaxation through its
+        # op: it joins the forward as a leaf that gets no gradient.
+        named = [
+            (n, p)
+            for n, p in owner._named_parameters()
+            if p.requires_grad or n in owner._psi_layout
+        ]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.frozen = [p for p in self.params if not p.requires_grad]
         # Backward weights, one per parameter that has one (else None).
         self.psis: list[torch.Tensor | None] = (
             [owner._backward_weight_of(n) for n in self.param_names]
@@ -143,8 +151,13 @@ class _ForwardRun:
 
     def expected_needs(self, inputs: tuple[torch.Tensor, ...]) -> list[bool]:
         """Which leaves the backward will want gradients of, as far as the
-        forward can tell (autograd's needs_input_grad then confirms it)."""
-        return [True] * len(self.params) + [t.requires_grad for t in inputs]
+        forward can tell (autograd's needs_input_grad then confirms it): a
+        frozen weight's only when its learned psi moves by it."""
+        frozen = {id(p) for p in self.frozen}
+        return [
+            id(p) not in frozen or (psi is not None and psi.requires_grad)
+            for p, psi in zip(self.params, self.psis)
+        ] + [t.requires_grad for t in inputs]
 
     def rebuild(self, tensors: tuple[torch.Tensor, ...]) -> Any:
         flat = list(self.out_flat)
@@ -156,6 +169,19 @@ class _ForwardRun:
         if self.relaxation is not None:
             self.relaxation.release()
         self.input_leaves = []
+
+
+@contextlib.contextmanager
+def _requiring_grad(frozen: list[torch.Tensor]):
+    """Frozen weights require grad for the inner forward only, so that the
+    engine sees the ops that read them."""
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _flatten_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
@@ -184,7 +210,8 @@ class _ARFunction(torch.autograd.Function):
     def forward(ctx, run: _ForwardRun, *tensors: torch.Tensor):
         ctx.set_materialize_grads(False)
         ctx.run = run
-        returned = run.run_module(tensors[len(run.params) + len(run.psi_tensors) :])
+        with _requiring_grad(run.frozen):  # until the engine has captured the graph
+            returned = run.run_module(tensors[len(run.params) + len(run.psi_tensors) :])
         differentiable = set(run.output_slots)
         ctx.mark_non_differentiable(*[t for k, t in enumerate(returned) if k not in differentiable])
         return tuple(returned)
@@ -216,8 +243,15 @@ class _ARFunction(torch.autograd.Function):
             if variant.uses_backward_weights
             else []
         )
+        leaf_names = (
+            [*run.param_names, *(f"input {i}" for i in range(len(run.input_leaves)))]
+            if backward_weights
+            else []
+        )
         try:
-            out = relaxation.backward([grads[k] for k in run.output_slots], needs, backward_weights)
+            out = relaxation.backward(
+                [grads[k] for k in run.output_slots], needs, backward_weights, leaf_names
+            )
         except RuntimeError as err:
             if type(err).__name__ == "CheckpointError":
                 raise RuntimeError(
@@ -247,6 +281,7 @@ class _ARFunction(torch.autograd.Function):
             if not needs_all[i]:
                 param_grads[i] = None
             psi_grads.append(grad)
+        run.owner._check_backward_weights_step(run)
         return (None, *param_grads, *psi_grads, *input_grads)
 
 
@@ -267,11 +302,12 @@ class ARBackward(nn.Module):
 
     The keyword options are `RelaxConfig`'s, documented there, and
     `backward_weight_params`: with a variant that uses backward weights, psi
-    is made for the weights of nn.Linear and nn.Conv1d/2d/3d modules and for
-    nn.MultiheadAttention's input projections (packed or separate q/k/v);
-    name any other parameter that the model reads as the weight of
-    `F.linear` (2-D: psi is [in, out]) or `F.conv*` (psi of its shape) here to
-    give it one too:
+    is made for the weights of nn.Linear, nn.Conv1d/2d/3d and Hugging Face
+    Conv1D modules and for nn.MultiheadAttention's input projections (packed
+    or separate q/k/v); name any other parameter that the model reads as the
+    weight of `F.linear`, `addmm`/`mm`/`matmul` (2-D: psi has W^T's shape
+    whichever way the op reads W) or `F.conv*` (psi of its shape) here to give
+    it one too:
 
     ```python
     ar = torch_ar.ARBackward(
@@ -293,7 +329,7 @@ class ARBackward(nn.Module):
         tol: float | None = None,
         init: str = "forward",
         schedule: str = "jacobi",
-        granularity: str = "layer",
+        granularity: str = "block",
         trace: bool = False,
         trace_cosine: bool = False,
         max_steps: int = 10_000,
@@ -344,13 +380,9 @@ class ARBackward(nn.Module):
         # and what they ask of every forward (the engine's rule, asked once):
         # may a layer's VJP run more than once (then checkpointed regions run
         # inline), do the forward values matter, is relaxation asked for.
-        self._engine_configs = {
-            raise_: EngineConfig(**engine_options(self.config, raise_)) for raise_ in (False, True)
-        }
-        engine = self._engine_configs[True]
-        self._forward_rules = (engine.may_evaluate_layers_repeatedly, engine.needs_forward_values)
+        self._make_engine_configs()
         # Whether a backward should check that something relaxed (until it has).
-        self._check_degenerate = engine.asks_for_relaxation
+        self._check_degenerate = self._engine_configs[True].asks_for_relaxation
         # Raw results of the last backward; last_stats builds the dataclass
         # only when asked (it is off the training loop's hot path).
         self._last_raw: tuple | None = None
@@ -363,6 +395,9 @@ class ARBackward(nn.Module):
         # frSF's fixed random magnitudes |R|, by the same keys.
         self.backward_weight_magnitude = nn.ParameterDict()
         self._psi_layout: dict[str, str] = {}
+        # Versions of learned psi and their weights at the last backward.
+        self._psi_versions: dict[str, tuple[int, int]] = {}
+        self._psi_warned = False
         self._extra_psi_params = tuple(backward_weight_params)
         if self._extra_psi_params and not self.config.variant_spec.uses_backward_weights:
             raise ValueError(
@@ -372,13 +407,40 @@ class ARBackward(nn.Module):
         if self.config.variant_spec.uses_backward_weights:
             self._create_backward_weights()
 
+    def _make_engine_configs(self) -> None:
+        self._engine_configs = {
+            raise_: EngineConfig(**engine_options(self.config, raise_)) for raise_ in (False, True)
+        }
+        engine = self._engine_configs[True]
+        self._forward_rules = (engine.may_evaluate_layers_repeatedly, engine.needs_forward_values)
+
+    # The engine's settings and the last backward's engine object live in C++
+    # and are made again from the config: a copy, a pickle or a whole-model
+    # torch.save carries the module, psi and the config, and nothing else.
+    _NOT_CARRIED = ("_engine_configs", "_last_raw", "_param_cache")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in self._NOT_CARRIED:
+            state.pop(name, None)
+        state["_last_stats"] = self.last_stats
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._last_raw = None
+        self._param_cache = None
+        self._make_engine_configs()
+
     def _create_backward_weights(self) -> None:
         cfg = self.config
         learned = cfg.variant_spec.backward_weights == "learned"
         sign_feedback = cfg.variant_spec.sign_feedback
         found = psi_lib.weights_read_by_linear_or_conv(self.module, self._extra_psi_params)
         for name, w in found:
-            init = psi_lib.initial_backward_weight(name, w, cfg)
+            with torch.no_grad():
+                read = psi_lib.weight_as_read(self.module, name)
+            init = psi_lib.initial_backward_weight(name, read, cfg)
             key = name.replace(".", "__")
             if sign_feedback == "fixed_random":
                 # The magnitudes stay; the signs come from W at every backward.
@@ -399,9 +461,9 @@ class ARBackward(nn.Module):
         for name in self._psi_layout:
             key = name.replace(".", "__")
             magnitude = self.backward_weight_magnitude[key] if rule == "fixed_random" else None
-            psi_lib.remake_from_signs(
-                self.backward_weight_store[key], self.module.get_parameter(name), rule, magnitude
-            )
+            with torch.no_grad():
+                weight = psi_lib.weight_as_read(self.module, name)
+            psi_lib.remake_from_signs(self.backward_weight_store[key], weight, rule, magnitude)
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The module's named parameters, re-listed only after a module anywhere
@@ -433,7 +495,9 @@ class ARBackward(nn.Module):
     def backward_weights(self) -> dict[str, nn.Parameter]:
         """{forward weight name: psi}; empty for the exact variant.
 
-        Linear weights W [out, in] get psi [in, out] (psi = W^T is exact); conv
+        A 2-D weight W gets psi of W^T's shape (psi = W^T is exact: for
+        nn.Linear's [out, in] weight psi is [in, out]; an op that reads W
+        untransposed, as Hugging Face's Conv1D does, is given psi^T); conv
         weights get psi of W's own shape, applied by the transposed convolution.
         """
         return {
@@ -443,7 +507,9 @@ class ARBackward(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         run = _ForwardRun(self, args, kwargs)
         wants_grad = torch.is_grad_enabled() and (
-            bool(run.params) or any(t.requires_grad for t in run.inputs)
+            len(run.params) > len(run.frozen)
+            or any(p.requires_grad for p in run.psi_tensors)
+            or any(t.requires_grad for t in run.inputs)
         )
         if not wants_grad:
             return self.module(*args, **kwargs)
@@ -463,6 +529,32 @@ class ARBackward(nn.Module):
         # object.__setattr__: nn.Module's own costs more than the rest of this.
         object.__setattr__(self, "_last_raw", raw)
         object.__setattr__(self, "_last_stats", None)
+
+    def _check_backward_weights_step(self, run: _ForwardRun) -> None:
+        """Warn once when learned psi never moves: its gradient has been
+        accumulating since the last backward while the forward weights were
+        stepped (an optimizer made from the module's parameters, not the
+        wrapper's)."""
+        if self._psi_warned or self.config.variant_spec.backward_weights != "learned":
+            return
+        versions = {}
+        for name, w, psi in zip(run.param_names, run.params, run.psis):
+            if psi is None:
+                continue
+            now = (psi._version, w._version)
+            before = self._psi_versions.get(name)
+            if before and psi.grad is not None and now[0] == before[0] and now[1] != before[1]:
+                object.__setattr__(self, "_psi_warned", True)
+                warnings.warn(
+                    f"ARBackward: the backward weight of '{name}' has accumulated its gradient "
+                    "over two backwards without changing, while its forward weight was "
+                    "updated: the optimizer does not hold the backward weights. Build it from "
+                    "the wrapper's parameters, e.g. torch.optim.SGD(ar.parameters(), ...).",
+                    stacklevel=2,
+                )
+                return
+            versions[name] = now
+        object.__setattr__(self, "_psi_versions", versions)
 
     def _warn_if_degenerate(self, relaxation: Relaxation) -> None:
         """Warn once when nothing relaxes although the settings ask for relaxation."""

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torch_ar.config import RelaxConfig
 
@@ -18,11 +19,49 @@ PSI_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MULTIHEAD_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
+def is_hugging_face_conv1d(layer: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its family): a linear layer whose
+    (in, out) weight is read untransposed, by ``addmm(bias, x, W)``. Told by
+    its name and its ``nf`` attribute, so transformers need not be imported."""
+    weight = getattr(layer, "weight", None)
+    return (
+        type(layer).__name__ == "Conv1D"
+        and hasattr(layer, "nf")
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+    )
+
+
+def _parameter_behind_weight(layer: nn.Module) -> nn.Parameter | None:
+    """The parameter a layer's weight is: itself, or for a parametrised
+    weight (weight_norm, spectral_norm, orthogonal, ...) the one original of
+    the weight's shape that it is computed from."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return layer.weight
+    shape = layer.weight.shape
+    originals = [p for p in layer.parametrizations.weight.parameters() if p.shape == shape]
+    return originals[0] if len(originals) == 1 else None
+
+
+def weight_as_read(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight that the op reads for the psi of parameter ``name``: the
+    parameter, or the weight computed from it when it is the original of a
+    parametrisation (``...parametrizations.weight.original``)."""
+    parts = name.split(".")
+    if "parametrizations" in parts:
+        at = len(parts) - 1 - parts[::-1].index("parametrizations")
+        owner = module.get_submodule(".".join(parts[:at]))
+        return getattr(owner, parts[at + 1])
+    return module.get_parameter(name)
+
+
 def weights_read_by_linear_or_conv(
     module: nn.Module, extra_names: Sequence[str] = ()
 ) -> list[tuple[str, nn.Parameter]]:
     """(name, weight) of every parameter that gets a psi, once each: the
-    weights of nn.Linear and nn.Conv1d/2d/3d modules, nn.MultiheadAttention's
+    weights of nn.Linear, nn.Conv1d/2d/3d and Hugging Face Conv1D modules
+    (for a parametrised weight: its original of the weight's shape),
+    nn.MultiheadAttention's
     input projections (packed or separate q/k/v), and the parameters named in
     `extra_names` (ARBackward's backward_weight_params)."""
     names = {id(p): n for n, p in module.named_parameters()}
@@ -35,8 +74,8 @@ def weights_read_by_linear_or_conv(
             found.append((names[id(w)], w))
 
     for layer in module.modules():
-        if isinstance(layer, PSI_LAYERS):
-            add(layer.weight)
+        if isinstance(layer, PSI_LAYERS) or is_hugging_face_conv1d(layer):
+            add(_parameter_behind_weight(layer))
         elif isinstance(layer, nn.MultiheadAttention):
             for attr in MULTIHEAD_PROJECTIONS:
                 add(getattr(layer, attr, None))
@@ -82,7 +121,9 @@ def xavier_uniform(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def is_transposed(weight: torch.Tensor) -> bool:
-    """psi is W^T for F.linear's 2-D weight; conv weights keep their shape."""
+    """A 2-D weight's psi is kept as W^T (the operand F.linear reads; the
+    engine transposes it for an op that reads W itself, as addmm(b, x, W)
+    does); conv weights keep their shape."""
     return weight.dim() == 2
 
 

@@ -195,15 +195,13 @@ void ClosedForm::measure() {
 
 void ClosedForm::initial_and_loss_terms(std::vector<at::Tensor> forward_values) {
   const size_t S = plan_.slots.size();
-  // Initial states (forward values, non-finite elements read as zero by the
-  // kernel) in each state's dtype.
+  // Initial states in each state's dtype, as the literal steps start them
+  // (masked scores and other non-activities at zero).
   initial_.assign(S, at::Tensor());
   if (config_.init == InitMode::Forward && !forward_values.empty()) {
     for (int s : relaxing_) {
       at::Tensor fv = std::move(forward_values[s]);
-      if (!fv.defined()) continue;
-      const auto dtype = router_.state_dtype(s);
-      initial_[s] = fv.scalar_type() == dtype ? fv.detach() : fv.detach().to(dtype);
+      if (fv.defined()) initial_[s] = router_.initial_state(s, fv, /*may_alias=*/true);
     }
   }
   forward_values.clear();
@@ -329,7 +327,7 @@ void ClosedForm::update_states(const std::vector<int>& slots, int k) {
       rows.push_back(
           at::stack({scaled_norm_on_device(target - out[i]), scaled_norm_on_device(target)}));
     }
-    scaled = at::stack(rows);
+    scaled = join_on_one_device(rows, /*stack=*/true);
   }
   for (size_t i = 0; i < slots.size(); ++i) {
     const int s = slots[i];
@@ -348,7 +346,7 @@ void ClosedForm::settle_pending() {
   if (pending_.empty()) return;
   std::vector<at::Tensor> all;
   for (const auto& p : pending_) all.push_back(p.norms);
-  const at::Tensor host = at::cat(all).to(at::kCPU);
+  const at::Tensor host = join_on_one_device(all, /*stack=*/false).to(at::kCPU);
   int64_t row = 0;
   for (const auto& p : pending_) {
     const int64_t n = static_cast<int64_t>(p.slots.size());

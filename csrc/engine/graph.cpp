@@ -46,7 +46,9 @@ CapturedGraph capture_graph(const std::vector<at::Tensor>& outputs,
   g.leaf_needs_grad = leaf_needs_grad;
   for (size_t i = 0; i < leaves.size(); ++i) {
     g.leaf_kind[i] = leaf_is_input[i] ? LeafKind::Input : LeafKind::Parameter;
-    if (!leaves[i].defined() || !leaves[i].requires_grad()) continue;
+    // A frozen weight with a psi required grad only during the forward (its
+    // accumulator lives on in the graph), so requires_grad is not asked here.
+    if (!leaves[i].defined()) continue;
     auto acc = torch::autograd::impl::try_get_grad_accumulator(leaves[i]);
     if (acc) g.leaf_of[acc.get()] = static_cast<int>(i);
   }

@@ -134,11 +134,10 @@ void LiteralSteps::init_states(const std::vector<at::Tensor>& forward_values) {
       // In the forward value's memory format (channels_last stays so): the
       // update kernels walk it as it is and the VJPs see the layout the
       // forward had.
-      x_[s] = fv.detach().to(options, /*non_blocking=*/false, /*copy=*/true);
-      // A masked score (-inf before a softmax, say) starts from zero: its
-      // gradient is what the relaxation has to find, and an infinite start
-      // would never decay.
-      at::nan_to_num_(x_[s], 0.0, 0.0, 0.0);
+      // A masked score (-inf or finfo.min before a softmax, say) starts from
+      // zero: its gradient is what the relaxation has to find, and a start at
+      // the dtype's range would overflow every term it feeds.
+      x_[s] = router_.initial_state(static_cast<int>(s), fv);
     } else if (fv.defined()) {
       x_[s] = at::zeros_like(fv, options);
     } else {
@@ -295,7 +294,7 @@ at::Tensor LiteralSteps::relax_step(bool sweep) {
   }
   std::vector<at::Tensor> rows;
   for (int s : relaxing_) rows.push_back(parts[s].to(at::kDouble));
-  return R ? at::cat(rows, 0) : at::zeros({0, 2}, at::kDouble);
+  return R ? join_on_one_device(rows, /*stack=*/false) : at::zeros({0, 2}, at::kDouble);
 }
 
 RelaxStats LiteralSteps::relax(const std::vector<at::Tensor>& reference_grads) {
@@ -357,8 +356,17 @@ RelaxStats LiteralSteps::relax(const std::vector<at::Tensor>& reference_grads) {
     }
   }
   // Created before step 0: the eager step 0 runs where the replays will.
-  std::unique_ptr<StepGraph> graph =
-      want_graph ? make_step_graph(x_[relaxing_[0]].device()) : nullptr;
+  std::unique_ptr<StepGraph> graph;
+  if (want_graph) {
+    try {
+      graph = make_step_graph(x_[relaxing_[0]].device());
+    } catch (const c10::Error& e) {
+      TORCH_WARN(
+          "torch_ar: cuda_graph=True, but no CUDA graph could be set up; relaxing "
+          "without one. The device said: ",
+          e.what_without_backtrace());
+    }
+  }
   bool recorded = false;
   at::Tensor graph_norms;
 

@@ -16,21 +16,54 @@ at::Tensor accumulate(const at::Tensor& a, const at::Tensor& b) {
   return a + b;
 }
 
-// The parameter leaf behind a linear/conv node's weight input, looking
-// through the transpose that F.linear inserts; -1 when there is none.
-int weight_leaf_of(const CapturedGraph& g, int n, const OpInfo* op) {
-  if (!op || op->weight_edge < 0) return -1;
+// How a linear/conv node reads its weight: whether through the transpose
+// F.linear inserts, and the parameter leaves the operand is made from (the
+// parameter itself, or every parameter of a computed weight: weight norm,
+// weight standardisation, ...; empty when no parameter is behind it).
+struct WeightRead {
+  std::vector<int> sources;
+  bool transposed = false;
+  std::vector<int64_t> operand_shape;
+};
+
+WeightRead weight_read_of(const CapturedGraph& g, int n, const OpInfo* op) {
+  WeightRead read;
+  if (!op || op->weight_edge < 0) return read;
   const auto& node = *g.nodes[n];
-  if (op->weight_edge >= static_cast<int>(node.num_outputs())) return -1;
-  const Edge* e = &node.next_edge(op->weight_edge);
-  for (int hops = 0; hops < 2 && e->is_valid(); ++hops) {
-    int leaf = g.leaf_index(e->function.get());
-    if (leaf >= 0) return g.leaf_kind[leaf] == LeafKind::Parameter ? leaf : -1;
-    int m = g.index_of(e->function.get());
-    if (m < 0 || g.activation[m] || g.nodes[m]->name() != "TBackward0") return -1;
-    e = &g.nodes[m]->next_edge(0);
+  if (op->weight_edge >= static_cast<int>(node.num_outputs())) return read;
+  const Edge& weight = node.next_edge(op->weight_edge);
+  if (!weight.is_valid()) return read;
+  for (const c10::SymInt& d :
+       weight.function->input_metadata(weight.input_nr).shape_as_dim_vector())
+    read.operand_shape.push_back(d.guard_int(__FILE__, __LINE__));
+  const Edge* e = &weight;
+  const int first = g.index_of(e->function.get());
+  if (first >= 0 && !g.activation[first] && g.nodes[first]->name() == "TBackward0") {
+    read.transposed = true;
+    e = &g.nodes[first]->next_edge(0);
   }
-  return -1;
+  // The parameters behind the operand: a walk through the nodes that only
+  // transform parameters.
+  std::vector<const Edge*> todo{e};
+  std::vector<char> seen(g.nodes.size(), 0);
+  while (!todo.empty()) {
+    const Edge* f = todo.back();
+    todo.pop_back();
+    if (!f->is_valid()) continue;
+    const int leaf = g.leaf_index(f->function.get());
+    if (leaf >= 0) {
+      if (g.leaf_kind[leaf] == LeafKind::Parameter &&
+          std::find(read.sources.begin(), read.sources.end(), leaf) == read.sources.end())
+        read.sources.push_back(leaf);
+      continue;
+    }
+    const int m = g.index_of(f->function.get());
+    if (m < 0 || g.activation[m] || seen[m]) continue;
+    seen[m] = 1;
+    for (const Edge& next : g.nodes[m]->next_edges()) todo.push_back(&next);
+  }
+  std::sort(read.sources.begin(), read.sources.end());
+  return read;
 }
 
 bool is_residual_add(const Node& node) {
@@ -248,7 +281,11 @@ void classify_edges(Builder& b) {
         if (et.kind == TargetKind::State) plan.slots[et.index].consumer_layers.push_back(L);
       layer.targets.push_back(std::move(t));
       layer.ops.push_back(b.op[n]);
-      layer.weight_leaf.push_back(weight_leaf_of(g, n, b.op[n]));
+      WeightRead read = weight_read_of(g, n, b.op[n]);
+      layer.weight_leaf.push_back(read.sources.size() == 1 ? read.sources[0] : -1);
+      layer.weight_sources.push_back(std::move(read.sources));
+      layer.weight_transposed.push_back(read.transposed);
+      layer.weight_operand_shape.push_back(std::move(read.operand_shape));
     }
   }
   for (int n = 0; n < N; ++n) {

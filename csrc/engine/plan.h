@@ -78,8 +78,16 @@ struct Layer {
   std::vector<std::vector<EdgeTarget>> targets;     // per chain node, per edge
   std::vector<std::vector<bool>> masks[kNumPasses]; // per chain node, per edge
   bool has_work[kNumPasses] = {};
-  std::vector<int> weight_leaf; // per chain node: leaf of its weight, -1
-  std::vector<int> out_slots;   // per top output, -1: none
+  // Per chain node of a linear/conv op: the parameter leaves its weight
+  // operand is made from (the weight itself, or all parameters of a computed
+  // weight), the one leaf when there is one (else -1), whether the op reads
+  // it through a transpose (F.linear reads W^T; Hugging Face's Conv1D reads
+  // W in addmm(b, x, W)), and the operand's shape.
+  std::vector<std::vector<int>> weight_sources;
+  std::vector<int> weight_leaf;
+  std::vector<char> weight_transposed;
+  std::vector<std::vector<int64_t>> weight_operand_shape;
+  std::vector<int> out_slots; // per top output, -1: none
   bool needed = false;
   bool constant = false; // all outputs clamped: its relax VJP never changes
   int level = 0;

@@ -2,8 +2,10 @@
 
 #include "engine/closed_form.h"
 #include "engine/engine.h"
+#include "engine/errors.h"
 #include "engine/exact_sweep.h"
 #include "engine/literal_steps.h"
+#include "engine/per_device.h"
 #include "engine/router.h"
 
 #include <ATen/Parallel.h>
@@ -134,10 +136,33 @@ void Relaxation::plan_for(const std::vector<at::Tensor>& output_grads,
   planned_needs_ = leaf_needs_grad;
 }
 
+void Relaxation::check_loss_gradients(const std::vector<at::Tensor>& output_grads) const {
+  // A NaN/Inf loss gradient is no divergence of the relaxation (no eta or
+  // step count helps): say where it comes from before relaxing.
+  std::vector<at::Tensor> flags;
+  std::vector<size_t> which;
+  for (size_t i = 0; i < output_grads.size(); ++i) {
+    if (!output_grads[i].defined() || output_grads[i].numel() == 0) continue;
+    flags.push_back(at::isfinite(output_grads[i]).all());
+    which.push_back(i);
+  }
+  if (flags.empty()) return;
+  const at::Tensor host = join_on_one_device(flags, /*stack=*/true).to(at::kCPU);
+  auto acc = host.accessor<bool, 1>();
+  for (int64_t k = 0; k < host.size(0); ++k) {
+    if (acc[k]) continue;
+    throw RelaxationDiverged("torch_ar: the loss gradient of the module's output " +
+                                 std::to_string(which[k]) +
+                                 " is NaN or infinite before any relaxation step: check the "
+                                 "loss, the targets and the module's outputs for NaN/Inf.",
+                             "output " + std::to_string(which[k]), 0);
+  }
+}
+
 std::vector<at::Tensor> Relaxation::backward(std::vector<at::Tensor> output_grads,
                                              const std::vector<bool>& leaf_needs_grad,
                                              const std::vector<at::Tensor>& backward_weights,
-                                             bool keep_graph) {
+                                             bool keep_graph, std::vector<std::string> leaf_names) {
   TORCH_CHECK(!released_,
               "torch_ar: trying to backward through the graph a second time; its saved forward "
               "values were freed after the first backward. Specify retain_graph=True on the "
@@ -149,6 +174,8 @@ std::vector<at::Tensor> Relaxation::backward(std::vector<at::Tensor> output_grad
   TORCH_CHECK(backward_weights.empty() || backward_weights.size() == leaves_.size(),
               "torch_ar: backward_weights must be empty or one per leaf");
   config_.keep_graph = keep_graph;
+  leaf_names_ = std::move(leaf_names);
+  if (config_.raise_on_nonfinite) check_loss_gradients(output_grads);
   std::vector<at::Tensor> grads;
   outside_graph_task(outputs_, [&] {
     at::NoGradGuard no_grad;
@@ -176,7 +203,7 @@ std::vector<at::Tensor> Relaxation::run(const std::vector<at::Tensor>& backward_
 
   stats_ = RelaxStats();
   std::vector<at::Tensor> leaf_grads;
-  Router router(plan, config_, backward_weights);
+  Router router(plan, config_, backward_weights, leaf_names_);
   const Evaluation evaluation = choose_evaluation(config_, plan.depth);
   // From here on the per-state list holds the only references we keep.
   std::vector<at::Tensor> initial = match_forward_values(plan, forward_values_);

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace torch_ar {
@@ -43,8 +44,8 @@ class Relaxation {
   // Returns per leaf its gradient (undefined: none).
   std::vector<at::Tensor> backward(std::vector<at::Tensor> output_grads,
                                    const std::vector<bool>& leaf_needs_grad,
-                                   const std::vector<at::Tensor>& backward_weights,
-                                   bool keep_graph);
+                                   const std::vector<at::Tensor>& backward_weights, bool keep_graph,
+                                   std::vector<std::string> leaf_names = {});
 
   const EngineConfig& config() const { return config_; }
   const RelaxStats& stats() const { return stats_; }
@@ -57,6 +58,10 @@ class Relaxation {
   void plan_for(const std::vector<at::Tensor>& output_grads,
                 const std::vector<bool>& leaf_needs_grad);
   std::vector<at::Tensor> run(const std::vector<at::Tensor>& backward_weights);
+  // Raises RelaxationDiverged when a loss gradient is NaN/Inf (one read).
+  void check_loss_gradients(const std::vector<at::Tensor>& output_grads) const;
+  // Per leaf, the name errors call it by (the module path of a parameter).
+  std::vector<std::string> leaf_names_;
 
   EngineConfig config_;
   std::vector<at::Tensor> outputs_; // the differentiable outputs

@@ -5,16 +5,22 @@
 #include <ATen/ATen.h>
 
 #include <cfloat>
+#include <limits>
 
 namespace torch_ar {
 
 Router::Router(const Plan& plan, const EngineConfig& config,
-               std::vector<at::Tensor> backward_weights)
+               std::vector<at::Tensor> backward_weights, std::vector<std::string> leaf_names)
     : plan_(plan),
       graph_(*plan.graph),
       config_(config),
-      backward_weights_(std::move(backward_weights)) {
+      backward_weights_(std::move(backward_weights)),
+      leaf_names_(std::move(leaf_names)) {
   backward_weights_.resize(graph_.leaf_kind.size());
+  backward_weights_read_direct_.resize(backward_weights_.size());
+  for (size_t i = 0; i < backward_weights_.size(); ++i)
+    if (backward_weights_[i].defined() && backward_weights_[i].dim() == 2)
+      backward_weights_read_direct_[i] = backward_weights_[i].t();
   const size_t S = plan_.slots.size();
   vjp_dtype_.resize(S);
   state_dtype_.resize(S);
@@ -39,6 +45,23 @@ double Router::denormal_floor() const {
   return reduced ? static_cast<double>(FLT_MIN) : DBL_MIN;
 }
 
+at::Tensor Router::initial_state(int s, const at::Tensor& forward_value, bool may_alias) const {
+  const at::Tensor fv = forward_value.detach();
+  if (fv.numel() == 0) return fv.to(state_dtype_[s]);
+  double largest = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fv.scalar_type(), "initial_state", [&] {
+    largest = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  });
+  // |v| >= largest / 2 holds for +-inf too; NaN compares false and goes
+  // through nan_to_num (or the update kernel, which reads it as zero).
+  const at::Tensor sentinel = fv.abs() >= largest / 2;
+  if (may_alias && fv.scalar_type() == state_dtype_[s] && !sentinel.any().item<bool>()) return fv;
+  at::Tensor x = fv.to(fv.options().dtype(state_dtype_[s]), /*non_blocking=*/false, /*copy=*/true);
+  x.masked_fill_(sentinel, 0.0);
+  at::nan_to_num_(x, 0.0, 0.0, 0.0);
+  return x;
+}
+
 VjpRule Router::rule_for(const Layer& layer, size_t q, Pass pass) const {
   VjpRule rule;
   if (config_.exact_rule() || pass == Pass::Gradient || pass == Pass::Full) return rule;
@@ -58,21 +81,58 @@ VjpRule Router::rule_for(const Layer& layer, size_t q, Pass pass) const {
   }
   rule.drop_activation_derivative = config_.drop_activation_derivative;
   const OpInfo* op = layer.ops[q];
-  if (config_.use_backward_weights && op && op->psi_vjp) {
-    const int leaf = layer.weight_leaf[q];
-    const auto& node = *graph_.nodes[layer.chain[q]];
-    TORCH_CHECK(leaf >= 0 && backward_weights_[leaf].defined(),
-                "torch_ar: this variant replaces W by a backward weight psi in every linear "
-                "and convolution layer, but the weight of node '",
-                node.name(),
-                "' has none. Backward weights are created for the weights of nn.Linear and "
-                "nn.Conv1d/2d/3d modules and nn.MultiheadAttention's input projections; give "
-                "another parameter read by F.linear/F.conv* one with ARBackward(..., "
-                "backward_weight_params=[name]). A weight computed from a parameter (a slice of "
-                "a packed projection, say) cannot have one.");
-    rule.backward_weight = &backward_weights_[leaf];
-  }
+  if (config_.use_backward_weights && op && op->psi_vjp)
+    rule.backward_weight = &backward_weight_for(layer, q);
   return rule;
+}
+
+std::string Router::leaf_name(int leaf) const {
+  if (leaf >= 0 && static_cast<size_t>(leaf) < leaf_names_.size() && !leaf_names_[leaf].empty())
+    return "'" + leaf_names_[leaf] + "'";
+  return "leaf " + std::to_string(leaf);
+}
+
+const at::Tensor& Router::backward_weight_for(const Layer& layer, size_t q) const {
+  const auto& node = *graph_.nodes[layer.chain[q]];
+  const std::vector<int>& sources = layer.weight_sources[q];
+  // The parameter whose psi replaces the operand: the weight itself, or the
+  // one parameter with a psi among those a computed weight is made from.
+  std::vector<int> with_psi;
+  for (int leaf : sources)
+    if (backward_weights_[leaf].defined()) with_psi.push_back(leaf);
+  auto names = [&](const std::vector<int>& leaves) {
+    std::string out;
+    for (int leaf : leaves) out += (out.empty() ? "" : ", ") + leaf_name(leaf);
+    return out.empty() ? std::string("no parameter") : out;
+  };
+  TORCH_CHECK(
+      with_psi.size() == 1, "torch_ar: this variant replaces the weight of every linear ",
+      "and convolution op by a backward weight psi, but the weight node '", node.name(),
+      "' reads is made from ", names(sources),
+      with_psi.empty() ? std::string(", none of which has a backward weight")
+                       : ", of which " + names(with_psi) + " have backward weights",
+      ". Backward weights are created for the weights of nn.Linear, nn.Conv1d/2d/3d ",
+      "and Hugging Face Conv1D modules (parametrised ones too) and nn.MultiheadAttention's ",
+      "input projections; give another parameter one with ARBackward(..., ",
+      "backward_weight_params=[name]). A weight made from no parameter, or a slice of ",
+      "one (a packed projection read in parts), cannot have one.");
+  const int leaf = with_psi[0];
+  const at::Tensor& psi = backward_weights_[leaf];
+  // A 2-D psi is kept as W^T, the operand F.linear reads; an op that reads
+  // W itself (addmm(b, x, W), x @ W) takes its transpose.
+  TORCH_CHECK(psi.dim() == 2 || !layer.weight_transposed[q], "torch_ar: node '", node.name(),
+              "' reads the ", psi.dim(), "-D weight ", leaf_name(leaf),
+              " through a transpose; a backward weight of more than two dimensions replaces a "
+              "convolution's kernel as it is");
+  const at::Tensor& operand =
+      psi.dim() != 2 || layer.weight_transposed[q] ? psi : backward_weights_read_direct_[leaf];
+  const auto& shape = layer.weight_operand_shape[q];
+  TORCH_CHECK(operand.sizes().vec() == shape, "torch_ar: the backward weight of ", leaf_name(leaf),
+              " (shape ", psi.sizes(), ") cannot replace the weight that node '", node.name(),
+              "' reads (shape ", c10::IntArrayRef(shape),
+              "): psi has W^T's shape for a 2-D weight and W's for a kernel, where W is the "
+              "weight as the op reads it");
+  return operand;
 }
 
 variable_list Router::layer_inputs(int L, const std::vector<at::Tensor>& x, bool relaxing,

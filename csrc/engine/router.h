@@ -10,6 +10,7 @@
 #include "engine/node_vjp.h"
 #include "engine/plan.h"
 
+#include <string>
 #include <vector>
 
 namespace torch_ar {
@@ -28,8 +29,9 @@ class StateSink {
 class Router {
  public:
   // backward_weights: per leaf, the psi of a linear/conv weight (or undefined).
+  // leaf_names: per leaf, the name errors call it by (may be empty).
   Router(const Plan& plan, const EngineConfig& config,
-         std::vector<at::Tensor> backward_weights = {});
+         std::vector<at::Tensor> backward_weights = {}, std::vector<std::string> leaf_names = {});
 
   const Plan& plan() const { return plan_; }
   const CapturedGraph& graph() const { return graph_; }
@@ -42,10 +44,21 @@ class Router {
   at::ScalarType state_dtype(int s) const { return state_dtype_[s]; }
   // Below this magnitude the update kernels flush a decaying state to zero.
   double denormal_floor() const;
+  // Slot s's initial state from its forward value, a fresh tensor in the
+  // state dtype and the value's memory format. Elements that are not
+  // activities start at zero: NaN, +-inf, and sentinels within a factor two
+  // of the forward dtype's largest finite value (a score masked with
+  // finfo.min), whose transient no finite-precision relaxation can carry.
+  // may_alias: return the forward value itself when it is already right
+  // apart from NaN/inf (the closed form's kernel reads those as zero).
+  at::Tensor initial_state(int s, const at::Tensor& forward_value, bool may_alias = false) const;
 
   // The rule layer L's node q follows in this pass (a variant's psi or
   // dropped f'; default: the node's own VJP).
   VjpRule rule_for(const Layer& layer, size_t q, Pass pass) const;
+  // The psi that replaces the weight operand of layer's node q, in the layout
+  // the node reads it; a clear error naming the parameters where there is none.
+  const at::Tensor& backward_weight_for(const Layer& layer, size_t q) const;
 
   // The gradients at layer L's outputs, in the dtypes its VJPs expect: the
   // states x of relaxing outputs and/or the loss gradients of clamped ones.
@@ -74,6 +87,11 @@ class Router {
   const CapturedGraph& graph_;
   EngineConfig config_;
   std::vector<at::Tensor> backward_weights_;
+  std::vector<std::string> leaf_names_;
+  // "'name'" of leaf i, or "leaf i" without names.
+  std::string leaf_name(int leaf) const;
+  // Per leaf with a 2-D psi (kept as W^T): psi^T, for ops that read W itself.
+  std::vector<at::Tensor> backward_weights_read_direct_;
   std::vector<int> relaxing_;
   std::vector<at::ScalarType> vjp_dtype_;   // per slot
   std::vector<at::ScalarType> state_dtype_; // per slot

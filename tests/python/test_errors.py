@@ -20,6 +20,7 @@ from zoo import (
     NaNGrad,
     NaNGradNet,
     assert_grads_match,
+    load_torch_ar,
     make_batch,
     make_model,
     paper_mlp,
@@ -286,3 +287,23 @@ def test_nan_loss_gradient_is_never_silently_finite(device, torch_ar):
     except torch_ar.RelaxationDivergedError:
         return
     assert torch.isnan(ar.module.weight.grad).all()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({}, id="exact_sweep"),
+        pytest.param({"eta": 0.5, "steps": 20}, id="closed_form"),
+        pytest.param({"eta": 0.5, "steps": 20, "evaluation": "literal"}, id="literal"),
+    ],
+)
+def test_a_nan_target_is_named_as_the_loss_gradients_not_the_relaxations(settings):
+    # Before, the closed form advised "or use a smaller eta" for a NaN target.
+    torch_ar = load_torch_ar()
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    ar = torch_ar.ARBackward(net, **settings)
+    target = torch.tensor([[0.0, float("nan")]] * 3)
+    with pytest.raises(torch_ar.RelaxationDivergedError, match="loss gradient") as caught:
+        torch.nn.functional.mse_loss(ar(torch.randn(3, 4)), target).backward()
+    assert "smaller eta" not in str(caught.value)
+    assert caught.value.node == "output 0"
