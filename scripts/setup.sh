@@ -87,6 +87,15 @@ else
   "$PYTHON" -m pip install -r requirements.txt
 fi
 
+section "peer library for the tests (BioTorch, without its declared dependencies)"
+# biotorch 0.0.16 declares jupyter, pandas, torchattacks, ... that its models
+# do not import; the peer tests need only those (tests/python/test_peer_biotorch.py).
+if "$PYTHON" -c 'import importlib.metadata as m, sys; sys.exit(m.version("biotorch") != "0.0.16")' 2>/dev/null; then
+  echo "biotorch 0.0.16 present"
+else
+  "$PYTHON" -m pip install --no-deps biotorch==0.0.16
+fi
+
 section "build torch_ar._C (setup.py build_ext --inplace)"
 # Skipped when the library is newer than every source, header, folder (a
 # file added or removed changes its folder), setup.py and the installed torch;

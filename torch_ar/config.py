@@ -44,14 +44,15 @@ class RelaxConfig:
         schedule: `"jacobi"`: every state reads the previous step (the paper's
             parallel phase); `"sweep"`: reverse-topological Gauss-Seidel (what
             the original training loop did).
-        granularity: `"layer"`: one state per layer output (the paper's
-            neurons: a structural op such as linear, conv, BatchNorm, pooling or
-            an add, with the elementwise and view ops after it); `"block"`: a
-            parametrised op (linear, conv or embedding lookup) with everything
-            after it up to the next parametrised op or branch point (norms,
-            pools, activations, views and a residual add, whose other input is
-            then an input of the block), about half the depth of a ResNet;
-            `"op"`: one state per op output.
+        granularity: `"block"` (default): a parametrised op (linear, conv or
+            embedding lookup) with everything after it up to the next
+            parametrised op or branch point (norms, pools, activations, views
+            and a residual add, whose other input is then an input of the
+            block): the paper's neuron (the MLP keeps its three states), half
+            the depth of a ResNet, and a score mask stays inside its block;
+            `"layer"`: one state per structural op's output (linear, conv,
+            BatchNorm, pooling, an add, ..., with the elementwise and view ops
+            after it); `"op"`: one state per op output.
         trace: record every state's residual at every step (forces literal
             steps).
         trace_cosine: record, per step, the cosine of each parameter's current
@@ -110,7 +111,7 @@ class RelaxConfig:
     tol: float | None = _option(None, bound="positive")
     init: str = _option("forward", choices=INIT_MODES)
     schedule: str = _option("jacobi", choices=SCHEDULES)
-    granularity: str = _option("layer", choices=GRANULARITIES)
+    granularity: str = _option("block", choices=GRANULARITIES)
     trace: bool = False
     trace_cosine: bool = False
     max_steps: int = _option(10_000, bound="positive")
@@ -141,9 +142,9 @@ class RelaxConfig:
         ):
             raise ValueError(
                 f"variant {self.variant!r} with weight_update_derivative=True needs "
-                "granularity='layer': at op granularity an activation's output is a state "
+                "granularity='block' or 'layer': at op granularity an activation's output is a state "
                 "of its own, so the weight update of the layer below cannot see f'. "
-                "Use granularity='layer' or weight_update_derivative=False."
+                "Use granularity='block' or weight_update_derivative=False."
             )
         if self.backward_weight_init not in BACKWARD_WEIGHT_INITS:
             raise ValueError(

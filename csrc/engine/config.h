@@ -33,7 +33,7 @@ enum class Evaluation { Auto, ExactSweep, ClosedForm, Literal };
   X(max_steps, int64_t, 10000) /* cap when only tol is given */                          \
   X(init, InitMode, InitMode::Forward)                                                   \
   X(schedule, Schedule, Schedule::Jacobi)                                                \
-  X(granularity, Granularity, Granularity::Layer)                                        \
+  X(granularity, Granularity, Granularity::Block)                                        \
   X(trace, bool, false)        /* record per-step residuals (forces literal steps) */    \
   X(trace_cosine, bool, false) /* per-step cosine of leaf gradients to the exact ones */ \
   X(check_every, int64_t, 1)   /* read residuals back every k steps (tol, divergence) */ \

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -44,8 +45,15 @@ def steps_for(expression: str, depth: int) -> int:
     return max(1, relative[expression] if expression in relative else int(expression))
 
 
+# The refusals a zoo graph may meet, by their documented messages: a psi
+# variant on a weight that has no backward weight (a raw F.linear weight).
+# Anything else an evaluation raises fails the test.
+DOCUMENTED_REFUSALS = re.compile(r"none of which has a backward weight|is made from no parameter")
+
+
 def run(case_name: str, dtype: torch.dtype, ar_kwargs: dict):
-    """(gradients by name, stats, error) of one batch through ARBackward."""
+    """(gradients by name, stats, refusal) of one batch through ARBackward;
+    refusal is the first line of a documented refusal, else None."""
     torch_ar = load_torch_ar()
     case = CASES[case_name]
     model = make_model(case, "cpu", dtype)
@@ -56,7 +64,9 @@ def run(case_name: str, dtype: torch.dtype, ar_kwargs: dict):
         ar.to(dtype)  # float64 draws, so float32 runs have the same psi
         torch.manual_seed(1234)  # the same dropout masks
         case.loss(ar(*args, **kwargs), target).backward()
-    except (RuntimeError, ValueError) as err:
+    except RuntimeError as err:
+        if not DOCUMENTED_REFUSALS.search(str(err)):
+            raise
         return None, None, str(err).split("\n")[0]
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return grads, ar.last_stats, None
@@ -73,17 +83,19 @@ def assert_same(literal, closed, what: str) -> None:
     cf_grads, cf_stats, cf_err = closed
     assert (lit_err is None) == (cf_err is None), f"{what}: literal {lit_err!r}, closed {cf_err!r}"
     if lit_err is not None:
-        return  # both refuse (a psi variant on a raw F.linear weight, say)
+        assert lit_err == cf_err, what
+        return  # both refuse, alike (a psi variant on a raw F.linear weight, say)
     assert lit_stats.evaluation == "literal", what
     assert cf_stats.evaluation == "closed_form", what
     assert lit_stats.steps == cf_stats.steps, what
     assert set(lit_grads) == set(cf_grads), what
-    # Gradients that are zero in exact arithmetic (a bias before a softmax)
-    # are measured against the whole gradient's size.
+    # Gradients that are zero in exact arithmetic (a bias before a softmax or
+    # a train-mode BatchNorm) are measured against a millionth of the whole
+    # gradient's size: what is left of them is rounding.
     scale = max(float(g.norm()) for g in lit_grads.values())
     bad = {}
     for name, g in lit_grads.items():
-        err = float((cf_grads[name] - g).norm()) / max(float(g.norm()), 1e-9 * scale)
+        err = float((cf_grads[name] - g).norm()) / max(float(g.norm()), 1e-6 * scale)
         if not err <= F64_MAX_REL_ERR:
             bad[name] = err
     assert not bad, f"{what}: closed form off the literal steps: {bad}"

@@ -87,10 +87,11 @@ def test_divergence_is_a_typed_error_naming_node_and_step():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+            self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
 
         def forward(self, x):
-            return self.b(NaNGrad.apply(torch.tanh(self.a(x))))
+            # The NaN comes from the second block's backward into the first's state.
+            return self.c(NaNGrad.apply(torch.tanh(self.b(torch.tanh(self.a(x))))))
 
     for kwargs in ({}, {"eta": 0.5, "steps": 10}, {"eta": 0.5, "steps": 10, "trace": True}):
         ar = torch_ar.ARBackward(Net(), **kwargs)

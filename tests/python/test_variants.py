@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_cuda
 from torch import nn
-from zoo import F32_MIN_COSINE, F64_MAX_REL_ERR, cosine, load_torch_ar, rel_err
+from zoo import F32_MAX_REL_ERR, F64_MAX_REL_ERR, cosine, f32_errors, load_torch_ar, rel_err
 
 ALL_VARIANTS = [
     "exact",
@@ -304,9 +304,9 @@ def assert_close(got, expected, dtype, max_rel_err=F64_MAX_REL_ERR, what=""):
         bad = {k: e for k, e in errs.items() if not e <= max_rel_err}
         assert not bad, f"{what}relative error above {max_rel_err}: {bad}"
     else:
-        coss = {k: cosine(got[k], expected[k]) for k in expected}
-        bad = {k: c for k, c in coss.items() if not c >= F32_MIN_COSINE}
-        assert not bad, f"{what}cosine below {F32_MIN_COSINE}: {bad}"
+        errs = f32_errors({k: (got[k], expected[k]) for k in expected})
+        bad = {k: e for k, e in errs.items() if not e <= F32_MAX_REL_ERR}
+        assert not bad, f"{what}relative error above {F32_MAX_REL_ERR}: {bad}"
 
 
 # --------------------------------------------------------------------------

@@ -28,6 +28,11 @@ from torch.utils.checkpoint import checkpoint
 FORWARD_SEED = 1234
 F64_MAX_REL_ERR = 1e-10
 F32_MIN_COSINE = 0.99999
+# float32 against the reference: relative error per parameter, measured
+# against F32_ZERO_FLOOR of the largest gradient's norm where the reference
+# is (near) zero.
+F32_MAX_REL_ERR = 2e-5
+F32_ZERO_FLOOR = 1e-3
 TINY = 1e-30
 
 
@@ -389,13 +394,18 @@ class NaNGrad(torch.autograd.Function):
 
 
 class NaNGradNet(nn.Module):
+    """NaN from a backward inside the second layer (block): it lands in the
+    first layer's relaxing state, which the relaxation must report."""
+
     def __init__(self) -> None:
         super().__init__()
         self.inp = nn.Linear(6, 8)
+        self.mid = nn.Linear(8, 8)
         self.out = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(NaNGrad.apply(torch.relu(self.inp(x))))
+        h = torch.relu(self.inp(x))
+        return self.out(NaNGrad.apply(torch.relu(self.mid(h))))
 
 
 class Checkpointed(nn.Module):
@@ -888,6 +898,18 @@ def grad_cosines(
     return {k: (-math.inf if a is None else cosine(a, b)) for k, (a, b) in pairs.items()}
 
 
+def f32_errors(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Per-parameter relative error of float32 gradients, against
+    F32_ZERO_FLOOR of the largest reference norm where a reference is (near)
+    zero in exact arithmetic (a bias before a train-mode norm)."""
+    scale = max(float(b.detach().double().norm()) for _, b in pairs.values())
+    return {
+        k: float((a.detach().double() - b.detach().double()).norm())
+        / max(float(b.detach().double().norm()), F32_ZERO_FLOOR * scale, TINY)
+        for k, (a, b) in pairs.items()
+    }
+
+
 def assert_grads_match(
     pairs: dict[str, tuple[torch.Tensor | None, torch.Tensor]],
     dtype: torch.dtype,
@@ -908,6 +930,12 @@ def assert_grads_match(
         bad = {k: e for k, e in errs.items() if not e <= max_rel_err}
         assert not bad, f"relative error above {max_rel_err}: {bad}"
     else:
+        # Relative error, as torch.testing.assert_close holds float32 (a cosine
+        # passes a gradient twice too large); against a floor of the largest
+        # gradient's norm where one is zero in exact arithmetic.
+        errs = f32_errors(pairs)
+        bad = {k: e for k, e in errs.items() if not e <= F32_MAX_REL_ERR}
+        assert not bad, f"relative error above {F32_MAX_REL_ERR}: {bad}"
         coss = grad_cosines(pairs)
         bad = {k: c for k, c in coss.items() if not c >= min_cosine}
         assert not bad, f"cosine below {min_cosine}: {bad}"
