@@ -290,7 +290,30 @@ def seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
+# The granularity every committed AR row was made with where its method does
+# not name one: the library's default until it became "block".
+COMMITTED_GRANULARITY = "layer"
+
+
+def name_granularity(command: list[str]) -> list[str]:
+    """``command`` with ``--granularity`` named where it relaxes without one,
+    so that each committed row reproduces from its command whatever the
+    library's default."""
+    method = command[command.index("--method") + 1] if "--method" in command else None
+    relaxes = command[0] == "compare" or method == "ar"
+    if not relaxes or "--granularity" in command:
+        return command
+    return [*command, "--granularity", COMMITTED_GRANULARITY]
+
+
 def plan(args: argparse.Namespace) -> list[Job]:
+    jobs = _plan(args)
+    for job in jobs:
+        job.command = name_granularity(job.command)
+    return jobs
+
+
+def _plan(args: argparse.Namespace) -> list[Job]:
     jobs: list[Job] = []
     if "fashion" in args.only:
         for name, method_args, cost in FASHION_METHODS:
@@ -447,9 +470,21 @@ def log(message: str) -> None:
         print(f"[{stamp}] {message}", flush=True)
 
 
-def run_job(job: Job, results: Path, threads: int, device: str) -> dict:
+# A training run's exit status when it stopped with a checkpoint (torch_ar's CLI).
+STOPPED_EXIT_CODE = 3
+
+
+def run_job(
+    job: Job, results: Path, threads: int, device: str, deadline: float | None = None
+) -> dict | None:
+    """Runs ``job``; with a ``deadline`` (time.monotonic()), a training run
+    gets the minutes left as its --time-limit and none starts after it."""
     folder = job.folder(results)
     training = job.command[0] == "train"
+    left = None if deadline is None else deadline - time.monotonic()
+    if left is not None and (left <= 0 or not training):
+        log(f"not started (time limit reached or not resumable): {job.name}")
+        return None
     if folder.exists() and not training:
         shutil.rmtree(folder)  # an unfinished comparison: start it again
     folder.mkdir(parents=True, exist_ok=True)
@@ -466,6 +501,8 @@ def run_job(job: Job, results: Path, threads: int, device: str) -> dict:
     if training:
         # Continues from the checkpoint of the last finished epoch, if any.
         command += ["--no-progress", "--resume"]
+    if left is not None:
+        command += ["--time-limit", f"{left / 60:.3f}"]
     log(f"start {job.name}")
     start = time.perf_counter()
     with open(folder / "run.log", "a" if training else "w") as out:
@@ -500,7 +537,10 @@ def run_job(job: Job, results: Path, threads: int, device: str) -> dict:
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (folder / "wall.json").write_text(json.dumps(record, indent=1) + "\n")
-    log(f"{'done' if status == 0 else f'FAILED (exit {status})'} {job.name} in {wall:.0f}s")
+    outcome = {0: "done", STOPPED_EXIT_CODE: "stopped (resumable)"}.get(
+        status, f"FAILED (exit {status})"
+    )
+    log(f"{outcome} {job.name} in {wall:.0f}s")
     return record
 
 
@@ -512,8 +552,12 @@ def run_all(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
         f"{args.jobs} parallel job(s) of {args.threads} thread(s)"
     )
     todo.sort(key=lambda j: -j.cost)  # longest first keeps the parallel jobs balanced
+    deadline = None if args.time_limit is None else time.monotonic() + 60.0 * args.time_limit
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        return list(pool.map(lambda j: run_job(j, args.results, args.threads, args.device), todo))
+        records = pool.map(
+            lambda j: run_job(j, args.results, args.threads, args.device, deadline), todo
+        )
+        return [r for r in records if r is not None]
 
 
 # ----------------------------------------------------------------- summary
@@ -1006,6 +1050,14 @@ def main(argv: list[str] | None = None) -> int:
         "(e.g. 'cifar10-resnet20-backprop-*')",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="stop every training run at the next batch after this many minutes (each leaves a "
+        "checkpoint that the next invocation resumes) and start none after them",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -1044,7 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if not args.summarize:
         records = run_all(jobs, args)
-        failed = [r["name"] for r in records if r["returncode"] != 0]
+        failed = [r["name"] for r in records if r["returncode"] not in (0, STOPPED_EXIT_CODE)]
         if failed:
             log(f"failed runs (see their run.log): {', '.join(failed)}")
     summarize(jobs, args)

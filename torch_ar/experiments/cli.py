@@ -278,6 +278,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="apply --weight-decay to learned backward weights (psi) too",
     )
+    g.add_argument(
+        "--label-smoothing",
+        type=nonnegative_float,
+        default=d.label_smoothing,
+        help="label smoothing of the cross-entropy loss, in [0, 1)" + default,
+    )
     g.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (SGD)")
     g.add_argument(
         "--lr-schedule",
@@ -327,8 +333,17 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last completed epoch (a checkpoint is "
-        "saved there after every epoch); starts afresh when there is none",
+        help="continue the run in --out from its checkpoint (saved there after every epoch, "
+        "and where a run was stopped inside one); starts afresh when there is none",
+    )
+    g.add_argument(
+        "--time-limit",
+        type=positive_float,
+        default=None,
+        metavar="MINUTES",
+        help="stop at the next batch after this many minutes of training, or on SIGTERM / "
+        "SIGUSR1 (what SLURM sends before a job's limit), leaving a checkpoint in --out that "
+        "--resume continues exactly (default: no limit; the signals stop a run always)",
     )
     t.set_defaults(handler=_train, subparser=t)
 
@@ -407,6 +422,11 @@ def _add_plot(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_plot, subparser=p)
 
 
+# The exit status of a training run stopped with a checkpoint (time limit or
+# signal) before its last epoch: not a failure, not finished either.
+STOPPED_EXIT_CODE = 3
+
+
 def _train(args: argparse.Namespace) -> int:
     fields = set(training.TrainConfig.__dataclass_fields__) - {"extra", "progress"}
     config = training.TrainConfig(
@@ -425,6 +445,9 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     if trainer.out is not None:
         print(f"wrote {trainer.out / 'metrics.jsonl'}")
+    if trainer.stopped is not None:
+        # Not finished: the caller (a job script, run_experiments.py) resumes it.
+        return STOPPED_EXIT_CODE
     last = history[-1]
     print(f"final test accuracy {100 * last['test_acc']:.2f}%")
     return 0

@@ -426,12 +426,18 @@ class TensorBatches:
         return count if self.limit is None else min(count, self.limit)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches_from(0)
+
+    def batches_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``start`` on (a run resumed inside an
+        epoch): the order is drawn as for the whole epoch, so the generator
+        moves on alike, and the batches before ``start`` are not transformed."""
         n = len(self.images)
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(self.images.device)
         else:
             order = None
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n)
             if order is None:
                 x, y = self.images[lo:hi], self.labels[lo:hi]

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from torch_ar.experiments.vit import VisionTransformer
+
 # (channels, height, width, classes) of each supported data set.
 DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "fashion-mnist": (1, 28, 28, 10),
@@ -205,7 +207,18 @@ def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: 
     return model
 
 
-MODEL_NAMES = ("mlp", "mlp-default-init", "cnn", "cnn-tanh", "resnet18", *RESNET_DEPTHS)
+# The CIFAR-scale Vision Transformer (experiments/vit.py) by its pooling.
+VIT_POOLS = {"vit": "cls", "vit-mean": "mean"}
+
+MODEL_NAMES = (
+    "mlp",
+    "mlp-default-init",
+    "cnn",
+    "cnn-tanh",
+    "resnet18",
+    *RESNET_DEPTHS,
+    *VIT_POOLS,
+)
 
 
 BIOTORCH_MODES = ("fa", "usf", "frsf", "brsf", "dfa")
@@ -236,7 +249,9 @@ def build_model(name: str, dataset: str, **kwargs: Any) -> nn.Module:
 
     Names: ``mlp`` (paper MLP, paper init), ``mlp-default-init``, ``cnn``,
     ``cnn-tanh``, ``resnet18`` (CIFAR stem), ``resnet20``/``32``/``44``/``56``/``110``
-    (the CIFAR ResNets; ``shortcut="B"`` for 1x1-conv shortcuts),
+    (the CIFAR ResNets; ``shortcut="B"`` for 1x1-conv shortcuts), ``vit`` and
+    ``vit-mean`` (the Vision Transformer of experiments/vit.py, patch 4,
+    width 96, depth 6, 3 heads, with a class token or mean pooling),
     ``biotorch-<mode>-<arch>`` (a BioTorch model, e.g. ``biotorch-fa-resnet20``,
     when BioTorch is installed), or any ``torchvision.models``
     constructor (built with ``weights=None``; 1-channel images are repeated to
@@ -257,6 +272,10 @@ def build_model(name: str, dataset: str, **kwargs: Any) -> nn.Module:
         return resnet18_cifar(classes, c)
     if name in RESNET_DEPTHS:
         return CifarResNet(RESNET_DEPTHS[name], classes, c, **kwargs)
+    if name in VIT_POOLS:
+        return VisionTransformer(
+            h, in_channels=c, num_classes=classes, pool=VIT_POOLS[name], **kwargs
+        )
     if name.startswith("biotorch-"):
         _, mode, arch = (name.split("-", 2) + ["", ""])[:3]
         if mode not in BIOTORCH_MODES or not arch:

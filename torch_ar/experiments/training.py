@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -38,12 +39,13 @@ LOSSES = ("mse", "cross-entropy")
 # Input preprocessing: raw [0, 1] pixels (the paper's code: ToTensor only) or
 # per-channel standardisation with the training set's mean and std.
 NORMALIZATIONS = ("none", "standard")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "none")
 # SGD on the summed MSE uses the paper's lr; the others are common choices.
 # Each reaches >75% on Fashion-MNIST with the paper MLP within 300 batches.
 DEFAULT_LR = {("sgd", "mse"): 5e-4, ("sgd", "cross-entropy"): 0.05, ("adam", "mse"): 1e-3}
 DEFAULT_LR[("adam", "cross-entropy")] = 1e-3
+DEFAULT_LR[("adamw", "mse")] = DEFAULT_LR[("adamw", "cross-entropy")] = 1e-3
 # Losses summed over the batch: reported per example by dividing by the batch size.
 SUMMED_LOSSES = ("mse",)
 # Seed of the fixed test sample drawn for limit_test_batches (independent of the run's seed).
@@ -54,6 +56,21 @@ VAL_SAMPLE_SEED = 1
 
 class ConfigError(ValueError):
     """A training configuration that cannot run (bad value, unknown name, missing engine)."""
+
+
+class TrainingStopped(Exception):
+    """A stop was asked for (time limit, SIGTERM, SIGUSR1) and the run left a
+    checkpoint inside epoch ``epoch``, before batch ``next_batch``."""
+
+    def __init__(self, reason: str, epoch: int, next_batch: int) -> None:
+        super().__init__(f"stopped ({reason}) in epoch {epoch} before batch {next_batch}")
+        self.reason, self.epoch, self.next_batch = reason, epoch, next_batch
+
+
+# The signals that ask a run to stop with a checkpoint: what SLURM sends before
+# a job's time limit (SIGTERM, or SIGUSR1 with --signal) and what a scheduler
+# sends to preempt it.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -119,6 +136,8 @@ class TrainConfig:
     limit_train_batches: int | None = None
     limit_test_batches: int | None = None
     loss: str = "mse"
+    # Cross-entropy's label smoothing (0: none).
+    label_smoothing: float = 0.0
     augment: bool | None = None
     normalize: str = "standard"
     device: str = "auto"
@@ -129,8 +148,13 @@ class TrainConfig:
     tensorboard: str | None = None
     progress: bool = False
     # Continue an interrupted run from the checkpoint in ``out`` (saved after
-    # every epoch): the same trajectory as one uninterrupted run.
+    # every epoch, and inside an epoch when a run is stopped): the same
+    # trajectory as one uninterrupted run.
     resume: bool = False
+    # Minutes of training, after which the run stops at the next batch with a
+    # checkpoint to resume from (as on SIGTERM or SIGUSR1, which SLURM sends
+    # before it ends a job). None: no limit.
+    time_limit: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def ar_options(self) -> dict[str, Any]:
@@ -166,13 +190,18 @@ AR_OPTIONS = tuple(
 )
 
 
-def make_loss(name: str, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_loss(
+    name: str, num_classes: int, label_smoothing: float = 0.0
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training criterion by name.
 
     ``"mse"`` is the paper's loss: the squared error to the one-hot target, summed
     over classes *and over the batch* (so its gradients, and the paper's learning
-    rate, are per batch). ``"cross-entropy"`` is the usual batch mean.
+    rate, are per batch). ``"cross-entropy"`` is the usual batch mean, with
+    ``label_smoothing`` as ``F.cross_entropy`` takes it.
     """
+    if label_smoothing and name != "cross-entropy":
+        raise ConfigError(f"label_smoothing applies to the cross-entropy loss, not {name!r}")
     if name == "mse":
 
         def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -181,6 +210,8 @@ def make_loss(name: str, num_classes: int) -> Callable[[torch.Tensor, torch.Tens
 
         return mse
     if name == "cross-entropy":
+        if label_smoothing:
+            return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
         return F.cross_entropy
     raise ConfigError(f"unknown loss {name!r}; choose from {LOSSES}")
 
@@ -257,7 +288,7 @@ class Trainer:
         self.net = wrap_with_ar(self.model, c.ar_options()) if c.method == "ar" else self.model
         self.optimizer = self._make_optimizer()
         self.dataset = data_lib.load_dataset(c.dataset, c.data_dir)
-        self.loss_fn = make_loss(c.loss, self.dataset.num_classes)
+        self.loss_fn = make_loss(c.loss, self.dataset.num_classes, c.label_smoothing)
         self.summed_loss = c.loss in SUMMED_LOSSES
         self.augment = c.augment if c.augment is not None else c.dataset == "cifar10"
         self.augment_generator = torch.Generator().manual_seed(c.seed + 1)
@@ -302,6 +333,12 @@ class Trainer:
             transform=self._test_transform,
         )
         self.out = Path(c.out) if c.out else None
+        # Why the run should stop at the next batch (None: it should not), and
+        # the epoch resumed inside, if any (from the checkpoint).
+        self.stop_reason: str | None = None
+        self._deadline: float | None = None
+        self._partial: dict[str, Any] | None = None
+        self.stopped: TrainingStopped | None = None
 
     def _test_sample(self, c: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """The test set, or with ``limit_test_batches`` a fixed random sample of it.
@@ -337,6 +374,8 @@ class Trainer:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if c.lr is not None and not c.lr > 0:
             raise ConfigError(f"lr must be > 0, got {c.lr}")
+        if not 0.0 <= c.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
         if c.cosine_every < 0:
             raise ConfigError(f"cosine_every must be >= 0, got {c.cosine_every}")
         if c.normalize not in NORMALIZATIONS:
@@ -351,6 +390,8 @@ class Trainer:
             raise ConfigError("nesterov needs the sgd optimizer with momentum > 0")
         if c.resume and not c.out:
             raise ConfigError("resume needs out: the folder whose checkpoint to continue")
+        if c.time_limit is not None and not c.time_limit > 0:
+            raise ConfigError(f"time_limit must be > 0 minutes, got {c.time_limit}")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c, lr = self.config, self.config.resolved_lr()
@@ -365,6 +406,8 @@ class Trainer:
             groups.append({"params": backward, "weight_decay": decay})
         if c.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=lr, momentum=c.momentum, nesterov=bool(c.nesterov))
+        if c.optimizer == "adamw":  # decoupled decay, per group as above
+            return torch.optim.AdamW(groups, lr=lr)
         return torch.optim.Adam(groups, lr=lr)
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -395,7 +438,10 @@ class Trainer:
         """
         c = self.config
         history = self._resume() if c.resume else []
-        files = self._open_outputs(append=bool(history))
+        files = self._open_outputs(append=bool(history) or self._partial is not None)
+        deadline = None if c.time_limit is None else time.monotonic() + 60.0 * c.time_limit
+        self._deadline = deadline
+        previous_handlers = self._catch_stop_signals()
         if c.tensorboard:
             from torch_ar.experiments.tensorboard import TensorBoardLog
 
@@ -410,6 +456,14 @@ class Trainer:
             for epoch in range(len(history) + 1, c.epochs + 1):
                 try:
                     record = self._train_epoch(epoch, files.get("cosine"))
+                except TrainingStopped as e:
+                    self.stopped = e
+                    self._print(
+                        f"{e}; its checkpoint is in {self.out}: continue with --resume"
+                        if self.out
+                        else str(e)
+                    )
+                    break
                 except TrainingDiverged as e:
                     # Kept in metrics.jsonl (a partial epoch marked "diverged"), then raised.
                     e.record["time_s"] = round(time.perf_counter() - e.record.pop("_start"), 3)
@@ -429,7 +483,13 @@ class Trainer:
                     for f in files.values():
                         f.flush()
                     self._save_checkpoint(epoch)
+                reason = self._should_stop()
+                if reason is not None and epoch < c.epochs:
+                    self.stopped = TrainingStopped(reason, epoch + 1, 0)
+                    self._print(f"{self.stopped}; continue with --resume")
+                    break
         finally:
+            self._restore_signals(previous_handlers)
             for f in files.values():
                 f.close()
             if self.board is not None:
@@ -437,17 +497,62 @@ class Trainer:
                 self.board = None
         return history
 
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next batch, leaving a checkpoint (a signal handler's job)."""
+        self.stop_reason = reason
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        handlers = {}
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                handlers[number] = signal.signal(
+                    number, lambda signum, _frame: self.request_stop(signal.Signals(signum).name)
+                )
+        return handlers
+
+    @staticmethod
+    def _restore_signals(handlers: dict[int, Any]) -> None:
+        import signal
+
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+    def _should_stop(self) -> str | None:
+        if (
+            self.stop_reason is None
+            and self._deadline is not None
+            and time.monotonic() >= self._deadline
+        ):
+            self.stop_reason = f"time limit of {self.config.time_limit:g} min"
+        return self.stop_reason
+
     def _train_epoch(self, epoch: int, cosine_file: TextIO | None) -> dict[str, Any]:
         c = self.config
         start = time.perf_counter()
         self.model.train()
         total_loss, correct, seen = 0.0, 0, 0
         measurements: list[dict[str, Any]] = []
-        bar = self._progress(
-            self.train_batches, f"epoch {epoch}/{c.epochs}", len(self.train_batches)
-        )
+        first = 0
+        partial, self._partial = self._partial, None
+        if partial is not None:  # resumed inside this epoch
+            first = partial["next_batch"]
+            total_loss, correct, seen = partial["total_loss"], partial["correct"], partial["seen"]
+            measurements = partial["measurements"]
+            start -= partial["elapsed"]
+        # The batch order's state before this epoch's draw, for a checkpoint
+        # inside it (the resumed run draws the same order).
+        order_state = self.train_batches.generator.get_state()
         batches = len(self.train_batches)
-        for index, (x, y) in enumerate(bar):
+        bar = self._progress(
+            self.train_batches.batches_from(first), f"epoch {epoch}/{c.epochs}", batches - first
+        )
+        for index, (x, y) in enumerate(bar, start=first):
             lr = c.lr_at((epoch - 1) * batches + index, batches)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -486,6 +591,24 @@ class Trainer:
                     self.board.measurement((epoch - 1) * batches + index, m)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+            reason = self._should_stop()
+            if reason is not None and index + 1 < batches:
+                if cosine_file is not None:
+                    cosine_file.flush()
+                self._save_checkpoint(
+                    epoch - 1,
+                    partial={
+                        "epoch": epoch,
+                        "next_batch": index + 1,
+                        "total_loss": total_loss,
+                        "correct": correct,
+                        "seen": seen,
+                        "measurements": measurements,
+                        "elapsed": time.perf_counter() - start,
+                    },
+                    batch_order=order_state,
+                )
+                raise TrainingStopped(reason, epoch, index + 1)
         record: dict[str, Any] = {
             "epoch": epoch,
             "method": c.method,
@@ -616,12 +739,32 @@ class Trainer:
             "rng": _generator_states(self.device),
         }
 
-    def _save_checkpoint(self, epoch: int) -> None:
-        """After each epoch, atomically: an interrupted run resumes from here."""
+    def _save_checkpoint(
+        self,
+        epoch: int,
+        partial: dict[str, Any] | None = None,
+        batch_order: torch.Tensor | None = None,
+    ) -> None:
+        """After each epoch (``epoch``, the last one finished), and inside an
+        epoch when a run is stopped (``partial``: where, and the epoch's sums
+        so far; ``batch_order``: the order's state before the epoch's draw),
+        atomically: an interrupted run resumes from here."""
         if self.out is None:
             return
+        state = self._state()
+        if batch_order is not None:
+            state["batch_order"] = batch_order
         tmp = self.out / (self.CHECKPOINT + ".tmp")
-        torch.save({"epoch": epoch, "config": asdict(self.config), **self._state()}, tmp)
+        torch.save(
+            {
+                "epoch": epoch,
+                "config": asdict(self.config),
+                "library_granularity": RelaxConfig.granularity,
+                "partial": partial,
+                **state,
+            },
+            tmp,
+        )
         tmp.replace(self.out / self.CHECKPOINT)
 
     def _resume(self) -> list[dict[str, Any]]:
@@ -633,9 +776,16 @@ class Trainer:
             return []  # nothing to resume: start from scratch
         state = torch.load(path, map_location=self.device, weights_only=False)
         # Settings that do not change the trajectory may differ on resuming.
-        free = ("resume", "progress", "epochs", "tensorboard")
+        free = ("resume", "progress", "epochs", "tensorboard", "time_limit")
         saved = {k: v for k, v in state["config"].items() if k not in free}
         now = {k: v for k, v in asdict(self.config).items() if k not in free}
+        if self.config.method == "ar":
+            # granularity None is the library's default of the day: "layer"
+            # until checkpoints began to record it.
+            saved["granularity"] = saved.get("granularity") or state.get(
+                "library_granularity", "layer"
+            )
+            now["granularity"] = now.get("granularity") or RelaxConfig.granularity
         # A setting added since the checkpoint was made is absent there: None, its default.
         changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
         if (
@@ -649,6 +799,7 @@ class Trainer:
             )
         history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         history = [r for r in history if r.get("epoch", 0) <= state["epoch"]]
+        partial = state.get("partial")
         if any(r.get("diverged") for r in history):
             raise ConfigError(f"cannot resume {self.out}: the run diverged")
         self.net.load_state_dict(state["net"])
@@ -662,12 +813,22 @@ class Trainer:
         metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
         cosines = self.out / "cosine.jsonl"
         if cosines.is_file():
+
+            def done(m: dict[str, Any]) -> bool:
+                if m.get("epoch", 0) <= state["epoch"]:
+                    return True
+                return bool(partial) and (m["epoch"], m["batch"]) < (
+                    partial["epoch"],
+                    partial["next_batch"],
+                )
+
             kept = [
                 line
                 for line in cosines.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", 0) <= state["epoch"]
+                if line.strip() and done(json.loads(line))
             ]
             cosines.write_text("".join(line + "\n" for line in kept))
+        self._partial = partial
         return history
 
     def _open_outputs(self, append: bool = False) -> dict[str, TextIO]:
