@@ -151,11 +151,14 @@ void Relaxation::check_loss_gradients(const std::vector<at::Tensor>& output_grad
   auto acc = host.accessor<bool, 1>();
   for (int64_t k = 0; k < host.size(0); ++k) {
     if (acc[k]) continue;
-    throw RelaxationDiverged("torch_ar: the loss gradient of the module's output " +
-                                 std::to_string(which[k]) +
-                                 " is NaN or infinite before any relaxation step: check the "
-                                 "loss, the targets and the module's outputs for NaN/Inf.",
-                             "output " + std::to_string(which[k]), 0);
+    const std::string output = "output " + std::to_string(which[k]);
+    throw RelaxationDiverged(
+        "torch_ar: relaxation cannot start (step 0): the loss gradient of "
+        "the module's " +
+            output + " (node '" + output +
+            "') is NaN or infinite. Check the inputs, the module's outputs, "
+            "the loss and the targets for NaN/Inf.",
+        output, 0);
   }
 }
 
