@@ -445,7 +445,8 @@ class ARBackward(nn.Module):
             if sign_feedback == "fixed_random":
                 # The magnitudes stay; the signs come from W at every backward.
                 self.backward_weight_magnitude[key] = nn.Parameter(
-                    psi_lib.xavier_uniform(w, init.shape).abs(), requires_grad=False
+                    psi_lib.xavier_uniform(w, init.shape, on_cpu_generator=True).abs(),
+                    requires_grad=False,
                 )
             self.backward_weight_store[key] = nn.Parameter(init, requires_grad=learned)
             self._psi_layout[name] = "transposed" if psi_lib.is_transposed(w) else "same"

@@ -114,10 +114,16 @@ def xavier_std(weight: torch.Tensor) -> float:
     return math.sqrt(2.0 / float(fan_in + fan_out))
 
 
-def xavier_uniform(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """A tensor of ``shape`` drawn as Xavier-uniform for ``weight``'s fans."""
+def xavier_uniform(
+    weight: torch.Tensor, shape: torch.Size, on_cpu_generator: bool = False
+) -> torch.Tensor:
+    """A tensor of ``shape`` drawn as Xavier-uniform for ``weight``'s fans;
+    ``on_cpu_generator``: drawn on the CPU and moved, so that the draw is the
+    same whatever the device."""
     bound = math.sqrt(3.0) * xavier_std(weight)
-    return torch.empty(shape, dtype=weight.dtype, device=weight.device).uniform_(-bound, bound)
+    device = "cpu" if on_cpu_generator else weight.device
+    draw = torch.empty(shape, dtype=weight.dtype, device=device).uniform_(-bound, bound)
+    return draw.to(weight.device)
 
 
 def is_transposed(weight: torch.Tensor) -> bool:
@@ -133,12 +139,14 @@ def initial_backward_weight(name: str, weight: torch.Tensor, config: RelaxConfig
     if config.backward_weight_init == "transpose":
         w = weight.detach()
         return (w.t() if is_transposed(weight) else w).clone().contiguous()
+    # Drawn on the CPU generator and moved: a model gets the same psi on every
+    # device (a CUDA run reproduces a CPU one, and the tests compare them).
     if config.backward_weight_init == "xavier":
-        return xavier_uniform(weight, shape)
+        return xavier_uniform(weight, shape, on_cpu_generator=True)
     std = config.backward_weight_std
     if config.backward_weight_init == "matched":
         std = matched_std(name, weight)
-    return torch.randn(shape, dtype=weight.dtype, device=weight.device) * std
+    return (torch.randn(shape, dtype=weight.dtype) * std).to(weight.device)
 
 
 @torch.no_grad()
