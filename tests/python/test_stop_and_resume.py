@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_ar.experiments.training import TrainConfig, Trainer
+from torch_ar.experiments.training import ConfigError, TrainConfig, Trainer
 
 METHODS = [
     pytest.param({"method": "backprop"}, id="backprop"),
@@ -112,3 +112,25 @@ def test_time_limit_stops_at_the_next_batch(tmp_path):
     assert (trainer.stopped.epoch, trainer.stopped.next_batch) == (1, 1)
     assert (tmp_path / "checkpoint.pt").is_file()
     assert not (tmp_path / "metrics.jsonl").read_text().strip()
+
+
+def test_a_checkpoint_from_before_newer_settings_resumes(tmp_path):
+    # A checkpoint written before label_smoothing, time_limit and the block
+    # default existed: its absent settings ran at their defaults, and its
+    # unnamed granularity was "layer".
+    method = {"method": "ar", "eta": 0.5, "steps": 8}
+    first = Trainer(_config(tmp_path, {**method, "granularity": "layer"}))
+    first.config.epochs = 1
+    first.fit()
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    for name in ("label_smoothing", "time_limit"):
+        state["config"].pop(name)
+    state["config"]["granularity"] = None
+    state["config"]["epochs"] = 2
+    state.pop("library_granularity")
+    torch.save(state, path)
+    resumed = Trainer(_config(tmp_path, {**method, "granularity": "layer"}, resume=True))
+    assert len(resumed.fit()) == 2
+    with pytest.raises(ConfigError, match="granularity"):
+        Trainer(_config(tmp_path, method, resume=True)).fit()

@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -786,7 +786,11 @@ class Trainer:
                 "library_granularity", "layer"
             )
             now["granularity"] = now.get("granularity") or RelaxConfig.granularity
-        # A setting added since the checkpoint was made is absent there: None, its default.
+        # A setting added since the checkpoint was made is absent there: it
+        # ran at that setting's default (label_smoothing 0, say).
+        for f in fields(TrainConfig):
+            if f.name in now and f.name not in saved and f.default is not MISSING:
+                saved[f.name] = f.default
         changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
         if (
             self.config.lr_schedule not in (None, "none")
