@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from loaded_models import loaded_models, loss_of
 from torch import nn
 from zoo import load_torch_ar, rel_err
 
@@ -101,26 +102,8 @@ def test_literal_steps_at_eta_1_from_a_finfo_min_start(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_gpt2_eager_attention_closed_form_equals_literal_steps(granularity, dtype):
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is an optional test dependency (requirements.txt)"
-    )
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        vocab_size=100,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    model = transformers.GPT2LMHeadModel(config).to(dtype).eval()
-    ids = torch.randint(0, 100, (2, 8))
-
-    def loss_of(m: nn.Module) -> torch.Tensor:
-        out = m(ids)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits.pow(2).mean()
-
-    _assert_evaluations_agree(model, loss_of, granularity, dtype)
+    cases = [c for c in loaded_models("transformers") if c.name == "gpt2-eager"]
+    if not cases:
+        pytest.skip("transformers is an optional test dependency (requirements.txt)")
+    model, batch = cases[0].make(dtype)
+    _assert_evaluations_agree(model, lambda m: loss_of(m, batch), granularity, dtype)
