@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,32 @@ def _count_registration(*_: Any) -> None:
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+# Why the wrapper itself is never compiled (one message for torch.compile(ar)
+# and ar.compile(); docs/limitations.md says the same).
+_COMPILE_REFUSAL = (
+    "ARBackward cannot be compiled with torch.compile: the relaxation reads the eager "
+    "autograd graph of the wrapped forward, which compiled code replaces with one opaque "
+    "node, so compiling the wrapper would compile nothing. Call the wrapper uncompiled; "
+    "inside a compiled function or a compiled module that contains it, it runs as an eager "
+    "region (a graph break) and the code around it is compiled."
+)
+
+
+def _refuse_compiling_a_wrapper(module: nn.Module, name: str, submodule: Any) -> None:
+    # torch.compile(ar) makes an OptimizedModule whose _orig_mod is the wrapper:
+    # refuse there, before dynamo has traced anything.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if (
+        eval_frame is not None
+        and isinstance(submodule, ARBackward)
+        and isinstance(module, eval_frame.OptimizedModule)
+    ):
+        raise TypeError(_COMPILE_REFUSAL)
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_refuse_compiling_a_wrapper)
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -505,6 +532,9 @@ class ARBackward(nn.Module):
             name: self.backward_weight_store[name.replace(".", "__")] for name in self._psi_layout
         }
 
+    # Never traced by dynamo: a compiled caller runs the wrapper as an eager
+    # region, so the engine sees the module's own ops.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         run = _ForwardRun(self, args, kwargs)
         wants_grad = torch.is_grad_enabled() and (
@@ -516,6 +546,11 @@ class ARBackward(nn.Module):
             return self.module(*args, **kwargs)
         returned = _ARFunction.apply(run, *run.params, *run.psi_tensors, *run.inputs)
         return run.rebuild(returned)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: see torch.compile in the limitations; the module that
+        contains the wrapper can be compiled instead."""
+        raise TypeError(_COMPILE_REFUSAL)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -209,6 +209,61 @@ def test_compiled_region_inside_module_is_refused(torch_ar):
     assert "CompiledFunction" in info.value.node
 
 
+COMPILE_SETTINGS = [
+    pytest.param({}, id="exact"),
+    pytest.param({"eta": 0.5, "tol": 1e-9}, id="literal_steps"),
+    pytest.param({"eta": 0.5, "steps": 40}, id="closed_form"),
+    pytest.param({"variant": "feedback_alignment"}, id="feedback_alignment"),
+    pytest.param({"variant": "sign_symmetry"}, id="sign_symmetry"),
+]
+
+
+@pytest.mark.parametrize("settings", COMPILE_SETTINGS)
+def test_compiling_the_wrapper_is_refused_at_once(torch_ar, settings):
+    """torch.compile(ar) and ar.compile() raise before dynamo traces anything
+    (they used to compile for 18-30 s and then fail, or run, by variant)."""
+    ar = torch_ar.ARBackward(paper_mlp(), **settings)
+    with pytest.raises(TypeError, match=r"ARBackward cannot be compiled with torch\.compile"):
+        torch.compile(ar, backend="aot_eager")
+    with pytest.raises(TypeError, match=r"ARBackward cannot be compiled with torch\.compile"):
+        ar.compile(backend="aot_eager")
+    with pytest.raises(TypeError, match=r"ARBackward cannot be compiled"):
+        torch.compile(nn.Sequential(nn.Identity(), ar), backend="aot_eager")._orig_mod[1].compile()
+
+
+def _wrapped_with_a_head(torch_ar, settings: dict) -> tuple[nn.Module, nn.Module]:
+    """(a model with an ARBackward block then a plain head, the same model with
+    the block unwrapped), equal weights, float64."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    head = nn.Sequential(nn.ReLU(), nn.Linear(5, 3)).double()
+    wrapped = nn.Sequential(torch_ar.ARBackward(body, **settings), head)
+    plain_wrapped = copy.deepcopy(wrapped)
+    return wrapped, plain_wrapped
+
+
+@pytest.mark.parametrize("settings", COMPILE_SETTINGS)
+@pytest.mark.parametrize("how", ["compiled_module", "compiled_function"])
+def test_wrapper_inside_compiled_code_runs_eagerly(torch_ar, settings, how):
+    """A compiled module or function that contains the wrapper compiles the
+    code around it; the wrapper runs eagerly and its gradients are those of
+    the same model uncompiled (the engine sees the module's own ops)."""
+    model, reference = _wrapped_with_a_head(torch_ar, settings)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    if how == "compiled_module":
+        run = torch.compile(model, backend="aot_eager")
+    else:
+        run = torch.compile(lambda t: model(t), backend="aot_eager")
+    run(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    assert model[0].last_stats is not None, "the wrapper did not run its relaxation"
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
 # --------------------------------------------------------------------------
 # Divergence
 # --------------------------------------------------------------------------
