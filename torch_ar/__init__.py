@@ -37,3 +37,14 @@ __all__ = [
     "UnsupportedGraphError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The experiment harness needs the `experiments` extra and costs an import
+    # of torchvision: loaded on first use, so `torch_ar.experiments.X` works
+    # after `import torch_ar` alone.
+    if name == "experiments":
+        import importlib
+
+        return importlib.import_module("torch_ar.experiments")
+    raise AttributeError(f"module 'torch_ar' has no attribute {name!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch_ar.variants import VARIANTS, Variant, get_variant
 
@@ -17,11 +16,27 @@ BACKWARD_WEIGHT_INITS = ("normal", "matched", "xavier", "transpose")
 NONFINITE_MODES = ("auto", "raise", "propagate")
 
 
-def _option(default: Any, *, choices: tuple[str, ...] = (), bound: str = "") -> Any:
-    """A RelaxConfig option: its default, and what a command line accepts for
-    it (one of ``choices``, or a number with ``bound`` "positive" or
-    "nonnegative"); the CLI makes its flags from these."""
-    return field(default=default, metadata={"choices": choices, "bound": bound})
+# What a command line accepts for an option beyond its type: one of the
+# choices, or a number that is "positive" or "nonnegative" (the CLI makes its
+# flags from these; RelaxConfig's own checks name the same sets).
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    "init": INIT_MODES,
+    "schedule": SCHEDULES,
+    "granularity": GRANULARITIES,
+    "variant": tuple(sorted(VARIANTS)),
+    "backward_weight_init": BACKWARD_WEIGHT_INITS,
+    "nonfinite": NONFINITE_MODES,
+    "evaluation": EVALUATIONS,
+}
+OPTION_BOUNDS: dict[str, str] = {
+    "eta": "positive",
+    "steps": "positive",
+    "tol": "positive",
+    "max_steps": "positive",
+    "check_every": "positive",
+    "backward_weight_std": "positive",
+    "backward_weight_decay": "nonnegative",
+}
 
 
 @dataclass(frozen=True)
@@ -106,25 +121,25 @@ class RelaxConfig:
             `variant`, not an argument.
     """
 
-    eta: float = _option(1.0, bound="positive")
-    steps: int | None = _option(None, bound="positive")
-    tol: float | None = _option(None, bound="positive")
-    init: str = _option("forward", choices=INIT_MODES)
-    schedule: str = _option("jacobi", choices=SCHEDULES)
-    granularity: str = _option("block", choices=GRANULARITIES)
+    eta: float = 1.0
+    steps: int | None = None
+    tol: float | None = None
+    init: str = "forward"
+    schedule: str = "jacobi"
+    granularity: str = "block"
     trace: bool = False
     trace_cosine: bool = False
-    max_steps: int = _option(10_000, bound="positive")
-    check_every: int = _option(10, bound="positive")
-    variant: str = _option("exact", choices=tuple(sorted(VARIANTS)))
+    max_steps: int = 10_000
+    check_every: int = 10
+    variant: str = "exact"
     weight_update_derivative: bool = True
-    backward_weight_init: str = _option("normal", choices=BACKWARD_WEIGHT_INITS)
-    backward_weight_std: float = _option(0.05, bound="positive")
-    backward_weight_decay: float = _option(0.0, bound="nonnegative")
-    nonfinite: str = _option("auto", choices=NONFINITE_MODES)
+    backward_weight_init: str = "normal"
+    backward_weight_std: float = 0.05
+    backward_weight_decay: float = 0.0
+    nonfinite: str = "auto"
     fuse_activations: bool = True
     cuda_graph: bool = False
-    evaluation: str = _option("auto", choices=EVALUATIONS)
+    evaluation: str = "auto"
     variant_spec: Variant = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ links all resolve."""
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
@@ -55,9 +56,21 @@ def site(tmp_path_factory) -> Path:
         pytest.fail("mkdocs is not installed: pip install -r requirements.txt")
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)}
+    # Built from another folder: every path in mkdocs.yml is the config's own.
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
     build = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-        cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-f",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(out),
+        ],
+        cwd=elsewhere,
         env=env,
         capture_output=True,
         text=True,
@@ -79,6 +92,40 @@ def test_api_page_documents_every_public_name(site: Path) -> None:
         if f'title="torch_ar.RelaxConfig.{option}"' not in api
     ]
     assert not undocumented, f"RelaxConfig options missing from its Attributes: {undocumented}"
+
+
+def test_api_page_shows_options_as_users_write_them(site: Path) -> None:
+    """RelaxConfig's signature shows plain defaults (it showed a private
+    helper, `eta: float = _option(1.0, bound="positive")`), and VARIANTS is a
+    table of every variant, not its source."""
+    api = re.sub(r"<[^>]+>", "", (site / "api" / "index.html").read_text())
+    api = html.unescape(api)
+    assert "_option(" not in api and "choices=" not in api
+    assert re.search(r"eta:\s*float\s*=\s*1\.0", api), "RelaxConfig's eta default is not shown"
+    assert 'Variant("exact"' not in api, "VARIANTS is rendered as its source"
+    page = (site / "api" / "index.html").read_text()
+    rows = re.findall(r"<tr>\s*<td><code>(\w+)</code></td>", page)
+    assert rows == list(torch_ar.VARIANTS), rows
+
+
+def test_every_torch_ar_name_the_docs_write_is_an_attribute() -> None:
+    """`torch_ar.X.y` in the README or docs works after `import torch_ar`
+    alone (torch_ar.alignment raised AttributeError)."""
+    pages = [README, *DOCS.glob("*.md")]
+    written = sorted(
+        {m for page in pages for m in re.findall(r"\btorch_ar\.([a-z_]+)\b", page.read_text())}
+    )
+    assert "alignment" in written and "experiments" in written, written
+    probe = "import torch_ar\n" + "".join(f"torch_ar.{name}\n" for name in written)
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_op_table_page_is_the_engines_table(site: Path) -> None:

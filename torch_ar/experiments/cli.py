@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from torch_ar.config import RelaxConfig, option_help
+from torch_ar.config import OPTION_BOUNDS, OPTION_CHOICES, RelaxConfig, option_help
 from torch_ar.experiments import data as data_lib
 from torch_ar.experiments import training
 from torch_ar.experiments.models import MODEL_NAMES
@@ -138,7 +138,7 @@ def _relax_config_arguments(g: argparse._ArgumentGroup, names: Sequence[str]) ->
         text = option_help(name).replace("%", "%%")
         if not text.rstrip(".").endswith("by default"):
             text += f" (default: {f.default})"
-        choices, bound = f.metadata.get("choices"), f.metadata.get("bound")
+        choices, bound = OPTION_CHOICES.get(name), OPTION_BOUNDS.get(name)
         if f.type == "bool":
             g.add_argument(flag, action="store_true", default=None, help=text)
         elif choices:
