@@ -236,10 +236,11 @@ class RelaxConfig:
 
 def option_help(name: str) -> str:
     """The description of option ``name`` in RelaxConfig's docstring, on one
-    line (the CLI's help for its flag)."""
+    line and as plain text (the CLI's help for its flag: Markdown's code
+    marks dropped)."""
     doc = RelaxConfig.__doc__ or ""
     attributes = doc.split("Attributes:", 1)[1]
     match = re.search(rf"^ {{8}}{name}: (.*?)(?=^ {{8}}\w+: |\Z)", attributes, re.M | re.S)
     if match is None:
         raise KeyError(f"RelaxConfig's docstring does not describe {name!r}")
-    return " ".join(match.group(1).split())
+    return re.sub(r"`([^`]*)`", r"\1", " ".join(match.group(1).split()))

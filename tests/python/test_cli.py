@@ -234,9 +234,24 @@ def expect_usage_error(capsys: pytest.CaptureFixture[str], args: list[str], *nee
         cli.main(args)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "usage:" in err
+    # The message comes first, then where the options are; not the usage text
+    # (32 lines for train, before the message).
+    assert err.splitlines()[0].startswith(f"python -m torch_ar {args[0]}: error: "), err
+    assert "usage:" not in err and len(err.splitlines()) <= 8, err
+    assert "--help" in err.splitlines()[-1], err
     for needle in needles:
         assert needle in err, err
+
+
+def test_help_is_plain_text_from_the_docstrings(capsys: pytest.CaptureFixture[str]) -> None:
+    """The flags' help is RelaxConfig's docstring without Markdown's code
+    marks (it showed `None`, `"forward"`)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "`" not in out
+    assert "relaxation steps. None: D steps at eta 1" in " ".join(out.split())
 
 
 BAD_ARGUMENTS = [

@@ -155,10 +155,19 @@ def _run_arguments(g: argparse._ArgumentGroup, d: training.TrainConfig) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help=DEFAULT_HELP[1:])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors come first: the message and where the
+    options are, not the whole usage (a train command's is 32 lines)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's
+        self.exit(2, f"{self.prog}: error: {message}\n(options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``torch_ar`` argument parser (one sub-command per task)."""
+    """The ``torch_ar`` argument parser (one sub-command per task; the
+    sub-commands' parsers are of the same class)."""
     invoked_as = Path(sys.argv[0]).name
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torch-ar" if invoked_as == "torch-ar" else "python -m torch_ar",
         description="Activation Relaxation for PyTorch: train, compare and plot.",
     )
