@@ -17,13 +17,14 @@ from torch_ar import (
 from torch_ar.ar_backward import ARBackward, RelaxationStats
 from torch_ar.config import RelaxConfig
 from torch_ar.diagnostics import SelftestReport, selftest
-from torch_ar.errors import RelaxationDivergedError, UnsupportedGraphError
+from torch_ar.errors import NonFiniteValueError, RelaxationDivergedError, UnsupportedGraphError
 from torch_ar.ops import SupportedOp, release_cuda_graph_memory, supported_ops
 from torch_ar.variants import VARIANTS
 
 __all__ = [
     "VARIANTS",
     "ARBackward",
+    "NonFiniteValueError",
     "RelaxConfig",
     "RelaxationDivergedError",
     "RelaxationStats",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,14 +12,15 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torch_ar import backward_weights as psi_lib
+from torch_ar.call_site import warn_at_call_site
 from torch_ar.capture import ForwardValueRecorder, make_input_leaf
 from torch_ar.checkpointing import inline_checkpoints
 from torch_ar.config import RelaxConfig
 from torch_ar.engine import EngineConfig, Relaxation, engine_options
-from torch_ar.errors import RelaxationDivergedError
+from torch_ar.errors import NonFiniteValueError, RelaxationDivergedError
 from torch_ar.stats import RelaxationStats, stats_from_engine
 
-__all__ = ["ARBackward", "RelaxationDivergedError", "RelaxationStats"]
+__all__ = ["ARBackward", "NonFiniteValueError", "RelaxationDivergedError", "RelaxationStats"]
 
 # Counts parameter and submodule registrations in any module: a wrapper
 # re-lists its module's parameters only when this moved. (Replacing a
@@ -68,6 +68,35 @@ def _is_compiled(module: nn.Module) -> bool:
         if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
             return True
     return False
+
+
+def _describe(t: torch.Tensor) -> str:
+    what = "NaN" if torch.isnan(t).any() else "infinite"
+    return f"{what} values, shape {tuple(t.shape)}, {t.dtype} on {t.device}"
+
+
+def _nonfinite_from_outside(run: _ForwardRun, grads: tuple) -> list[tuple[str, str]]:
+    """(node, what it is) of the tensors that bring NaN/Inf into the
+    relaxation from outside it, nodes named as the engine names them ("input
+    0", "output 0", a parameter's name); asked only after the engine raised."""
+    found = []
+
+    def check(node: str, label: str, t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            found.append((node, f"{label} ({_describe(t.detach())})"))
+
+    for i, t in enumerate(run.inputs):
+        check(f"input {i}", f"input {i}", t)
+    for name, p in zip(run.param_names, run.params):
+        check(name, f"parameter '{name}'", p)
+    for name, psi in zip(run.param_names, run.psis):
+        check(name, f"backward weight (psi) of '{name}'", psi)
+    for k, pos in enumerate(run.tensor_positions):
+        check(f"output {k}", f"output {k} of the module's forward", run.out_flat[pos])
+    for slot in run.output_slots:
+        grad = grads[slot] if slot < len(grads) else None
+        check(f"output {slot}", f"the loss gradient of output {slot}", grad)
+    return found
 
 
 class _ForwardRun:
@@ -289,6 +318,16 @@ class _ARFunction(torch.autograd.Function):
                     f"({err}). Use torch.utils.checkpoint.checkpoint, or relax with the exact "
                     "sweep (eta=1, exact variant, no steps/tol/trace)."
                 ) from err
+            if isinstance(err, RelaxationDivergedError):
+                found = _nonfinite_from_outside(run, grads)
+                if found:
+                    raise NonFiniteValueError(
+                        "torch_ar: NaN or infinite values reached the relaxation from outside "
+                        "it (the relaxation did not diverge): "
+                        + "; ".join(text for _, text in found)
+                        + ". The first named is where to look: the others may follow from it.",
+                        [node for node, _ in found],
+                    ) from err
             raise
         run.owner._record_stats(run)
         run.owner._warn_if_degenerate(relaxation)
@@ -581,12 +620,11 @@ class ARBackward(nn.Module):
             before = self._psi_versions.get(name)
             if before and psi.grad is not None and now[0] == before[0] and now[1] != before[1]:
                 object.__setattr__(self, "_psi_warned", True)
-                warnings.warn(
+                warn_at_call_site(
                     f"ARBackward: the backward weight of '{name}' has accumulated its gradient "
                     "over two backwards without changing, while its forward weight was "
                     "updated: the optimizer does not hold the backward weights. Build it from "
-                    "the wrapper's parameters, e.g. torch.optim.SGD(ar.parameters(), ...).",
-                    stacklevel=2,
+                    "the wrapper's parameters, e.g. torch.optim.SGD(ar.parameters(), ...)."
                 )
                 return
             versions[name] = now
@@ -602,14 +640,13 @@ class ARBackward(nn.Module):
         if stats.relaxing_states > 0:
             return
         c = self.config
-        warnings.warn(
+        warn_at_call_site(
             f"ARBackward: the wrapped module has no relaxing state, so eta={c.eta}, "
             f"steps={c.steps} and variant={c.variant!r} change nothing: AR gradients are "
             f"backprop's here ({stats.params_outside_relaxation} parameters differentiated "
             "outside the relaxation). States live on layer outputs that depend on a floating "
             "input or on a lookup by the module's integer inputs; pass the data as an input of "
-            "the module.",
-            stacklevel=4,
+            "the module."
         )
 
     @property

@@ -19,6 +19,27 @@ class RelaxationDivergedError(RuntimeError):
         self.step = step
 
 
+class NonFiniteValueError(RelaxationDivergedError):
+    """A NaN or infinite value reached the relaxation from outside it: an
+    input of the wrapped module, a parameter or backward weight, a module
+    output (an overflow in the forward) or the loss gradient. The
+    relaxation itself did not diverge. A subclass of
+    `RelaxationDivergedError`, so code that catches that still catches it.
+
+    Attributes:
+        node: the first non-finite tensor named in the message, as the
+            engine names it: `"input 0"`, a parameter's name (its value or
+            its psi), `"output 0"` (the forward's output or its loss
+            gradient).
+        step: 0 (before the first step).
+        culprits: every non-finite tensor found, named the same way.
+    """
+
+    def __init__(self, message: str, culprits: list[str]) -> None:
+        super().__init__(message, culprits[0] if culprits else None, 0)
+        self.culprits = culprits
+
+
 class UnsupportedGraphError(RuntimeError):
     """The wrapped module's forward built a graph that cannot be relaxed as
     it is: it used a tensor that requires grad but is neither a parameter of

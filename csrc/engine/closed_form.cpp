@@ -239,7 +239,9 @@ void ClosedForm::settle(const at::Tensor& norms, const std::vector<int>& slots, 
         msg << "torch_ar: relaxation diverged in the closed form of " << config_.steps
             << " steps (stage " << stage << " of " << K_ << "): the state of node '"
             << plan_.slots[s].name << "' became NaN or infinite (eta=" << config_.eta
-            << "). Check the inputs and the loss for NaN/Inf, or use a smaller eta.";
+            << "). At eta <= 1 the states are finite polynomials in the frozen Jacobians: check "
+            << "the forward values (an overflow inside the module), the loss and custom backward "
+            << "functions for NaN/Inf.";
         throw RelaxationDiverged(msg.str(), plan_.slots[s].name, stage);
       }
       nonfinite_ = true;

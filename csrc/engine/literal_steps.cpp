@@ -268,8 +268,9 @@ bool LiteralSteps::check_finite(at::Tensor& norms, const std::vector<int>& slots
     std::ostringstream msg;
     msg << "torch_ar: relaxation diverged at step " << step << ": the state of node '" << slot.name
         << "' became " << (std::isnan(acc[i][0]) ? "NaN" : "infinite") << " (eta=" << config_.eta
-        << "). Check the inputs and the loss for NaN/Inf, "
-        << "or use a smaller eta.";
+        << "). At eta <= 1 the states are finite polynomials in the frozen Jacobians: check "
+        << "the forward values (an overflow inside the module), the loss and custom backward "
+        << "functions for NaN/Inf.";
     throw RelaxationDiverged(msg.str(), slot.name, step);
   }
   return true;

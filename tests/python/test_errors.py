@@ -366,3 +366,57 @@ def test_a_nan_target_is_named_as_the_loss_gradients_not_the_relaxations(setting
         torch.nn.functional.mse_loss(ar(torch.randn(3, 4)), target).backward()
     assert "smaller eta" not in str(caught.value)
     assert caught.value.node == "output 0"
+
+
+NONFINITE_SOURCES = ["input", "parameter", "backward_weight", "forward_overflow", "target"]
+
+
+@pytest.mark.parametrize("source", NONFINITE_SOURCES)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({}, id="exact_sweep"),
+        pytest.param({"eta": 0.5, "steps": 20}, id="closed_form"),
+        pytest.param({"eta": 0.5, "tol": 1e-8}, id="literal"),
+    ],
+)
+def test_nonfinite_values_from_outside_are_named_for_what_they_are(settings, source):
+    """A NaN/Inf input, parameter, psi, forward overflow or target is reported
+    as that tensor, by the engine's node name, and not as a divergence of the
+    relaxation (at eta 1 a NaN input read "relaxation diverged at step 2" and
+    the closed form advised a smaller eta)."""
+    torch_ar = load_torch_ar()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    variant = {"variant": "feedback_alignment"} if source == "backward_weight" else {}
+    ar = torch_ar.ARBackward(net, **settings, **variant)
+    x, target = torch.randn(3, 4), torch.zeros(3, 2)
+    expected = {
+        "input": "input 0",
+        "parameter": "2.weight",
+        "backward_weight": "2.weight",
+        "forward_overflow": "output 0",
+        "target": "output 0",
+    }[source]
+    with torch.no_grad():
+        if source == "input":
+            x[1, 2] = math.nan
+        elif source == "parameter":
+            net[2].weight[0, 0] = math.inf
+        elif source == "backward_weight":
+            ar.backward_weights()["2.weight"][0, 0] = math.nan
+        elif source == "forward_overflow":
+            # finite parameters whose output overflows float32
+            net[4].weight.fill_(3e38)
+            net[4].bias.fill_(3e38)
+        else:
+            target[0, 1] = math.nan
+    with pytest.raises(torch_ar.NonFiniteValueError, match="from outside it") as caught:
+        torch.nn.functional.mse_loss(ar(x), target).backward()
+    err = caught.value
+    assert isinstance(err, torch_ar.RelaxationDivergedError), "catching the base still works"
+    assert err.node == expected and err.culprits[0] == expected, err.culprits
+    assert err.step == 0
+    message = str(err)
+    assert "smaller eta" not in message and "diverged at" not in message
+    assert all(p.grad is None for p in net.parameters()), "half-done gradients written"

@@ -213,6 +213,8 @@ def test_warns_once_when_the_optimizer_leaves_psi_out():
     assert len(caught) == 1
     assert "ar.parameters()" in str(caught[0].message)
     assert "'0.weight'" in str(caught[0].message)
+    # Attributed to the user's line (the training loop here), not torch_ar's.
+    assert caught[0].filename == __file__, caught[0].filename
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])

@@ -159,7 +159,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose errors come first: the message and where the
     options are, not the whole usage (a train command's is 32 lines)."""
 
-    def error(self, message: str):  # noqa: D102 - argparse's
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n(options: {self.prog} --help)\n")
 
 
