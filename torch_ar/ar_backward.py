@@ -104,7 +104,7 @@ class _ForwardRun:
 
     def __init__(self, owner: ARBackward, args: tuple, kwargs: dict) -> None:
         self.owner = owner
-        self.config = owner.config
+        self.config = owner.relax_config
         self.flat, self.spec = _flatten_inputs(args, kwargs)
         self.input_positions = [
             i
@@ -145,7 +145,7 @@ class _ForwardRun:
         self.tensor_positions: list[int] = []
         # Under autocast a GradScaler may be in use: it expects inf/NaN
         # gradients (to skip the step), not an exception.
-        nonfinite = owner.config.nonfinite
+        nonfinite = owner.relax_config.nonfinite
         raise_on_nonfinite = nonfinite == "raise" or (
             nonfinite == "auto" and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
         )
@@ -421,7 +421,9 @@ class ARBackward(nn.Module):
                 "over them is meaningless. Wrap the uncompiled module instead."
             )
         self.module = module
-        self.config = RelaxConfig(
+        # Not `config`: that is what Hugging Face's Trainer and many model
+        # tools read (and write) as the wrapped model's own configuration.
+        self.relax_config = RelaxConfig(
             eta=eta,
             steps=steps,
             tol=tol,
@@ -465,17 +467,18 @@ class ARBackward(nn.Module):
         self._psi_versions: dict[str, tuple[int, int]] = {}
         self._psi_warned = False
         self._extra_psi_params = tuple(backward_weight_params)
-        if self._extra_psi_params and not self.config.variant_spec.uses_backward_weights:
+        if self._extra_psi_params and not self.relax_config.variant_spec.uses_backward_weights:
             raise ValueError(
                 f"ARBackward: backward_weight_params given, but variant {variant!r} uses no "
                 "backward weights"
             )
-        if self.config.variant_spec.uses_backward_weights:
+        if self.relax_config.variant_spec.uses_backward_weights:
             self._create_backward_weights()
 
     def _make_engine_configs(self) -> None:
         self._engine_configs = {
-            raise_: EngineConfig(**engine_options(self.config, raise_)) for raise_ in (False, True)
+            raise_: EngineConfig(**engine_options(self.relax_config, raise_))
+            for raise_ in (False, True)
         }
         engine = self._engine_configs[True]
         self._forward_rules = (engine.may_evaluate_layers_repeatedly, engine.needs_forward_values)
@@ -499,7 +502,7 @@ class ARBackward(nn.Module):
         self._make_engine_configs()
 
     def _create_backward_weights(self) -> None:
-        cfg = self.config
+        cfg = self.relax_config
         learned = cfg.variant_spec.backward_weights == "learned"
         sign_feedback = cfg.variant_spec.sign_feedback
         found = psi_lib.weights_read_by_linear_or_conv(self.module, self._extra_psi_params)
@@ -522,7 +525,7 @@ class ARBackward(nn.Module):
     def refresh_sign_feedback(self) -> None:
         """Remakes psi from the forward weights' signs (the sign_symmetry
         variants); runs at every backward, before the relaxation."""
-        rule = self.config.variant_spec.sign_feedback
+        rule = self.relax_config.variant_spec.sign_feedback
         if rule is None:
             return
         for name in self._psi_layout:
@@ -592,7 +595,7 @@ class ARBackward(nn.Module):
         raise TypeError(_COMPILE_REFUSAL)
 
     def extra_repr(self) -> str:
-        c = self.config
+        c = self.relax_config
         return (
             f"eta={c.eta}, steps={c.steps}, tol={c.tol}, init={c.init!r}, "
             f"schedule={c.schedule!r}, granularity={c.granularity!r}, variant={c.variant!r}"
@@ -610,7 +613,7 @@ class ARBackward(nn.Module):
         accumulating since the last backward while the forward weights were
         stepped (an optimizer made from the module's parameters, not the
         wrapper's)."""
-        if self._psi_warned or self.config.variant_spec.backward_weights != "learned":
+        if self._psi_warned or self.relax_config.variant_spec.backward_weights != "learned":
             return
         versions = {}
         for name, w, psi in zip(run.param_names, run.params, run.psis):
@@ -639,7 +642,7 @@ class ARBackward(nn.Module):
         stats = relaxation.stats()
         if stats.relaxing_states > 0:
             return
-        c = self.config
+        c = self.relax_config
         warn_at_call_site(
             f"ARBackward: the wrapped module has no relaxing state, so eta={c.eta}, "
             f"steps={c.steps} and variant={c.variant!r} change nothing: AR gradients are "
@@ -653,6 +656,6 @@ class ARBackward(nn.Module):
     def last_stats(self) -> RelaxationStats | None:
         """What the last backward's relaxation did (None before the first backward)."""
         if self._last_stats is None and self._last_raw is not None:
-            stats = stats_from_engine(self.config, *self._last_raw)
+            stats = stats_from_engine(self.relax_config, *self._last_raw)
             object.__setattr__(self, "_last_stats", stats)
         return self._last_stats

@@ -864,7 +864,7 @@ class Trainer:
 
 def _ar_config(net: nn.Module) -> dict[str, Any] | None:
     """The wrapper's effective relaxation settings, defaults included."""
-    config = getattr(net, "config", None)
+    config = getattr(net, "relax_config", None)
     return asdict(config) if is_dataclass(config) and not isinstance(config, type) else None
 
 
