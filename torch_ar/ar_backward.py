@@ -574,10 +574,15 @@ class ARBackward(nn.Module):
             name: self.backward_weight_store[name.replace(".", "__")] for name in self._psi_layout
         }
 
-    # Never traced by dynamo: a compiled caller runs the wrapper as an eager
-    # region, so the engine sees the module's own ops.
-    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" in sys.modules:
+            # Never traced by dynamo: a compiled caller runs the wrapper as an
+            # eager region, so the engine sees the module's own ops. (Only
+            # once dynamo is loaded: importing it costs 0.75 s.)
+            return _forward_outside_dynamo(self, *args, **kwargs)
+        return self._relaxing_forward(*args, **kwargs)
+
+    def _relaxing_forward(self, *args: Any, **kwargs: Any) -> Any:
         run = _ForwardRun(self, args, kwargs)
         wants_grad = torch.is_grad_enabled() and (
             len(run.params) > len(run.frozen)
@@ -659,3 +664,15 @@ class ARBackward(nn.Module):
             stats = stats_from_engine(self.relax_config, *self._last_raw)
             object.__setattr__(self, "_last_stats", stats)
         return self._last_stats
+
+
+# ARBackward._relaxing_forward wrapped by torch.compiler.disable, made when
+# first needed (it imports dynamo); a dict, whose item assignment dynamo
+# traces without a warning when the first call is inside compiled code.
+_never_traced: dict[str, Any] = {}
+
+
+def _forward_outside_dynamo(ar: ARBackward, *args: Any, **kwargs: Any) -> Any:
+    if "forward" not in _never_traced:
+        _never_traced["forward"] = torch.compiler.disable(ARBackward._relaxing_forward)
+    return _never_traced["forward"](ar, *args, **kwargs)

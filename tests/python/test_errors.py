@@ -231,6 +231,21 @@ def test_compiling_the_wrapper_is_refused_at_once(torch_ar, settings):
         torch.compile(nn.Sequential(nn.Identity(), ar), backend="aot_eager")._orig_mod[1].compile()
 
 
+def test_importing_torch_ar_does_not_load_dynamo():
+    """Keeping the wrapper out of dynamo's traces must not cost every user the
+    import of dynamo (0.75 s here): it is made when torch.compile is used."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    probe = "import sys, torch, torch_ar\nassert 'torch._dynamo' not in sys.modules\n"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _wrapped_with_a_head(torch_ar, settings: dict) -> tuple[nn.Module, nn.Module]:
     """(a model with an ARBackward block then a plain head, the same model with
     the block unwrapped), equal weights, float64."""
