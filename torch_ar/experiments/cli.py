@@ -412,7 +412,7 @@ def _add_plot(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "plot",
         help="figures from train --out folders: accuracy curves, cosines, final accuracy",
-        description="Read one or more `train --out` folders (or folders holding them) and write "
+        description="Read one or more 'train --out' folders (or folders holding them) and write "
         "accuracy.png (train/test accuracy against epoch, per method/variant/eta, mean over "
         "seeds), cosine_training.png (cosine of AR gradients to autograd's over training, per "
         "parameter, when measured) and final_accuracy.png (final test accuracy, mean ± std over "
