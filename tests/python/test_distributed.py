@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -47,10 +46,16 @@ LR = 0.1
 LAYOUTS = ("wrapped", "inner_block")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Every psi variant under DDP on the wrapped MLP: psi, its gradient and the
+# trained weights must agree on every rank and with one process.
+DDP_VARIANTS = (
+    "feedback_alignment",
+    "learned_backward_weights",
+    "sign_symmetry",
+    "sign_symmetry_fixed_random",
+    "sign_symmetry_batch_random",
+    "no_nonlinear_derivative",
+)
 
 
 def _mlp() -> nn.Sequential:
@@ -88,7 +93,42 @@ def _flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def build_variant(variant: str, torch_ar) -> nn.Module:
+    torch.manual_seed(0)
+    return torch_ar.ARBackward(_mlp().double(), variant=variant)
+
+
+def _train_variant(model: nn.Module, ddp: nn.Module | None, rank: int | None) -> dict:
+    """STEPS SGD steps on the full batches (rank None) or on rank's shard;
+    psi after each backward, the first step's gradients of every parameter."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    run = ddp if ddp is not None else model
+    psi_seen, first_grads = [], None
+    for step in range(STEPS):
+        x, y = batches(step)
+        if rank is not None:
+            x, y = (
+                x[rank * PER_RANK : (rank + 1) * PER_RANK],
+                y[rank * PER_RANK : (rank + 1) * PER_RANK],
+            )
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(run(x), y).backward()
+        psi_seen.append({n: p.detach().clone() for n, p in model.backward_weights().items()})
+        if step == 0:
+            first_grads = {
+                n: p.grad.detach().clone()
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
+        opt.step()
+    return {
+        "psi": psi_seen,
+        "first_grads": first_grads,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
     # Keep gloo's data connections on the loopback interface.
     if Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -96,12 +136,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch_ar = load_torch_ar()
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-    )
+    # A file store: no port to pick and free before the ranks bind it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     try:
         results = {}
         for layout in LAYOUTS:
@@ -126,6 +162,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "all_ranks_params": gathered,
             }
             del ddp, opt
+        for variant in DDP_VARIANTS:
+            model = build_variant(variant, torch_ar)
+            ddp = DDP(model, find_unused_parameters=False)
+            results[variant] = _train_variant(model, ddp, rank)
+            del ddp
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # Leave together: a rank that tears gloo down while its peer still
         # has a collective in flight can abort the peer at exit.
@@ -138,7 +179,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ddp_results(tmp_path_factory) -> list[dict]:
     load_torch_ar()
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    store = out_dir / "store"
+    mp.spawn(_worker, args=(str(store), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
@@ -211,3 +253,33 @@ def test_ddp_gradient_is_not_the_local_gradient(ddp_results):
     local = [p.grad for p in model.parameters()]
     reduced = ddp_results[0]["wrapped"]["first_grads"]
     assert any(rel_err(a, b) > 1e-3 for a, b in zip(reduced, local))
+
+
+@pytest.mark.parametrize("variant", DDP_VARIANTS)
+def test_every_variant_agrees_across_ranks_and_with_one_process(ddp_results, variant):
+    """psi is the same on every rank after every backward (drawn, made from
+    W's signs, drawn per batch for brSF, or learned); learned psi's gradient
+    is all-reduced like any parameter's; the DDP run equals one process on
+    the concatenated batches."""
+    rank0, rank1 = ddp_results[0][variant], ddp_results[1][variant]
+    for step, (a, b) in enumerate(zip(rank0["psi"], rank1["psi"])):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{variant}: psi of {name} differs at step {step}"
+    assert rank0["first_grads"].keys() == rank1["first_grads"].keys()
+    for name, g in rank0["first_grads"].items():
+        assert torch.equal(g, rank1["first_grads"][name]), f"{variant}: {name} gradient differs"
+    if variant == "learned_backward_weights":
+        assert any(n.startswith("backward_weight_store.") for n in rank0["first_grads"]), (
+            "learned psi received no gradient"
+        )
+    single = _train_variant(build_variant(variant, load_torch_ar()), None, None)
+    for step, psi in enumerate(single["psi"]):
+        for name, value in psi.items():
+            torch.testing.assert_close(rank0["psi"][step][name], value, rtol=1e-10, atol=1e-12)
+    for name, g in single["first_grads"].items():
+        err = rel_err(rank0["first_grads"][name], g)
+        assert err <= F64_MAX_REL_ERR, f"{variant}: {name} gradient vs one process: {err:.3e}"
+    for name, p in single["params"].items():
+        err = rel_err(rank0["params"][name], p)
+        assert err <= F64_MAX_REL_ERR, f"{variant}: {name} after {STEPS} steps: {err:.3e}"
