@@ -273,8 +273,16 @@ class _ARFunction(torch.autograd.Function):
         return tuple(returned)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor | None):
+        # Autograd runs a backward with grad mode on exactly when asked to
+        # create a graph of it: refused here, not at the second differentiation.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ARBackward: double backward (create_graph=True) is not supported: the "
+                "relaxation's gradients are not themselves differentiable. Call backward or "
+                "torch.autograd.grad without create_graph; for a penalty on gradients, "
+                "differentiate the unwrapped module with autograd."
+            )
         run: _ForwardRun = ctx.run
         relaxation = run.relaxation
         n_params, n_psi = len(run.params), len(run.psi_tensors)

@@ -242,3 +242,88 @@ def test_stats_type_and_fields(mlp64):
     assert isinstance(stats.residuals, dict)
     assert all(isinstance(v, float) for v in stats.residuals.values())
     assert isinstance(stats.exact_shortcut, bool) and not stats.exact_shortcut
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_sweep_is_autograd_bitwise_and_d_literal_steps_to_rounding(dtype):
+    """The exact sweep equals autograd bit for bit on a CNN with BatchNorm and
+    on an MLP; D literal Jacobi steps (forward or zero initial states, or
+    traced) equal it to rounding, measured against the whole gradient's norm
+    (a conv bias before train-mode BatchNorm has an exact gradient of zero)."""
+    torch_ar = load_torch_ar()
+    torch.manual_seed(0)
+    nets = {
+        "cnn": torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 6 * 6, 8),
+            torch.nn.Tanh(),
+            torch.nn.Linear(8, 3),
+        ),
+        "mlp": torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+        ),
+    }
+    inputs = {"cnn": torch.randn(5, 3, 8, 8), "mlp": torch.randn(5, 6)}
+    bound = {torch.float32: 1e-6, torch.float64: 1e-15}[dtype]
+    for name, net in nets.items():
+        net, x = net.to(dtype), inputs[name].to(dtype)
+        reference = copy.deepcopy(net)
+        reference(x).square().sum().backward()
+        want = [p.grad for p in reference.parameters()]
+        norm = torch.cat([g.reshape(-1) for g in want]).norm()
+        settings = {
+            "sweep": {},
+            "literal": {"evaluation": "literal"},
+            "literal_zero": {"evaluation": "literal", "init": "zero"},
+            "traced": {"trace": True},
+        }
+        for how, kwargs in settings.items():
+            ar = torch_ar.ARBackward(copy.deepcopy(net), **kwargs)
+            ar(x).square().sum().backward()
+            stats = ar.last_stats
+            got = [p.grad for p in ar.module.parameters()]
+            if how == "sweep":
+                assert stats.evaluation == "exact_sweep"
+                assert all(torch.equal(a, b) for a, b in zip(got, want)), name
+            else:
+                assert stats.evaluation == "literal" and stats.steps == stats.depth
+                worst = max(float((a - b).norm() / norm) for a, b in zip(got, want))
+                assert worst <= bound, f"{name}, {how}: {worst:.2e} of the gradient's norm"
+
+
+@pytest.mark.parametrize("settings", [{"eta": 0.5, "steps": 7}, {"eta": 0.3, "tol": 1e-6}])
+def test_autograd_grad_gives_the_values_backward_gives(settings):
+    """torch.autograd.grad at eta < 1 returns what loss.backward() puts in .grad
+    (closed form and literal steps), for parameters and an input."""
+    torch_ar = load_torch_ar()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 3),
+    ).double()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    ar = torch_ar.ARBackward(net, **settings)
+    params = list(net.parameters())
+    grads = torch.autograd.grad(ar(x).square().sum(), [*params, x])
+    ar(x).square().sum().backward()
+    for p, g in zip([*params, x], grads):
+        assert torch.equal(p.grad, g)
+    assert not torch.equal(grads[0], torch.zeros_like(grads[0]))
+
+
+def test_create_graph_is_refused_at_the_first_backward():
+    """Double backward is not supported: create_graph=True raises at once with
+    the reason, instead of returning values and failing at the second
+    differentiation."""
+    torch_ar = load_torch_ar()
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    ar = torch_ar.ARBackward(net)
+    loss = ar(torch.randn(3, 4)).square().sum()
+    with pytest.raises(RuntimeError, match=r"create_graph=True\) is not supported"):
+        torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
