@@ -327,3 +327,35 @@ def test_create_graph_is_refused_at_the_first_backward():
     loss = ar(torch.randn(3, 4)).square().sum()
     with pytest.raises(RuntimeError, match=r"create_graph=True\) is not supported"):
         torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+
+
+def test_denormal_states_are_flushed_by_the_engines_rule():
+    """The engine's flush rule: a relaxing state below the smallest normal
+    number of its precision becomes 0 in the literal steps and the closed form
+    (float32: 1e-40 is denormal, its weight gradient comes out 0; float64: the
+    same value is normal and survives); the exact sweep does not flush."""
+    torch_ar = load_torch_ar()
+    for dtype, flushed in ((torch.float32, True), (torch.float64, False)):
+        net = torch.nn.Sequential(
+            torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        ).to(dtype)
+        with torch.no_grad():
+            net[0].weight.fill_(1.0)
+            net[1].weight.fill_(1e-30)
+        x = torch.ones(1, 1, dtype=dtype)
+        reference = copy.deepcopy(net)
+        (reference(x).sum() * 1e-10).backward()
+        want = reference[0].weight.grad
+        assert 0 < want.abs().item() < 1.2e-38  # denormal in float32, normal in float64
+        for settings in (
+            {"eta": 0.5, "steps": 80, "init": "zero", "evaluation": "literal"},
+            {"eta": 0.5, "steps": 80, "init": "zero"},
+            {},
+        ):
+            ar = torch_ar.ARBackward(copy.deepcopy(net), **settings)
+            (ar(x).sum() * 1e-10).backward()
+            got = ar.module[0].weight.grad
+            if flushed and settings:
+                assert got.item() == 0.0, (dtype, ar.last_stats.evaluation)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
