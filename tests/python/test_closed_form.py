@@ -36,6 +36,9 @@ VARIANTS = (
     "feedback_alignment",
     "no_nonlinear_derivative",
     "combined",
+    "sign_symmetry",
+    "sign_symmetry_fixed_random",
+    "sign_symmetry_batch_random",
 )
 SMALL_CASES = [name for name in CASES if name != "resnet18_train"]
 
@@ -112,6 +115,31 @@ def test_every_eta_and_step_count(case_name):
             run(case_name, torch.float64, {**kwargs, "evaluation": "closed_form"}),
             f"{case_name} eta={eta} T={count} (D={depth})",
         )
+
+
+@pytest.mark.parametrize("case_name", SMALL_CASES)
+def test_every_granularity_and_variant(case_name):
+    """Op, layer and block granularity, every variant (the sign-symmetry
+    ones included): the closed form gives the literal steps' outcome."""
+    for granularity in ("op", "layer", "block"):
+        depth = run(case_name, torch.float64, {"eta": 0.5, "steps": 1, "granularity": granularity})
+        assert depth[2] is None, depth[2]
+        for variant in VARIANTS:
+            for eta, count in ((0.5, depth[1].depth + 1), (0.1, 100)):
+                kwargs = {
+                    "eta": eta,
+                    "steps": count,
+                    "granularity": granularity,
+                    "variant": variant,
+                }
+                if granularity == "op" and variant in ("no_nonlinear_derivative", "combined"):
+                    # At op granularity f' cannot reach the weight update (documented).
+                    kwargs["weight_update_derivative"] = False
+                assert_same(
+                    run(case_name, torch.float64, {**kwargs, "evaluation": "literal"}),
+                    run(case_name, torch.float64, {**kwargs, "evaluation": "closed_form"}),
+                    f"{case_name} {kwargs}",
+                )
 
 
 @pytest.mark.parametrize("case_name", SMALL_CASES)
