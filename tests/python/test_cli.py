@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cuda_marks
+from conftest import cuda_marks, needs_cuda
 
 import torch_ar
 from torch_ar.experiments import cli, data, training
@@ -314,6 +314,18 @@ def test_cuda_without_a_gpu_is_a_usage_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     expect_usage_error(capsys, ["train", "--device", "cuda"], "sees no CUDA device")
+
+
+@needs_cuda
+def test_a_cuda_device_beyond_the_count_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The GPU machine's counterpart of the test above: there --device cuda is
+    valid, and a device index past the last GPU is the usage error."""
+    count = torch.cuda.device_count()
+    expect_usage_error(
+        capsys, ["train", "--device", f"cuda:{count}"], f"sees {count} CUDA device(s)"
+    )
 
 
 def test_no_command_and_bad_args_exit_non_zero_in_a_real_process(

@@ -129,10 +129,10 @@ def test_graph_memory_is_released_across_batches(torch_ar) -> None:
     # blocks are taken again by the next capture, so neither the live memory
     # nor the allocator's reserve grows with the batches (nor does a cuBLAS
     # workspace per stream).
-    assert allocated[-1] <= allocated[1] * 1.05
-    assert allocated[-1] == allocated[1], allocated
-    assert reserved[-1] == reserved[2], reserved
-    assert reserved[-1] == reserved[1], reserved
+    # A leak grows with every batch; the allocator's own jitter does not: the
+    # last 20 batches stay within what the first ten reached.
+    assert max(allocated[10:]) <= max(allocated[1:10]), allocated
+    assert max(reserved[10:]) <= max(reserved[1:10]), reserved
 
 
 @needs_cuda

@@ -130,13 +130,15 @@ def test_autograd_grad_worker_threads_reuse_one_lane(torch_ar) -> None:
     net = cnn().cuda()
     ar = torch_ar.ARBackward(net, eta=0.1, steps=6, cuda_graph=True)
     reserved = []
-    for _ in range(8):
+    for _ in range(16):
         x = torch.randn(8, 3, 16, 16, device="cuda")
         loss = ar(x).logsumexp(1).sum()
         torch.autograd.grad(loss, list(net.parameters()))
         torch.cuda.synchronize()
         reserved.append(torch.cuda.memory_reserved())
-    assert reserved[-1] == reserved[1], reserved
+    # A workspace per thread would grow the reserve with every call; the
+    # allocator's jitter stays within what the first calls reached.
+    assert max(reserved[8:]) <= max(reserved[1:8]), reserved
 
 
 # --------------------------------------------------------------------------

@@ -77,7 +77,12 @@ def _problem(dtype: torch.dtype = torch.float64):
     return net, x, y
 
 
-def test_gradients_at_replays_the_step_and_restores_buffers(device: str) -> None:
+def test_gradients_at_replays_the_step_and_restores_buffers(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bitwise equality of two conv backwards needs cuDNN's deterministic algorithms.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     net, x, y = _problem()
     net, x, y = net.to(device), x.to(device), y.to(device)
     params = list(net.parameters())

@@ -246,6 +246,13 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"bad device {name!r}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this PyTorch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ConfigError(
+                f"device {name!r} asked for, but this PyTorch sees {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
     return device
 
 
