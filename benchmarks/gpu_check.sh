@@ -76,8 +76,9 @@ DRY="${FORCE_CPU_CHECK:-0}"
 BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 SCALE=1      # step limits are multiplied by this (CPU dry runs are slower)
 if [[ "$DRY" == 1 ]]; then
-  SCALE=4
-  BUDGET="${GPU_CHECK_BUDGET_S:-1880}"
+  # A dry run on a loaded 2-core machine may need more: GPU_CHECK_SCALE.
+  SCALE="${GPU_CHECK_SCALE:-4}"
+  BUDGET="${GPU_CHECK_BUDGET_S:-$((470 * SCALE))}"
 fi
 RESERVE=10   # seconds kept for the report at the end
 MISSING=99   # exit status of a sub-step that could not run (missing package)

@@ -258,6 +258,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         GPU_CHECK_TEST_FILES="tests/python/test_cuda_review.py",
         TORCH_AR_CACHE=str(tmp_path / "cache"),
         OMP_NUM_THREADS="1",
+        # Per-step limits 10x the GPU's: a loaded 2-core machine must not
+        # turn a slow step into a failure (the subprocess timeout still holds).
+        GPU_CHECK_SCALE="10",
+        GPU_CHECK_BUDGET_S="1150",
     )
     has_data = bool(found)
     env.pop("GPU_CHECK_DATA", None)
