@@ -191,13 +191,13 @@ def resnet_methods(steps: int) -> list[tuple[str, list[str], float, tuple[int, .
             (0,),
         ),
         (
-            "ar-eta1-learned_backward_weights",
+            "ar-eta1-learned_backward_weights-psi_matched",
             [*exact, "--variant", "learned_backward_weights", "--backward-weight-init", "matched"],
             1.3,
             (0,),
         ),
         (
-            "ar-eta1-learned_backward_weights-kp",
+            "ar-eta1-learned_backward_weights-kp-psi_matched",
             [
                 *exact,
                 "--variant",
@@ -217,7 +217,7 @@ def resnet_methods(steps: int) -> list[tuple[str, list[str], float, tuple[int, .
             (0,),
         ),
         (
-            "ar-eta1-combined",
+            "ar-eta1-combined-psi_matched",
             [*exact, "--variant", "combined", "--backward-weight-init", "matched"],
             1.3,
             (0,),
