@@ -21,7 +21,8 @@ class ForwardValueRecorder(TorchFunctionMode):
 
     Only used when the initial state matters (init="forward" with literal
     steps). A state whose tensor was made inside a composite op and never
-    surfaced at the torch level starts from zero instead.
+    surfaced at the torch level is rebuilt by the engine from the last
+    recorded tensor of its block through the view-like ops between them.
     """
 
     def __init__(self) -> None:

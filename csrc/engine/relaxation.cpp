@@ -12,6 +12,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/autograd/generated/Functions.h>
 #include <torch/csrc/autograd/graph_task.h>
 
 #include <exception>
@@ -24,12 +25,73 @@ namespace torch_ar {
 
 namespace {
 
-// Per state slot: the recorded forward value of its tensor, if any.
+using RecordedByNode = std::unordered_map<const torch::autograd::Node*, std::vector<at::Tensor>>;
+
+at::Tensor recorded_output(const RecordedByNode& by_node, const torch::autograd::Node* node,
+                           uint32_t output_nr) {
+  auto it = by_node.find(node);
+  if (it == by_node.end() || output_nr >= it->second.size()) return at::Tensor();
+  return it->second[output_nr];
+}
+
+// A state whose tensor never surfaced at the torch level (made inside a
+// composite op: matmul's expand and view, a 3-D F.linear's final view) is an
+// earlier tensor of its layer that did, seen through view-like ops: replay
+// them on it. Undefined when another kind of op lies between. `base` gets the
+// recorded tensor it starts from (what must be kept to replay it again).
+at::Tensor replay_views(const Plan& plan, const StateSlot& slot, const RecordedByNode& by_node,
+                        at::Tensor* base) {
+  if (slot.layer < 0 || slot.output_nr != 0) return at::Tensor();
+  const std::vector<int>& chain = plan.layers[slot.layer].chain; // top first
+  if (chain.empty() || chain[0] != slot.node) return at::Tensor();
+  size_t k = 1;
+  at::Tensor value;
+  for (; k < chain.size(); ++k) {
+    value = recorded_output(by_node, plan.graph->nodes[chain[k]].get(), 0);
+    if (value.defined()) break;
+  }
+  if (!value.defined()) return at::Tensor();
+  *base = value;
+  at::NoGradGuard no_grad;
+  value = value.detach();
+  using namespace torch::autograd::generated;
+  for (size_t j = k; j-- > 0;) {
+    torch::autograd::Node* node = plan.graph->nodes[chain[j]].get();
+    if (node->num_inputs() != 1) return at::Tensor();
+    const std::string name = node->name();
+    const auto shape = C10_AS_INTARRAYREF_SLOW(node->input_metadata(0).shape_as_dim_vector());
+    if (name == "ViewBackward0" || name == "UnsafeViewBackward0" ||
+        name == "ReshapeAliasBackward0" || name == "AliasBackward0" ||
+        name == "UnsqueezeBackward0" || name == "SqueezeBackward0" || name == "SqueezeBackward1" ||
+        name == "SqueezeBackward2") {
+      value = value.reshape(shape);
+    } else if (name == "ExpandBackward0") {
+      value = value.expand(shape);
+    } else if (auto* t = dynamic_cast<TransposeBackward0*>(node)) {
+      value = value.transpose(t->dim0, t->dim1);
+    } else if (auto* p = dynamic_cast<PermuteBackward0*>(node)) {
+      value = value.permute(p->dims);
+    } else if (name == "TBackward0") {
+      value = value.t();
+    } else {
+      return at::Tensor();
+    }
+    if (value.sizes() != shape) return at::Tensor();
+  }
+  return value;
+}
+
+// Per state slot: the recorded forward value of its tensor, or its replay
+// from an earlier tensor of its layer (replay_views), if any. `kept`, when
+// given, receives what must be kept to match them again: the recorded
+// tensors used, one per slot with a value.
 std::vector<at::Tensor> match_forward_values(const Plan& plan,
-                                             const std::vector<at::Tensor>& recorded) {
+                                             const std::vector<at::Tensor>& recorded,
+                                             std::vector<at::Tensor>* kept = nullptr) {
   std::vector<at::Tensor> result(plan.slots.size());
+  if (kept) kept->assign(plan.slots.size(), at::Tensor());
   if (recorded.empty()) return result;
-  std::unordered_map<const torch::autograd::Node*, std::vector<at::Tensor>> by_node;
+  RecordedByNode by_node;
   for (const auto& t : recorded) {
     if (!t.defined() || !t.requires_grad()) continue;
     const auto& fn = t.grad_fn();
@@ -41,9 +103,10 @@ std::vector<at::Tensor> match_forward_values(const Plan& plan,
   }
   for (size_t s = 0; s < plan.slots.size(); ++s) {
     const auto& slot = plan.slots[s];
-    auto it = by_node.find(plan.graph->nodes[slot.node].get());
-    if (it != by_node.end() && slot.output_nr < it->second.size())
-      result[s] = it->second[slot.output_nr];
+    result[s] = recorded_output(by_node, plan.graph->nodes[slot.node].get(), slot.output_nr);
+    at::Tensor base = result[s];
+    if (!result[s].defined()) result[s] = replay_views(plan, slot, by_node, &base);
+    if (kept && result[s].defined()) (*kept)[s] = base;
   }
   return result;
 }
@@ -115,10 +178,11 @@ std::vector<bool> Relaxation::capture(const std::vector<at::Tensor>& outputs,
   if (config_.needs_forward_values() && !forward_values.empty()) {
     // Only the relaxing states' values stay: the rest (pre-activations, say)
     // would otherwise outlive the forward.
-    std::vector<at::Tensor> matched = match_forward_values(*plan_, forward_values);
+    std::vector<at::Tensor> kept;
+    std::vector<at::Tensor> matched = match_forward_values(*plan_, forward_values, &kept);
     for (size_t s = 0; s < matched.size(); ++s)
       if (matched[s].defined() && !plan_->slots[s].clamped)
-        forward_values_.push_back(std::move(matched[s]));
+        forward_values_.push_back(std::move(kept[s]));
   }
   return differentiable;
 }

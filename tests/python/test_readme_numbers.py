@@ -27,7 +27,9 @@ RESNET_ROWS = {
     "AR, sign-concordant feedback, batchwise random magnitudes (brSF)": [
         "cifar10-resnet20-ar-eta1-sign_symmetry_batch_random-s0"
     ],
-    "AR, learned backward weights": ["cifar10-resnet20-ar-eta1-learned_backward_weights-psi_matched-s0"],
+    "AR, learned backward weights": [
+        "cifar10-resnet20-ar-eta1-learned_backward_weights-psi_matched-s0"
+    ],
     "AR, learned backward weights, Kolen-Pollack decay": [
         "cifar10-resnet20-ar-eta1-learned_backward_weights-kp-psi_matched-s0"
     ],
