@@ -917,7 +917,8 @@ def assert_grads_match(
     max_rel_err: float = F64_MAX_REL_ERR,
     min_cosine: float = F32_MIN_COSINE,
 ) -> None:
-    """float64: per-tensor relative error; float32: per-tensor cosine."""
+    """float64: per-tensor relative error; float32: per-tensor relative error
+    (floored) and cosine."""
     assert pairs, "no gradients to compare"
     missing = [k for k, (a, _) in pairs.items() if a is None]
     assert not missing, f"ARBackward produced no gradient for {missing}"
