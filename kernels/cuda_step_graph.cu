@@ -287,9 +287,10 @@ class CudaStepGraph final : public StepGraph {
   const c10::cuda::CUDAGuard device_guard_;
   const c10::cuda::CUDAStream caller_;
   const c10::cuda::CUDAStreamGuard stream_guard_;
-  // Declared last: destroyed (its blocks returned to the pool) before the
-  // streams are joined back, the caller's stream restored and the lane
-  // given back.
+  // Declared last, so destroyed first of the members (its blocks returned to
+  // the pool): after the destructor's body has joined the lane's stream back
+  // into the caller's, and before the caller's stream is restored and the
+  // lane given back.
   std::optional<GraphRecorder> recorder_;
 };
 

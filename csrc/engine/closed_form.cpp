@@ -296,20 +296,23 @@ void ClosedForm::update_states(const std::vector<int>& slots, int k) {
   }
   std::vector<c10::Device> devices;
   for (const at::Tensor& o : out) devices.push_back(o.device());
-  at::Tensor norms = launch_per_device(devices, [&](const std::vector<size_t>& positions) {
-    if (positions.size() == out.size())
-      return horner_update_(out, x0, b, t, r, coef_.initial[k], coef_.loss[k], flush_, last);
-    std::vector<at::Tensor> out_d, x0_d, b_d, t_d, r_d;
-    for (size_t p : positions) {
-      out_d.push_back(out[p]);
-      x0_d.push_back(x0[p]);
-      b_d.push_back(b[p]);
-      t_d.push_back(t[p]);
-      r_d.push_back(r[p]);
-    }
-    return horner_update_(out_d, x0_d, b_d, t_d, r_d, coef_.initial[k], coef_.loss[k], flush_,
-                          last);
-  });
+  at::Tensor norms = launch_per_device(
+      devices,
+      [&](const std::vector<size_t>& positions) {
+        if (positions.size() == out.size())
+          return horner_update_(out, x0, b, t, r, coef_.initial[k], coef_.loss[k], flush_, last);
+        std::vector<at::Tensor> out_d, x0_d, b_d, t_d, r_d;
+        for (size_t p : positions) {
+          out_d.push_back(out[p]);
+          x0_d.push_back(x0[p]);
+          b_d.push_back(b[p]);
+          t_d.push_back(t[p]);
+          r_d.push_back(r[p]);
+        }
+        return horner_update_(out_d, x0_d, b_d, t_d, r_d, coef_.initial[k], coef_.loss[k], flush_,
+                              last);
+      },
+      &row_index_);
   if (on_cpu_) settle(norms, slots, k, &out, at::Tensor());
   // Off the CPU the norms are read later; a float64 sum of squares can
   // overflow for finite states (beyond 1e154), so stage 0 also queues the

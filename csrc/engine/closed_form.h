@@ -4,6 +4,7 @@
 // power, then the gradients at x_T (see closed_form.cpp).
 
 #include "engine/coefficients.h"
+#include "engine/per_device.h"
 #include "engine/relax_stats.h"
 #include "engine/router.h"
 
@@ -92,6 +93,8 @@ class ClosedForm final : StateSink {
   // place (-1: none, -2: not looked at yet), and that f'.
   std::vector<int> inplace_at_;
   std::vector<vjp::FusedDerivative> inplace_derivative_;
+  // The row indices of a model split over devices, built once (per_device.h).
+  DeviceRowIndex row_index_;
 };
 
 } // namespace torch_ar

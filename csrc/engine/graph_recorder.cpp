@@ -51,13 +51,21 @@ void GraphRecorder::record(const std::function<void()>& step) {
   // Routing starts before the capture, as PyTorch's own graphs do, so that a
   // free on another thread never sees the stream capturing without a pool.
   device_->begin_pool_routing();
+  // A begin that failed after the capture started (a query after
+  // cudaStreamBeginCapture) must still end it: a lane left capturing fails
+  // every later launch on it.
+  auto abandon_capture = [this] {
+    (void)device_->end_capture();
+    device_->discard_graph();
+    stop_routing_and_release();
+  };
   try {
     device_->begin_capture();
   } catch (const c10::Error& e) {
-    stop_routing_and_release();
+    abandon_capture();
     fail(e.what_without_backtrace());
   } catch (...) {
-    stop_routing_and_release();
+    abandon_capture();
     throw;
   }
   std::exception_ptr step_error;

@@ -220,29 +220,32 @@ at::Tensor LiteralSteps::update(const std::vector<int>& all_slots) {
   std::vector<c10::Device> devices;
   devices.reserve(all_slots.size());
   for (int s : all_slots) devices.push_back(x_[s].device());
-  return launch_per_device(devices, [&](const std::vector<size_t>& positions) {
-    std::vector<at::Tensor> xs, ts, act_inputs, act_grads;
-    std::vector<int64_t> act_states, act_kinds;
-    std::vector<double> act_params;
-    xs.reserve(positions.size());
-    ts.reserve(positions.size());
-    for (size_t p : positions) {
-      const int s = all_slots[p];
-      const int f = fused_of_slot_[s];
-      if (f >= 0) {
-        act_states.push_back(static_cast<int64_t>(xs.size()));
-        act_kinds.push_back(fused_[f].kind);
-        act_params.push_back(fused_[f].p0);
-        act_params.push_back(fused_[f].p1);
-        act_inputs.push_back(fused_[f].input);
-        act_grads.push_back(fused_[f].grad);
-      }
-      xs.push_back(x_[s]);
-      ts.push_back(target_[s]);
-    }
-    return relax_update_activation_(xs, ts, config_.eta, router_.denormal_floor(), act_states,
-                                    act_kinds, act_params, act_inputs, act_grads);
-  });
+  return launch_per_device(
+      devices,
+      [&](const std::vector<size_t>& positions) {
+        std::vector<at::Tensor> xs, ts, act_inputs, act_grads;
+        std::vector<int64_t> act_states, act_kinds;
+        std::vector<double> act_params;
+        xs.reserve(positions.size());
+        ts.reserve(positions.size());
+        for (size_t p : positions) {
+          const int s = all_slots[p];
+          const int f = fused_of_slot_[s];
+          if (f >= 0) {
+            act_states.push_back(static_cast<int64_t>(xs.size()));
+            act_kinds.push_back(fused_[f].kind);
+            act_params.push_back(fused_[f].p0);
+            act_params.push_back(fused_[f].p1);
+            act_inputs.push_back(fused_[f].input);
+            act_grads.push_back(fused_[f].grad);
+          }
+          xs.push_back(x_[s]);
+          ts.push_back(target_[s]);
+        }
+        return relax_update_activation_(xs, ts, config_.eta, router_.denormal_floor(), act_states,
+                                        act_kinds, act_params, act_inputs, act_grads);
+      },
+      &row_index_);
 }
 
 bool LiteralSteps::check_finite(at::Tensor& norms, const std::vector<int>& slots, int64_t step) {
@@ -369,6 +372,12 @@ RelaxStats LiteralSteps::relax(const std::vector<at::Tensor>& reference_grads) {
     }
   }
   bool recorded = false;
+  // A refused capture keeps the graph object, and so its lane, until the
+  // relaxation ends: the eager steps go on on the lane's stream, which the
+  // object joins back into the caller's when it goes (the lane given back
+  // early would leave tensors made on it read by the caller's stream while
+  // another thread may lease it).
+  bool refused = false;
   at::Tensor graph_norms;
 
   int64_t done = 0; // steps taken
@@ -389,11 +398,11 @@ RelaxStats LiteralSteps::relax(const std::vector<at::Tensor>& reference_grads) {
             "torch_ar: the relaxation step could not be recorded as a CUDA graph; "
             "relaxing without one. The device said: ",
             e.what_without_backtrace());
-        graph.reset();
+        refused = true;
         graph_norms = at::Tensor();
       }
     }
-    const bool replayed = graph && whole_block;
+    const bool replayed = graph && !refused && whole_block;
     if (replayed) {
       graph->replay();
       norms = graph_norms;

@@ -4,6 +4,7 @@
 // topological Gauss-Seidel), with a tolerance, traces and CUDA-graph replay.
 // No Python runs inside it.
 
+#include "engine/per_device.h"
 #include "engine/relax_stats.h"
 #include "engine/router.h"
 
@@ -77,6 +78,8 @@ class LiteralSteps final : StateSink {
   std::vector<FusedActivation> fused_;
   std::vector<int> fused_of_slot_;  // per slot: index into fused_, -1
   std::vector<int> fused_of_layer_; // per layer: index into fused_, -1
+  // The row indices of a model split over devices, built once (per_device.h).
+  DeviceRowIndex row_index_;
 };
 
 } // namespace torch_ar

@@ -11,10 +11,21 @@
 
 namespace torch_ar {
 
+// The row indices of each device group, on the first device: built on a
+// call site's first launch and reused while its devices stay the same (a
+// host-to-device copy of them at every update blocked the host once per
+// group, every step).
+struct DeviceRowIndex {
+  std::vector<c10::Device> devices; // what `index` was built for
+  std::vector<at::Tensor> index;    // per device group
+};
+
 // `launch(positions)` updates the listed positions (all on one device) and
 // returns one result row per position. `devices[i]` is position i's device.
+// `cache`, kept by the call site, holds the row indices between calls.
 template <typename Launch>
-at::Tensor launch_per_device(const std::vector<c10::Device>& devices, Launch&& launch) {
+at::Tensor launch_per_device(const std::vector<c10::Device>& devices, Launch&& launch,
+                             DeviceRowIndex* cache = nullptr) {
   std::vector<c10::Device> seen;
   std::vector<std::vector<size_t>> groups;
   for (size_t i = 0; i < devices.size(); ++i) {
@@ -31,15 +42,24 @@ at::Tensor launch_per_device(const std::vector<c10::Device>& devices, Launch&& l
     for (size_t i = 0; i < all.size(); ++i) all[i] = i;
     return launch(all);
   }
+  DeviceRowIndex local;
+  DeviceRowIndex& rows_index = cache ? *cache : local;
+  if (rows_index.devices != devices || rows_index.index.size() != groups.size()) {
+    rows_index.devices = devices;
+    rows_index.index.clear();
+    for (const auto& positions : groups) {
+      std::vector<int64_t> index(positions.begin(), positions.end());
+      rows_index.index.push_back(at::tensor(index, at::kLong).to(seen[0]));
+    }
+  }
   at::Tensor rows;
-  for (const auto& positions : groups) {
-    at::Tensor part = launch(positions);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    at::Tensor part = launch(groups[g]);
     if (!rows.defined()) {
       rows = at::empty({static_cast<int64_t>(devices.size()), part.size(1)},
                        part.options().device(seen[0]));
     }
-    std::vector<int64_t> index(positions.begin(), positions.end());
-    rows.index_copy_(0, at::tensor(index, at::kLong).to(rows.device()), part.to(rows.device()));
+    rows.index_copy_(0, rows_index.index[g], part.to(rows.device()));
   }
   return rows;
 }

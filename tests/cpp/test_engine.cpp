@@ -2,6 +2,7 @@
 #include "engine/engine.h"
 #include "engine/errors.h"
 #include "engine/graph.h"
+#include "engine/per_device.h"
 #include "engine/plan.h"
 #include "engine/relaxation.h"
 
@@ -314,3 +315,39 @@ TEST(Plan, StructureThenBoundLossGradientsEqualsThePlanMadeWithThem) {
 }
 
 } // namespace
+
+// A model split over devices: the rows come back in the caller's order, and
+// the row indices are built once per call site, not on every update (a
+// blocking host-to-device copy each time). Driven on the host: two device
+// groups (CPU and meta) whose launch returns CPU rows.
+TEST(PerDevice, RowsInCallerOrderWithTheIndexBuiltOnce) {
+  const c10::Device cpu(c10::kCPU), meta(c10::kMeta);
+  const std::vector<c10::Device> devices{cpu, meta, cpu, meta, meta};
+  int launches = 0;
+  auto launch = [&](const std::vector<size_t>& positions) {
+    ++launches;
+    at::Tensor part = at::empty({static_cast<int64_t>(positions.size()), 2}, at::kDouble);
+    for (size_t k = 0; k < positions.size(); ++k) {
+      part[k][0] = static_cast<double>(positions[k]);
+      part[k][1] = 10.0 * static_cast<double>(positions[k]);
+    }
+    return part;
+  };
+  torch_ar::DeviceRowIndex cache;
+  at::Tensor rows = torch_ar::launch_per_device(devices, launch, &cache);
+  ASSERT_EQ(launches, 2);
+  ASSERT_EQ(rows.size(0), 5);
+  for (int64_t i = 0; i < 5; ++i) {
+    EXPECT_EQ(rows[i][0].item<double>(), static_cast<double>(i));
+    EXPECT_EQ(rows[i][1].item<double>(), 10.0 * static_cast<double>(i));
+  }
+  ASSERT_EQ(cache.index.size(), 2u);
+  const void* built = cache.index[0].data_ptr();
+  torch_ar::launch_per_device(devices, launch, &cache);
+  EXPECT_EQ(cache.index[0].data_ptr(), built) << "the index was built again";
+  // Other devices: built anew.
+  const std::vector<c10::Device> other{cpu, meta, meta};
+  at::Tensor again = torch_ar::launch_per_device(other, launch, &cache);
+  EXPECT_EQ(cache.devices, other);
+  for (int64_t i = 0; i < 3; ++i) EXPECT_EQ(again[i][0].item<double>(), static_cast<double>(i));
+}

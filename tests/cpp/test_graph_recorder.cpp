@@ -27,6 +27,7 @@ struct Books {
   int launches = 0;
   // Failures to inject.
   bool refuse_begin = false;
+  bool fail_after_begin = false; // the capture started, then a query failed
   bool invalidate = false;
   bool refuse_instantiate = false;
   std::string sticky;
@@ -55,6 +56,7 @@ class BookkeepingDevice final : public CaptureDevice {
     TORCH_CHECK(!books_.refuse_begin, "operation not permitted when stream is capturing");
     TORCH_CHECK(!books_.capturing, "the stream is already capturing");
     books_.capturing = true;
+    TORCH_CHECK(!books_.fail_after_begin, "cudaStreamGetCaptureInfo: invalid resource handle");
   }
   bool end_capture() noexcept override {
     if (!books_.capturing) return false;
@@ -133,6 +135,15 @@ TEST(GraphRecorder, RefusedStepThenASuccessfulCapture) {
 TEST(GraphRecorder, RefusedBeginCapture) {
   Books books;
   books.refuse_begin = true;
+  EXPECT_THROW(recorder(books)->record([] { FAIL() << "the step must not run"; }), c10::Error);
+  expect_as_found(books);
+}
+
+// cudaStreamBeginCapture succeeded and the next call failed: the lane must
+// not be left capturing (every later launch on it would fail).
+TEST(GraphRecorder, FailureAfterTheCaptureBeganEndsTheCapture) {
+  Books books;
+  books.fail_after_begin = true;
   EXPECT_THROW(recorder(books)->record([] { FAIL() << "the step must not run"; }), c10::Error);
   expect_as_found(books);
 }
