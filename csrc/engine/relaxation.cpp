@@ -7,17 +7,13 @@
 #include "engine/literal_steps.h"
 #include "engine/per_device.h"
 #include "engine/router.h"
+#include "engine/worker_thread.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
-#include <c10/core/StreamGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/autograd/generated/Functions.h>
 #include <torch/csrc/autograd/graph_task.h>
 
-#include <exception>
 #include <optional>
-#include <thread>
 #include <unordered_map>
 #include <utility>
 
@@ -113,7 +109,7 @@ std::vector<at::Tensor> match_forward_values(const Plan& plan,
 
 // Runs `body` where no outer graph task's exec_info is current: inside
 // torch.autograd.grad(..., inputs=...) the outer task marks which nodes run,
-// and our inner nodes are not among them.
+// and our inner nodes are not among them (see engine/worker_thread.h).
 template <typename Body>
 void outside_graph_task(const std::vector<at::Tensor>& outputs, Body&& body) {
   const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
@@ -121,29 +117,7 @@ void outside_graph_task(const std::vector<at::Tensor>& outputs, Body&& body) {
     body();
     return;
   }
-  at::ThreadLocalState tls;
-  std::optional<c10::Stream> stream;
-  for (const auto& t : outputs) {
-    if (t.defined() && t.device().type() != c10::DeviceType::CPU) {
-      c10::impl::VirtualGuardImpl impl(t.device().type());
-      stream = impl.getStream(t.device());
-      break;
-    }
-  }
-  std::exception_ptr error;
-  std::thread worker([&] {
-    try {
-      at::init_num_threads(); // honour torch.set_num_threads in this thread too
-      at::ThreadLocalStateGuard guard(tls);
-      std::optional<c10::StreamGuard> stream_guard;
-      if (stream) stream_guard.emplace(*stream);
-      body();
-    } catch (...) {
-      error = std::current_exception();
-    }
-  });
-  worker.join();
-  if (error) std::rethrow_exception(error);
+  run_on_worker_thread(outputs, body);
 }
 
 } // namespace
