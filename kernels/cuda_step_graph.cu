@@ -102,16 +102,20 @@ class Lanes {
 
   int64_t release_idle_pools() {
     int64_t released = 0;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (const auto& lane : lanes_) {
-        if (lane->leased || !is_pool(lane->pool)) continue;
-        allocator::releasePool(lane->device, lane->pool);
-        lane->pool = {0, 0};
-        ++released;
-      }
+    bool busy = false;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& lane : lanes_) {
+      busy = busy || lane->leased;
+      if (lane->leased || !is_pool(lane->pool)) continue;
+      allocator::releasePool(lane->device, lane->pool);
+      lane->pool = {0, 0};
+      ++released;
     }
-    if (released > 0) allocator::emptyCache();
+    // A leased lane may be capturing, and its capture must see no cudaFree:
+    // the cache is emptied only when none is, under the lock, so that no
+    // capture starts meanwhile (else the released blocks stay cached for
+    // torch.cuda.empty_cache() or the next call).
+    if (released > 0 && !busy) allocator::emptyCache();
     return released;
   }
 

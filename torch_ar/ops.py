@@ -65,9 +65,11 @@ def release_cuda_graph_memory() -> int:
     that the next backward reuses, so memory stays flat across batches; the
     pool is kept while the process runs, and ``torch.cuda.empty_cache()``
     alone cannot return it. This releases every idle pool, then empties the
-    CUDA cache as ``torch.cuda.empty_cache()`` does, and returns the number of
-    pools released (0 without CUDA graphs). The next graphed backward makes a
-    new pool.
+    CUDA cache as ``torch.cuda.empty_cache()`` does (unless a relaxation on
+    another thread holds a graph at that moment: its capture must see no
+    free, so the released blocks then stay cached until the next call or
+    ``torch.cuda.empty_cache()``), and returns the number of pools released
+    (0 without CUDA graphs). The next graphed backward makes a new pool.
 
     Example::
 
