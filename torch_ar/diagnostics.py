@@ -441,6 +441,40 @@ def _engine_checks(r: _Runner, graphs: dict) -> None:
                 )
 
 
+def _large_sum_checks(r: _Runner) -> None:
+    """A float16 MLP whose states sum past float16's largest finite value
+    (65504) while every element is finite: the sums that decide convergence
+    and divergence must be taken in float64, in every evaluation."""
+    dev = r.device
+
+    def problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 10))
+        with torch.no_grad():
+            net[0].bias.fill_(8.0)
+            net[2].weight.fill_(1.0)
+        x = torch.randn(64, 64)
+        y = torch.randint(0, 10, (64,))
+        return net.half().to(dev), x.half().to(dev), y.to(dev)
+
+    def exact() -> float:
+        net, x, y = problem()
+        got, _ = _ar_grads(net, x, y)
+        return _worst(got, _autograd_grads(net, x, y))
+
+    def closed_vs_literal() -> float:
+        net, x, y = problem()
+        settings = {"eta": 0.5, "steps": 6}
+        literal, _ = _ar_grads(net, x, y, evaluation="literal", **settings)
+        closed, _ = _ar_grads(net, x, y, **settings)
+        if not all(torch.isfinite(g).all() for g in literal.values()):
+            return float("inf"), "non-finite literal-step gradients"
+        return _worst(closed, literal)
+
+    r.check("engine float16, sums past 65504: exact sweep = autograd", exact)
+    r.check("engine float16, sums past 65504: closed form = literal steps", closed_vs_literal)
+
+
 def _variant_oracle(
     net: nn.Sequential, psis: dict, x, y, backward_weights: bool, drop_derivative: bool
 ) -> dict[str, torch.Tensor]:
@@ -586,6 +620,7 @@ def selftest(device: str | torch.device = "cpu", *, verbose: bool = False) -> Se
     with _deterministic():
         _kernel_checks(runner)
         _engine_checks(runner, _graphs())
+        _large_sum_checks(runner)
         _variant_checks(runner)
         if dev.type == "cuda":
             _cuda_rng_checks(runner)
