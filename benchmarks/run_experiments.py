@@ -208,7 +208,8 @@ def resnet_methods(steps: int) -> list[tuple[str, list[str], float, tuple[int, .
                 KOLEN_POLLACK_DECAY,
             ],
             1.3,
-            (0,),
+            # Seed 1 too: within a point of backprop (85.06% against 85.56%).
+            (0, 1),
         ),
         (
             "ar-eta1-no_nonlinear_derivative",
@@ -222,7 +223,16 @@ def resnet_methods(steps: int) -> list[tuple[str, list[str], float, tuple[int, .
             1.3,
             (0,),
         ),
-        *[(f"ar-eta1-{v}", [*exact, "--variant", v], 1.3, (0,)) for v in SIGN_VARIANT_NAMES],
+        # uSF gets seed 1 too: within a point of Kolen-Pollack (84.21% against 85.06%).
+        *[
+            (
+                f"ar-eta1-{v}",
+                [*exact, "--variant", v],
+                1.3,
+                (0, 1) if v == "sign_symmetry" else (0,),
+            )
+            for v in SIGN_VARIANT_NAMES
+        ],
         # The peer row: BioTorch's own FA ResNet-20 (pip install --no-deps biotorch==0.0.16)
         # under plain backprop, on the same schedule, data order and augmentation.
         ("biotorch-fa", ["--method", "backprop", "--model", "biotorch-fa-resnet20"], 1.2, (0,)),
