@@ -11,6 +11,7 @@ gpu_check.sh get a smoke run on CPU.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -141,10 +142,13 @@ def test_plain_ar_matches_torch_ar_literal_steps(device: str, activation: str, t
     """On the MLP both relax the same states from the same forward values:
     the same numbers step by step, so the benchmark compares equal work."""
     model, x, target = problem("mlp", activation, device)
-    for eta, steps in ((0.1, 30), (0.5, 7)):
-        ar = torch_ar.ARBackward(model, eta=eta, steps=steps)
+    for (eta, steps), evaluation in itertools.product(
+        ((0.1, 30), (0.5, 7)), ("literal", "closed_form")
+    ):
+        ar = torch_ar.ARBackward(model, eta=eta, steps=steps, evaluation=evaluation)
         model.zero_grad(set_to_none=True)
         F.mse_loss(ar(x), target).backward()
+        assert ar.last_stats.evaluation == evaluation
         engine = [p.grad.clone() for p in model.parameters()]
         assert ar.last_stats.depth == depth("explicit", model)
         for impl in ("explicit", "autograd"):

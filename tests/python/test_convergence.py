@@ -129,12 +129,20 @@ def test_traced_default_run_takes_literal_depth_steps(mlp64):
     assert mlp64.max_rel_err(grads) <= 1e-10
 
 
+@pytest.mark.parametrize("evaluation", ["literal", "closed_form"])
 @pytest.mark.parametrize("init", ["forward", "zero"])
 @pytest.mark.parametrize("schedule", ["jacobi", "sweep"])
 @pytest.mark.parametrize(("eta", "steps"), [(0.1, 7), (0.1, 40), (0.5, 5), (1.0, 1)])
-def test_literal_steps_match_reference_relaxation(mlp64, init, schedule, eta, steps):
-    """After k steps the engine holds exactly the paper's k-step relaxation."""
-    grads, stats = mlp64.run(eta=eta, steps=steps, init=init, schedule=schedule)
+def test_literal_steps_match_reference_relaxation(mlp64, init, schedule, eta, steps, evaluation):
+    """After k steps the engine holds exactly the paper's k-step relaxation,
+    stepping (literal) and in closed form, each named (the default would pick
+    the closed form and leave the literal steps untested here)."""
+    grads, stats = mlp64.run(
+        eta=eta, steps=steps, init=init, schedule=schedule, evaluation=evaluation
+    )
+    # One sweep at eta 1 is the exact sweep, which the closed form then is.
+    one_sweep = eta == 1.0 and schedule == "sweep" and evaluation == "closed_form"
+    assert stats.evaluation == ("exact_sweep" if one_sweep else evaluation)
     assert stats.steps == steps
     ref = mlp64.reference(eta=eta, steps=steps, init=init, schedule=schedule)
     errs = {n: rel_err(grads[n], g) for n, g in ref.items()}
