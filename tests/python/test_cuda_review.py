@@ -571,3 +571,33 @@ def test_cuda_graph_with_the_async_allocator_relaxes_without_one(tmp_path) -> No
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+@needs_cuda(devices=2)
+@pytest.mark.parametrize("evaluation", ["literal", "closed_form"])
+def test_model_split_over_two_gpus_does_not_sync_every_step(torch_ar, evaluation) -> None:
+    """The row indices of each device group are built once per call site: the
+    host synchronises a bounded number of times, not once per group and step
+    (a blocking host-to-device copy of the indices at every update before)."""
+    torch.manual_seed(0)
+    net = TwoStage().double()
+    net.first.to("cuda:0")
+    net.second.to("cuda:1")
+    x = torch.randn(8, 16, dtype=torch.float64, device="cuda:0")
+    syncs = {}
+    for steps in (20, 200):
+        ar = torch_ar.ARBackward(
+            net, eta=0.3, steps=steps, evaluation=evaluation, check_every=10_000
+        )
+        loss = ar(x).square().sum()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs[steps] = sum("synchroniz" in str(w.message) for w in caught)
+    # Ten times the steps, the same synchronisations (the final read-back).
+    assert syncs[200] <= syncs[20] + 2, syncs
