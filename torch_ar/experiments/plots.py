@@ -95,9 +95,17 @@ def run_label(config: dict[str, Any], resolved: dict[str, Any] | None = None) ->
     tol = config.get("tol")
     if tol is not None:
         label += f", tol {tol:g}"
-    for option in ("init", "schedule", "granularity"):
+    for option in ("init", "schedule"):
         if config.get(option) is not None:
             label += f", {option} {config[option]}"
+    # The granularity the run had, whether asked for or the default of the
+    # day (recorded in ar_config), named unless it is today's default: seeds
+    # of one setting share one label.
+    from torch_ar.config import RelaxConfig  # the library's default, one source
+
+    granularity = config.get("granularity") or ar.get("granularity")
+    if granularity is not None and granularity != RelaxConfig.granularity:
+        label += f", granularity {granularity}"
     if config.get("backward_weight_init") is not None:
         label += f", psi {config['backward_weight_init']}"
     if config.get("backward_weight_std") is not None:
