@@ -43,7 +43,13 @@ at::Tensor replay_views(const Plan& plan, const StateSlot& slot, const RecordedB
   size_t k = 1;
   at::Tensor value;
   for (; k < chain.size(); ++k) {
-    value = recorded_output(by_node, plan.graph->nodes[chain[k]].get(), 0);
+    // The output of node k that node k - 1 reads (a multi-output node's
+    // other outputs are not this chain's).
+    const torch::autograd::Node* reader = plan.graph->nodes[chain[k - 1]].get();
+    const torch::autograd::Node* node = plan.graph->nodes[chain[k]].get();
+    if (reader->num_outputs() != 1 || reader->next_edge(0).function.get() != node)
+      return at::Tensor();
+    value = recorded_output(by_node, node, reader->next_edge(0).input_nr);
     if (value.defined()) break;
   }
   if (!value.defined()) return at::Tensor();
