@@ -20,7 +20,10 @@ RESULTS = ROOT / "results"
 RESNET_ROWS = {
     "backprop (seeds 0, 1)": ["cifar10-resnet20-backprop-s0", "cifar10-resnet20-backprop-s1"],
     "AR, exact (eta 1)": ["cifar10-resnet20-ar-eta1-s0"],
-    "AR, sign-concordant feedback (uSF)": ["cifar10-resnet20-ar-eta1-sign_symmetry-s0"],
+    "AR, sign-concordant feedback (uSF; seeds 0, 1)": [
+        "cifar10-resnet20-ar-eta1-sign_symmetry-s0",
+        "cifar10-resnet20-ar-eta1-sign_symmetry-s1",
+    ],
     "AR, sign-concordant feedback, fixed random magnitudes (frSF)": [
         "cifar10-resnet20-ar-eta1-sign_symmetry_fixed_random-s0"
     ],
@@ -30,8 +33,9 @@ RESNET_ROWS = {
     "AR, learned backward weights": [
         "cifar10-resnet20-ar-eta1-learned_backward_weights-psi_matched-s0"
     ],
-    "AR, learned backward weights, Kolen-Pollack decay": [
-        "cifar10-resnet20-ar-eta1-learned_backward_weights-kp-psi_matched-s0"
+    "AR, learned backward weights, Kolen-Pollack decay (seeds 0, 1)": [
+        "cifar10-resnet20-ar-eta1-learned_backward_weights-kp-psi_matched-s0",
+        "cifar10-resnet20-ar-eta1-learned_backward_weights-kp-psi_matched-s1",
     ],
     "AR, no nonlinear derivative": ["cifar10-resnet20-ar-eta1-no_nonlinear_derivative-s0"],
     "AR, feedback alignment": ["cifar10-resnet20-ar-eta1-feedback_alignment-psi_matched-s0"],
