@@ -28,18 +28,12 @@ from zoo import (
     rel_err,
 )
 
+from torch_ar.variants import VARIANTS as ALL_VARIANTS
+
 ETAS = (0.05, 0.1, 0.5, 0.9)
 STEP_COUNTS = ("1", "2", "D-1", "D", "D+1", "100", "1000")
-VARIANTS = (
-    "exact",
-    "learned_backward_weights",
-    "feedback_alignment",
-    "no_nonlinear_derivative",
-    "combined",
-    "sign_symmetry",
-    "sign_symmetry_fixed_random",
-    "sign_symmetry_batch_random",
-)
+# Every variant, from the library's one list of them.
+VARIANTS = tuple(ALL_VARIANTS)
 SMALL_CASES = [name for name in CASES if name != "resnet18_train"]
 
 

@@ -32,16 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from zoo import load_torch_ar
 
-VARIANTS = (
-    "exact",
-    "learned_backward_weights",
-    "feedback_alignment",
-    "no_nonlinear_derivative",
-    "combined",
-    "sign_symmetry",
-    "sign_symmetry_fixed_random",
-    "sign_symmetry_batch_random",
-)
+from torch_ar.variants import VARIANTS as ALL_VARIANTS
+
+# Every variant, from the library's one list of them.
+VARIANTS = tuple(ALL_VARIANTS)
 REL_TOL = 1e-10
 
 
