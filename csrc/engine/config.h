@@ -41,6 +41,9 @@ enum class Evaluation { Auto, ExactSweep, ClosedForm, Literal };
   X(use_backward_weights, bool, false)       /* linear/conv input-VJPs use psi, not W */ \
   X(drop_activation_derivative, bool, false) /* activations pass states through */       \
   X(weight_update_derivative, bool, true)    /* keep f' in the weight gradient anyway */ \
+  /* DFA: a linear/conv op's input-VJP reads psi and the output error, not the */        \
+  /* state above it (engine/direct_feedback.h); with use_backward_weights. */            \
+  X(direct_feedback, bool, false)                                                        \
   /* NaN/Inf states: raise (naming node and step), or let them through to the */         \
   /* gradients as autograd would (so a GradScaler can skip the step). */                 \
   X(raise_on_nonfinite, bool, true)                                                      \

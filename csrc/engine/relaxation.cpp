@@ -1,6 +1,7 @@
 #include "engine/relaxation.h"
 
 #include "engine/closed_form.h"
+#include "engine/direct_feedback.h"
 #include "engine/engine.h"
 #include "engine/errors.h"
 #include "engine/exact_sweep.h"
@@ -230,13 +231,14 @@ std::vector<at::Tensor> Relaxation::backward(std::vector<at::Tensor> output_grad
         !expects_loss_gradients(*plan_, output_grads))
       plan_for(output_grads, leaf_needs_grad);
     bind_loss_gradients(*plan_, output_grads);
-    grads = run(backward_weights);
+    grads = run(backward_weights, output_grads);
   });
   if (!keep_graph) release();
   return grads;
 }
 
-std::vector<at::Tensor> Relaxation::run(const std::vector<at::Tensor>& backward_weights) {
+std::vector<at::Tensor> Relaxation::run(const std::vector<at::Tensor>& backward_weights,
+                                        const std::vector<at::Tensor>& output_grads) {
   const Plan& plan = *plan_;
   // Release the saved forward values on every exit path unless asked to keep them.
   struct Release {
@@ -252,6 +254,21 @@ std::vector<at::Tensor> Relaxation::run(const std::vector<at::Tensor>& backward_
   std::vector<at::Tensor> leaf_grads;
   Router router(plan, config_, backward_weights, leaf_names_);
   const Evaluation evaluation = choose_evaluation(config_, plan.depth);
+  std::vector<at::Tensor> reference;
+  if (evaluation == Evaluation::Literal && config_.trace_cosine) {
+    // The reference is autograd's gradient, whatever the variant: taken
+    // before direct feedback binds its constants into the plan.
+    EngineConfig exact_config = config_;
+    exact_config.use_backward_weights = false;
+    exact_config.drop_activation_derivative = false;
+    exact_config.direct_feedback = false;
+    Router exact(plan, exact_config);
+    reference = ExactSweep(exact).run();
+  }
+  if (config_.direct_feedback) {
+    Router feedback(plan, config_, backward_weights, leaf_names_);
+    bind_direct_feedback(*plan_, feedback, output_grads);
+  }
   // From here on the per-state list holds the only references we keep.
   std::vector<at::Tensor> initial = match_forward_values(plan, forward_values_);
   if (!config_.keep_graph) forward_values_.clear();
@@ -271,15 +288,6 @@ std::vector<at::Tensor> Relaxation::run(const std::vector<at::Tensor>& backward_
     stats_.sweeps = 1;
     stats_.residuals = at::zeros({static_cast<int64_t>(plan.slots.size())}, at::kDouble);
   } else {
-    std::vector<at::Tensor> reference;
-    if (config_.trace_cosine) {
-      // The reference is autograd's gradient, whatever the variant.
-      EngineConfig exact_config = config_;
-      exact_config.use_backward_weights = false;
-      exact_config.drop_activation_derivative = false;
-      Router exact(plan, exact_config);
-      reference = ExactSweep(exact).run();
-    }
     LiteralSteps steps(router);
     steps.init_states(initial);
     initial.clear();

@@ -57,7 +57,8 @@ class Relaxation {
  private:
   void plan_for(const std::vector<at::Tensor>& output_grads,
                 const std::vector<bool>& leaf_needs_grad);
-  std::vector<at::Tensor> run(const std::vector<at::Tensor>& backward_weights);
+  std::vector<at::Tensor> run(const std::vector<at::Tensor>& backward_weights,
+                              const std::vector<at::Tensor>& output_grads);
   // Raises RelaxationDiverged when a loss gradient is NaN/Inf (one read).
   void check_loss_gradients(const std::vector<at::Tensor>& output_grads) const;
   // Per leaf, the name errors call it by (the module path of a parameter).

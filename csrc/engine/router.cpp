@@ -124,15 +124,37 @@ const at::Tensor& Router::backward_weight_for(const Layer& layer, size_t q) cons
               "' reads the ", psi.dim(), "-D weight ", leaf_name(leaf),
               " through a transpose; a backward weight of more than two dimensions replaces a "
               "convolution's kernel as it is");
+  const auto& shape = layer.weight_operand_shape[q];
+  if (config_.direct_feedback) {
+    // psi is kept as the operand the op reads, with the error's size in
+    // place of the op's outputs (dim 1 of a linear op's [in, out] operand,
+    // dim 0 of a kernel): the same whichever way the op reads W.
+    const int64_t out_dim = psi.dim() == 2 ? 1 : 0;
+    bool fits = psi.dim() == static_cast<int64_t>(shape.size());
+    for (int64_t d = 0; fits && d < psi.dim(); ++d) fits = d == out_dim || psi.size(d) == shape[d];
+    TORCH_CHECK(fits, "torch_ar: the direct feedback weight of ", leaf_name(leaf), " (shape ",
+                psi.sizes(), ") cannot stand for the weight that node '", node.name(),
+                "' reads (shape ", c10::IntArrayRef(shape),
+                "): it must have the operand's shape with the output error's size in place of "
+                "the op's outputs ([in, output_dim] for a linear op, [output_dim, in, *kernel] "
+                "for a convolution)");
+    return psi;
+  }
   const at::Tensor& operand =
       psi.dim() != 2 || layer.weight_transposed[q] ? psi : backward_weights_read_direct_[leaf];
-  const auto& shape = layer.weight_operand_shape[q];
   TORCH_CHECK(operand.sizes().vec() == shape, "torch_ar: the backward weight of ", leaf_name(leaf),
               " (shape ", psi.sizes(), ") cannot replace the weight that node '", node.name(),
               "' reads (shape ", c10::IntArrayRef(shape),
               "): psi has W^T's shape for a 2-D weight and W's for a kernel, where W is the "
               "weight as the op reads it");
   return operand;
+}
+
+bool Router::cut_by_direct_feedback(const Layer& layer, size_t q, Pass pass) const {
+  if (!config_.direct_feedback) return false;
+  if (pass != Pass::Relax && pass != Pass::Propagate && pass != Pass::InputGrad) return false;
+  const OpInfo* op = layer.ops[q];
+  return op && op->psi_vjp;
 }
 
 variable_list Router::layer_inputs(int L, const std::vector<at::Tensor>& x, bool relaxing,
@@ -161,7 +183,7 @@ void Router::run_layer(int L, Pass pass, const std::vector<at::Tensor>& x, State
 void Router::propagate(int L, Pass pass, variable_list grads, StateSink* sink) {
   const Layer& layer = plan_.layers[L];
   const int p = static_cast<int>(pass);
-  if (!layer.has_work[p]) return;
+  if (!layer.has_work[p] || cut_by_direct_feedback(layer, 0, pass)) return;
   auto& node = *graph_.nodes[layer.chain[0]];
   variable_list out =
       node_vjp(node, layer.ops[0], std::move(grads), layer.masks[p][0], rule_for(layer, 0, pass));
@@ -176,6 +198,7 @@ void Router::propagate_from(int L, Pass pass, size_t first, variable_list out, S
   for (size_t q = first; q < layer.chain.size(); ++q) {
     const auto& mask = layer.masks[p][q];
     if (q > first) {
+      if (cut_by_direct_feedback(layer, q, pass)) break;
       auto& node = *graph_.nodes[layer.chain[q]];
       out = node_vjp(node, layer.ops[q], std::move(grads), mask, rule_for(layer, q, pass));
     }
@@ -245,6 +268,12 @@ void Router::propagate_param_side() {
         contribute_param_side(targets[j], out[j]);
     }
   }
+}
+
+std::vector<at::Tensor> Router::take_leaf_contributions() {
+  std::vector<at::Tensor> taken(leaf_grad_.size());
+  taken.swap(leaf_grad_);
+  return taken;
 }
 
 std::vector<at::Tensor> Router::finish_leaf_gradients() {

@@ -58,7 +58,13 @@ class Router {
   VjpRule rule_for(const Layer& layer, size_t q, Pass pass) const;
   // The psi that replaces the weight operand of layer's node q, in the layout
   // the node reads it; a clear error naming the parameters where there is none.
+  // With direct feedback psi maps the output error instead of the op's own
+  // output: its output dimension is the error's (checked by the caller).
   const at::Tensor& backward_weight_for(const Layer& layer, size_t q) const;
+  // Direct feedback: whether layer's node q is a linear/conv op whose
+  // input-VJP in this pass is the constant bound before the evaluation
+  // (engine/direct_feedback.h), so that nothing flows through it.
+  bool cut_by_direct_feedback(const Layer& layer, size_t q, Pass pass) const;
 
   // The gradients at layer L's outputs, in the dtypes its VJPs expect: the
   // states x of relaxing outputs and/or the loss gradients of clamped ones.
@@ -78,6 +84,8 @@ class Router {
   void reset_gradients();
   void propagate_param_side();
   std::vector<at::Tensor> finish_leaf_gradients();
+  // The leaf contributions gathered so far, taken (cleared here).
+  std::vector<at::Tensor> take_leaf_contributions();
 
  private:
   void contribute_leaf(int leaf, const at::Tensor& grad);

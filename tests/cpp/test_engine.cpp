@@ -190,6 +190,43 @@ TEST(Engine, ReleasesSavedValuesWithoutKeepGraph) {
   EXPECT_THROW(torch_ar::run_engine(k.in, c), c10::Error);
 }
 
+// Direct feedback alignment on the chain: each weight op's input hears
+// e psi^T (psi [in, output_dim]) instead of what lies above it; f' is kept
+// on the way to each weight. Written out by hand, for the exact sweep, the
+// literal steps and the closed form (one linear system with a constant term).
+TEST(Engine, DirectFeedbackGivesTheHandWrittenGradients) {
+  Case k = chain();
+  at::Tensor x = k.in.leaves[3].detach(), c = k.in.output_grads[0];
+  at::Tensor w1 = k.in.leaves[0].detach(), w2 = k.in.leaves[1].detach();
+  at::Tensor H1 = at::tanh(x.mm(w1.t())), H2 = at::tanh(H1.mm(w2.t()));
+  at::manual_seed(31);
+  const at::Tensor psi1 = at::randn({4, 3}, at::kDouble), psi2 = at::randn({6, 3}, at::kDouble),
+                   psi3 = at::randn({6, 3}, at::kDouble);
+  k.in.backward_weights = {psi1, psi2, psi3, at::Tensor()};
+  const at::Tensor da2 = c.mm(psi3.t()) * (1 - H2 * H2);
+  const at::Tensor da1 = c.mm(psi2.t()) * (1 - H1 * H1);
+  k.expected = {da1.t().mm(x), da2.t().mm(H1), c.t().mm(H2), c.mm(psi1.t())};
+  EngineConfig c1;
+  c1.use_backward_weights = true;
+  c1.direct_feedback = true;
+  expect_matches(k, torch_ar::run_engine(k.in, keep(c1)), 1e-12);
+  for (auto evaluation : {torch_ar::Evaluation::Literal, torch_ar::Evaluation::ClosedForm}) {
+    EngineConfig slow = c1;
+    slow.eta = 0.5;
+    slow.steps = 80;
+    slow.evaluation = evaluation;
+    expect_matches(k, torch_ar::run_engine(k.in, keep(slow)), 1e-12);
+  }
+  // psi sized for another output: refused, naming the size to pass.
+  k.in.backward_weights = {at::randn({4, 2}, at::kDouble), psi2, psi3, at::Tensor()};
+  try {
+    torch_ar::run_engine(k.in, keep(c1));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("output_dim=3"), std::string::npos) << e.what();
+  }
+}
+
 // A NaN loss gradient is reported as such before any step (no eta or step
 // count could help); without raising, the literal steps carry it into the
 // states, from the first step on (a NaN from inside a backward is named by
