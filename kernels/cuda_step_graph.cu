@@ -256,7 +256,10 @@ class CudaStepGraph final : public StepGraph {
 
   void capture(const std::function<void()>& step) override {
     // Work already queued must not be recorded, and memory it frees must be
-    // free before the capture starts.
+    // free before the capture starts. Device-wide, as torch.cuda.graph does
+    // before its captures: once per backward (a capture records one step),
+    // so a lane-stream wait would save little and leave work queued on other
+    // streams (their frees, the allocator's pending events) unsettled.
     c10::cuda::device_synchronize();
     // Autocast's cache of cast weights must not hand out tensors of the
     // graph's pool to later eager code (a backward run inside autocast).

@@ -349,15 +349,23 @@ void ClosedForm::update_states(const std::vector<int>& slots, int k) {
 
 void ClosedForm::settle_pending() {
   if (pending_.empty()) return;
+  // Every queued norm and scaled norm in one copy to the host.
   std::vector<at::Tensor> all;
-  for (const auto& p : pending_) all.push_back(p.norms);
-  const at::Tensor host = join_on_one_device(all, /*stack=*/false).to(at::kCPU);
-  int64_t row = 0;
   for (const auto& p : pending_) {
-    const int64_t n = static_cast<int64_t>(p.slots.size());
-    const at::Tensor scaled = p.scaled.defined() ? p.scaled.to(at::kCPU) : at::Tensor();
-    settle(host.narrow(0, row, n), p.slots, p.stage, nullptr, scaled);
-    row += n;
+    all.push_back(p.norms.to(at::kDouble).reshape({-1}));
+    if (p.scaled.defined()) all.push_back(p.scaled.to(at::kDouble).reshape({-1}));
+  }
+  const at::Tensor host = join_on_one_device(all, /*stack=*/false).to(at::kCPU);
+  int64_t offset = 0;
+  auto take = [&](const at::Tensor& like) {
+    at::Tensor part = host.narrow(0, offset, like.numel()).view(like.sizes());
+    offset += like.numel();
+    return part;
+  };
+  for (const auto& p : pending_) {
+    const at::Tensor norms = take(p.norms);
+    const at::Tensor scaled = p.scaled.defined() ? take(p.scaled) : at::Tensor();
+    settle(norms, p.slots, p.stage, nullptr, scaled);
   }
   pending_.clear();
 }
@@ -411,9 +419,11 @@ void ClosedForm::stage(int k) {
   for (int s : relaxing_)
     TORCH_INTERNAL_ASSERT(!needs_state(s, k) || updated[s], "closed form: state ", s,
                           " missed stage ", k);
-  // Off the CPU: one read per stage, so a divergence is reported at the
-  // stage it happened in (as on the CPU) instead of after the whole sweep.
-  settle_pending();
+  // Off the CPU: one read every check_every stages (and after the last).
+  // Each queued launch keeps its stage, so a divergence is still reported at
+  // the stage it happened in, as on the CPU; only the sweep goes on a little
+  // longer before it is.
+  if (k % std::max<int64_t>(1, config_.check_every) == 0) settle_pending();
 }
 
 void ClosedForm::last_stage(bool release_saved) {
