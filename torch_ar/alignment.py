@@ -41,7 +41,8 @@ def backward_weight_angles(ar: nn.Module) -> dict[str, float]:
     The exact value is W^T for linear layers and W for convolutions, so 0 means
     the layer propagates exactly as backprop would; independent random
     matrices are close to 90 degrees apart. Empty for variants without
-    backward weights.
+    backward weights and for direct feedback alignment, whose psi projects
+    the output error and so stands for no weight.
 
     Example::
 
@@ -50,6 +51,8 @@ def backward_weight_angles(ar: nn.Module) -> dict[str, float]:
         logger.log({f"angle/{k}": v for k, v in backward_weight_angles(ar).items()})
     """
     angles = {}
+    if ar.relax_config.variant_spec.direct_feedback:
+        return angles  # psi projects the output error: it stands for no weight
     for name, psi in ar.backward_weights().items():
         angles[name] = angle_degrees(psi, exact_backward_weight(ar.module, name))
     return angles

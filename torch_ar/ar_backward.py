@@ -132,9 +132,11 @@ class _ForwardRun:
         self.params = [p for _, p in named]
         self.frozen = [p for p in self.params if not p.requires_grad]
         # Backward weights, one per parameter that has one (else None).
+        # Direct feedback's psi are fixed and may be made only at the first
+        # backward: the backward reads them, they are no inputs of the forward.
         self.psis: list[torch.Tensor | None] = (
             [owner._backward_weight_of(n) for n in self.param_names]
-            if owner._psi_layout
+            if owner._psi_layout and not self.config.variant_spec.direct_feedback
             else [None] * len(self.params)
         )
         self.psi_tensors = [p for p in self.psis if p is not None]
@@ -301,9 +303,12 @@ class _ARFunction(torch.autograd.Function):
         variant = cfg.variant_spec
         if variant.sign_feedback is not None:
             run.owner.refresh_sign_feedback()
+        psis = run.psis
+        if variant.direct_feedback:
+            run.owner._direct_feedback_weights_for([grads[k] for k in run.output_slots])
+            psis = [run.owner._backward_weight_of(n) for n in run.param_names]
         backward_weights = (
-            [p.detach() if p is not None else None for p in run.psis]
-            + [None] * len(run.input_leaves)
+            [p.detach() if p is not None else None for p in psis] + [None] * len(run.input_leaves)
             if variant.uses_backward_weights
             else []
         )
@@ -389,6 +394,11 @@ class ARBackward(nn.Module):
     )
     ```
 
+    `output_dim` (direct_feedback_alignment only): the size of the output's
+    loss gradient per sample (the classes of a classifier), which each psi
+    projects; psi is made here when it is given, else at the first backward
+    from the loss gradient's shape (a state dict with psi loads either way).
+
     Calling it returns exactly what `module(*args, **kwargs)` returns
     (tensors, tuples, dicts, non-tensor values); under `torch.no_grad()` it is
     the plain module. `loss.backward()` and `torch.autograd.grad` both give AR
@@ -418,6 +428,7 @@ class ARBackward(nn.Module):
         cuda_graph: bool = False,
         evaluation: str = "auto",
         backward_weight_params: Sequence[str] = (),
+        output_dim: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -480,6 +491,19 @@ class ARBackward(nn.Module):
                 f"ARBackward: backward_weight_params given, but variant {variant!r} uses no "
                 "backward weights"
             )
+        direct = self.relax_config.variant_spec.direct_feedback
+        if output_dim is not None and (
+            not direct
+            or isinstance(output_dim, bool)
+            or not isinstance(output_dim, int)
+            or output_dim < 1
+        ):
+            raise ValueError(
+                "ARBackward: output_dim is the output size per sample that "
+                "variant='direct_feedback_alignment' projects (a positive int); got "
+                f"{output_dim!r} with variant {variant!r}"
+            )
+        self._direct_feedback_dim = output_dim
         if self.relax_config.variant_spec.uses_backward_weights:
             self._create_backward_weights()
 
@@ -505,6 +529,7 @@ class ARBackward(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_direct_feedback_dim", None)
         self._last_raw = None
         self._param_cache = None
         self._make_engine_configs()
@@ -514,6 +539,13 @@ class ARBackward(nn.Module):
         learned = cfg.variant_spec.backward_weights == "learned"
         sign_feedback = cfg.variant_spec.sign_feedback
         found = psi_lib.weights_read_by_linear_or_conv(self.module, self._extra_psi_params)
+        if cfg.variant_spec.direct_feedback:
+            # Which weights get one is known now; psi's size, only once the
+            # output's is (output_dim, or the first backward).
+            self._psi_layout = {name: "direct" for name, _ in found}
+            if self._direct_feedback_dim is not None:
+                self._create_direct_feedback_weights(self._direct_feedback_dim)
+            return
         for name, w in found:
             with torch.no_grad():
                 read = psi_lib.weight_as_read(self.module, name)
@@ -529,6 +561,53 @@ class ARBackward(nn.Module):
             self._psi_layout[name] = "transposed" if psi_lib.is_transposed(w) else "same"
         if sign_feedback is not None:
             self.refresh_sign_feedback()
+
+    def _direct_feedback_shape(self, name: str, output_dim: int) -> torch.Size:
+        weight = self.module.get_parameter(name)
+        untransposed = weight.dim() == 2 and psi_lib.reads_weight_untransposed(self.module, name)
+        return psi_lib.direct_feedback_shape(weight, output_dim, untransposed)
+
+    def _create_direct_feedback_weights(self, output_dim: int) -> None:
+        """Direct feedback's psi for every weight that gets one, projecting an
+        output of `output_dim` per sample."""
+        for name in self._psi_layout:
+            with torch.no_grad():
+                read = psi_lib.weight_as_read(self.module, name)
+            shape = self._direct_feedback_shape(name, output_dim)
+            init = psi_lib.initial_direct_feedback_weight(name, read, shape, self.relax_config)
+            self.backward_weight_store[name.replace(".", "__")] = nn.Parameter(
+                init, requires_grad=False
+            )
+        self._direct_feedback_dim = output_dim
+
+    def _direct_feedback_weights_for(self, output_grads: list[torch.Tensor | None]) -> None:
+        """Makes direct feedback's psi at the first backward, from the size of
+        the one loss gradient per sample."""
+        if self._direct_feedback_dim is not None or not self._psi_layout:
+            return
+        given = [g for g in output_grads if g is not None]
+        if len(given) != 1 or given[0].dim() < 1 or given[0].shape[0] == 0:
+            raise ValueError(
+                "ARBackward: variant 'direct_feedback_alignment' projects the loss gradient of "
+                "the module's one output, with a batch dimension first, onto every layer; this "
+                f"backward has {len(given)} outputs with a loss gradient"
+                + (f" (shape {tuple(given[0].shape)})" if len(given) == 1 else "")
+            )
+        self._create_direct_feedback_weights(given[0].numel() // given[0].shape[0])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
+        # Direct feedback's psi may not exist yet (made at the first backward):
+        # a state dict that has it makes it, in its shape, before it loads.
+        if self.relax_config.variant_spec.direct_feedback and self._direct_feedback_dim is None:
+            store = prefix + "backward_weight_store."
+            for name in self._psi_layout:
+                saved = state_dict.get(store + name.replace(".", "__"))
+                if saved is None:
+                    continue
+                dim = saved.shape[1] if saved.dim() == 2 else saved.shape[0]
+                self._create_direct_feedback_weights(int(dim))
+                break
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
 
     def refresh_sign_feedback(self) -> None:
         """Remakes psi from the forward weights' signs (the sign_symmetry
@@ -561,7 +640,11 @@ class ARBackward(nn.Module):
             return None
         psi = self.backward_weight_store[key]
         w = self.module.get_parameter(param_name)
-        expected = w.t().shape if self._psi_layout[param_name] == "transposed" else w.shape
+        layout = self._psi_layout[param_name]
+        if layout == "direct":
+            expected = self._direct_feedback_shape(param_name, self._direct_feedback_dim)
+        else:
+            expected = w.t().shape if layout == "transposed" else w.shape
         if psi.shape != expected or psi.device != w.device or psi.dtype != w.dtype:
             raise ValueError(
                 f"ARBackward: backward weight for '{param_name}' has shape {tuple(psi.shape)}, "
@@ -571,7 +654,8 @@ class ARBackward(nn.Module):
         return psi
 
     def backward_weights(self) -> dict[str, nn.Parameter]:
-        """{forward weight name: psi}; empty for the exact variant.
+        """{forward weight name: psi}; empty for the exact variant, and for
+        direct_feedback_alignment before its psi is made (see `output_dim`).
 
         A 2-D weight W gets psi of W^T's shape (psi = W^T is exact: for
         nn.Linear's [out, in] weight psi is [in, out]; an op that reads W
@@ -579,7 +663,9 @@ class ARBackward(nn.Module):
         weights get psi of W's own shape, applied by the transposed convolution.
         """
         return {
-            name: self.backward_weight_store[name.replace(".", "__")] for name in self._psi_layout
+            name: self.backward_weight_store[key]
+            for name in self._psi_layout
+            if (key := name.replace(".", "__")) in self.backward_weight_store
         }
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -126,6 +126,55 @@ def xavier_uniform(
     return draw.to(weight.device)
 
 
+def reads_weight_untransposed(module: nn.Module, name: str) -> bool:
+    """Whether the op reads the 2-D weight ``name`` as W itself (Hugging
+    Face's Conv1D: ``addmm(b, x, W)``) rather than W^T (``F.linear``)."""
+    parts = name.split(".")
+    at = (
+        len(parts) - 1 - parts[::-1].index("parametrizations")
+        if "parametrizations" in parts
+        else len(parts) - 1
+    )
+    return is_hugging_face_conv1d(module.get_submodule(".".join(parts[:at])))
+
+
+def direct_feedback_shape(weight: torch.Tensor, output_dim: int, untransposed: bool) -> torch.Size:
+    """The shape of direct feedback alignment's psi for ``weight``: the
+    operand the op reads, with the output's size in place of the op's outputs:
+    [in, output_dim] for a 2-D weight (B^T, where BioTorch's dfa layers keep
+    B as [output_dim, in]), [output_dim, in, *kernel] for a convolution
+    kernel (BioTorch's own layout)."""
+    if weight.dim() == 2:
+        fan = weight.shape[0] if untransposed else weight.shape[1]
+        return torch.Size([fan, output_dim])
+    return torch.Size([output_dim, *weight.shape[1:]])
+
+
+def initial_direct_feedback_weight(
+    name: str, weight: torch.Tensor, shape: torch.Size, config: RelaxConfig
+) -> torch.Tensor:
+    """Direct feedback's psi at the start, by `config.backward_weight_init`:
+    "xavier" is BioTorch's dfa initialisation (Xavier uniform for psi's own
+    fans); "transpose" has no meaning for a projection of the output error."""
+    if config.backward_weight_init == "transpose":
+        raise ValueError(
+            "ARBackward: variant 'direct_feedback_alignment' projects the output error, which no "
+            "forward weight does, so backward_weight_init='transpose' has no meaning; use "
+            "'xavier' (BioTorch's), 'matched' or 'normal'"
+        )
+    if config.backward_weight_init == "xavier":
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(torch.empty(shape, device="meta"))
+        bound = math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out))
+        draw = torch.empty(shape, dtype=weight.dtype).uniform_(-bound, bound)
+    else:
+        std = config.backward_weight_std
+        if config.backward_weight_init == "matched":
+            std = matched_std(name, weight)
+        draw = torch.randn(shape, dtype=weight.dtype) * std
+    # On the CPU generator, as every psi: the same draw on every device.
+    return draw.to(weight.device)
+
+
 def is_transposed(weight: torch.Tensor) -> bool:
     """A 2-D weight's psi is kept as W^T (the operand F.linear reads; the
     engine transposes it for an op that reads W itself, as addmm(b, x, W)

@@ -476,9 +476,16 @@ def _large_sum_checks(r: _Runner) -> None:
 
 
 def _variant_oracle(
-    net: nn.Sequential, psis: dict, x, y, backward_weights: bool, drop_derivative: bool
+    net: nn.Sequential,
+    psis: dict,
+    x,
+    y,
+    backward_weights: bool,
+    drop_derivative: bool,
+    direct_feedback: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One reverse sweep of an MLP with the variant's VJPs, written without the engine."""
+    """One reverse sweep of an MLP with the variant's VJPs, written without
+    the engine; direct feedback sends each layer's input psi^T e instead."""
     activations = {nn.ReLU: lambda a: (a > 0).to(a.dtype), nn.Tanh: lambda a: 1 - a.tanh() ** 2}
     layers = list(net)
     names = {id(p): n for n, p in net.named_parameters()}
@@ -494,7 +501,7 @@ def _variant_oracle(
         i += 2 if act is not None else 1
     h = h.detach().requires_grad_()
     F.cross_entropy(h, y).backward()
-    g = h.grad
+    g = error = h.grad
     grads = {}
     for lin, inp, a, act in reversed(tape):
         fprime = torch.ones_like(a) if act is None else activations[type(act)](a)
@@ -503,7 +510,7 @@ def _variant_oracle(
         grads[names[id(lin.bias)]] = delta.sum(0)
         back = g if drop_derivative else delta
         psi = psis.get(names[id(lin.weight)]) if backward_weights else None
-        g = back @ (lin.weight if psi is None else psi.t())
+        g = (error if direct_feedback else back) @ (lin.weight if psi is None else psi.t())
     return grads
 
 
@@ -553,6 +560,7 @@ def _variant_checks(r: _Runner) -> None:
                     y,
                     variant.uses_backward_weights,
                     variant.drop_activation_derivative,
+                    variant.direct_feedback,
                 )
                 return _worst(got, want)
 

@@ -17,7 +17,13 @@ Each variant changes the VJPs used during relaxation (and so the fixed point):
   (Xavier uniform) and fixed, the signs from W at every backward.
 - ``sign_symmetry_batch_random`` (brSF): psi = |R_t| * sign(W), R_t drawn
   afresh (Xavier uniform) at every backward.
-The sign rules and their scales are those of BioTorch's usf/frsf/brsf layers.
+- ``direct_feedback_alignment`` (DFA, Nokland 2016): each linear/conv op
+  sends its input psi^T e, a fixed random projection of the output error e
+  (repeated over the op's positions), instead of the VJP of the state above;
+  f' and every other op's VJP are kept. psi maps the output's size, not the
+  layer's outputs (see engine/direct_feedback.h).
+The sign rules and their scales are those of BioTorch's usf/frsf/brsf layers,
+DFA's those of its dfa layers.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class Variant:
         sign_feedback: psi made from W's signs at every backward
             (`backward_weights="fixed"`): None, `"uniform"` (uSF),
             `"fixed_random"` (frSF) or `"batch_random"` (brSF).
+        direct_feedback: psi projects the output error to each linear/conv
+            op's input (DFA), instead of the state above it.
     """
 
     name: str
@@ -47,6 +55,7 @@ class Variant:
     # psi made from W's signs at every backward (backward_weights "fixed"):
     # None, "uniform" (uSF), "fixed_random" (frSF) or "batch_random" (brSF).
     sign_feedback: str | None = None
+    direct_feedback: bool = False
 
     @property
     def uses_backward_weights(self) -> bool:
@@ -58,6 +67,7 @@ class Variant:
         return {
             "use_backward_weights": self.uses_backward_weights,
             "drop_activation_derivative": self.drop_activation_derivative,
+            "direct_feedback": self.direct_feedback,
         }
 
 
@@ -109,6 +119,13 @@ VARIANTS: dict[str, Variant] = {
             False,
             "psi = |R_t| x sign(W), R_t drawn at every backward (brSF)",
             "batch_random",
+        ),
+        Variant(
+            "direct_feedback_alignment",
+            "fixed",
+            False,
+            "each linear/conv input gets psi^T e, a fixed random projection of the output error (DFA)",
+            direct_feedback=True,
         ),
     )
 }

@@ -5,7 +5,8 @@ eta < 1, with nothing else beyond the paper MLP. Here each model is also
 written as a list of blocks, one per state, in plain PyTorch: the block's
 output from its inputs, once with the true ops (forward values, weight
 gradients) and once with the variant's ops for the relaxation (psi in place
-of W in a linear or conv input-VJP, f' dropped in an activation). The oracle
+of W in a linear or conv input-VJP, f' dropped in an activation; for direct
+feedback alignment psi^T e in place of the whole input-VJP). The oracle
 takes T Jacobi (or reverse-topological sweep) steps with autograd VJPs at the
 frozen forward values,
 
@@ -50,11 +51,14 @@ class Ops:
         psi: dict[str, torch.Tensor] | None,
         drop_f: bool,
         behind_structural_only: bool = False,
+        error: torch.Tensor | None = None,
     ):
         self.names = {id(m): n for n, m in module.named_modules()}
         self.psi = psi or {}
         self.drop_f = drop_f
         self.behind_structural_only = behind_structural_only
+        # Direct feedback: the output error [N, D] that psi projects.
+        self.error = error
 
     def _psi(self, layer: nn.Module) -> torch.Tensor | None:
         return self.psi.get(f"{self.names[id(layer)]}.weight")
@@ -69,6 +73,11 @@ class Ops:
         psi = self._psi(layer)
         if psi is None:
             return y
+        if self.error is not None:
+            # Rows are samples, or a sample's tokens in a row (the models'
+            # own flattening): e repeated over them, projected by psi [in, D].
+            e = self.error.repeat_interleave(x.shape[0] // self.error.shape[0], 0)
+            return y.detach() + _ConstantVjp.apply(x, e @ psi.t())
         # psi holds W^T's shape: the input-VJP is g @ psi^T.
         return self._value_with_grad_of(y, F.linear(x, psi.t()))
 
@@ -77,6 +86,11 @@ class Ops:
         psi = self._psi(layer)
         if psi is None:
             return y
+        if self.error is not None:
+            # e at every position of the output, through psi [D, C_in, k, k].
+            e = self.error[:, :, None, None].expand(*self.error.shape, *y.shape[2:])
+            vjp = torch.nn.grad.conv2d_input(x.shape, psi, e, layer.stride, layer.padding)
+            return y.detach() + _ConstantVjp.apply(x, vjp)
         return self._value_with_grad_of(y, F.conv2d(x, psi, None, layer.stride, layer.padding))
 
     def act(
@@ -87,6 +101,20 @@ class Ops:
         y = f(a)
         drop = self.drop_f and (behind or not self.behind_structural_only)
         return self._value_with_grad_of(y, a) if drop else y
+
+
+class _ConstantVjp(torch.autograd.Function):
+    """Zero in the forward; its input-VJP is `vjp` whatever the cotangent
+    (direct feedback: an op's input hears the output error, not its output)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, vjp: torch.Tensor) -> torch.Tensor:
+        ctx.vjp = vjp
+        return torch.zeros((), dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return ctx.vjp, None
 
 
 @dataclass
@@ -263,9 +291,6 @@ def oracle_gradients(
     names = [f"b{i}" for i in range(len(blocks))]
     true_ops = Ops(model, None, False)
     weight_ops = Ops(model, None, spec.drop_activation_derivative, behind_structural_only=True)
-    relax_ops = Ops(
-        model, psi if spec.uses_backward_weights else None, spec.drop_activation_derivative
-    )
     with torch.no_grad():
         values = {"x": x}
         for name, block in zip(names, blocks):
@@ -273,6 +298,12 @@ def oracle_gradients(
     out = names[-1]
     leaf = values[out].detach().requires_grad_(True)
     (clamped,) = torch.autograd.grad(F.mse_loss(leaf, target), leaf)
+    relax_ops = Ops(
+        model,
+        psi if spec.uses_backward_weights else None,
+        spec.drop_activation_derivative,
+        error=clamped.reshape(clamped.shape[0], -1) if spec.direct_feedback else None,
+    )
 
     def vjps(states: dict[str, torch.Tensor], consumer: int) -> dict[str, torch.Tensor]:
         block = blocks[consumer]
