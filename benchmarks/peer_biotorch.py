@@ -1,12 +1,13 @@
 """Peer check against BioTorch (biotorch==0.0.16, a benchmark-only dependency).
 
 On BioTorch's own ResNet-20 (``biotorch.models.small_resnet``), torch_ar's
-feedback alignment and sign-symmetry variants must return BioTorch's
-gradients for a batch: BioTorch's ``fa``/``usf``/``frsf`` models give the
-reference (their custom autograd functions propagate through
-``weight_backward``); torch_ar relaxes the plain model with the same weights
-and, for feedback alignment and frSF, BioTorch's own feedback weights (or
-magnitudes) as psi. float64, at eta 1 (the exact sweep) and at eta < 1 with
+feedback alignment, sign-symmetry and direct feedback alignment variants must
+return BioTorch's gradients for a batch: BioTorch's ``fa``/``usf``/``frsf``/
+``dfa`` models give the reference (their custom autograd functions propagate
+through ``weight_backward``; dfa's backward hooks send each layer's input
+``weight_backward`` applied to the loss gradient); torch_ar relaxes the plain
+model with the same weights and, for feedback alignment, frSF and DFA,
+BioTorch's own feedback weights (or magnitudes) as psi. float64, at eta 1 (the exact sweep) and at eta < 1 with
 enough steps (closed form and literal steps). With ``--time``: forward + backward of both, float32,
 interleaved, medians (run it with nothing else on the machine).
 
@@ -37,19 +38,27 @@ from machine import cpu_model
 import torch_ar
 
 # torch_ar variant for each BioTorch mode.
-MODES = {"fa": "feedback_alignment", "usf": "sign_symmetry", "frsf": "sign_symmetry_fixed_random"}
+MODES = {
+    "fa": "feedback_alignment",
+    "usf": "sign_symmetry",
+    "frsf": "sign_symmetry_fixed_random",
+    "dfa": "direct_feedback_alignment",
+}
+CLASSES = 10
 
 
 def biotorch_models(mode: str, dtype: torch.dtype, seed: int):
     """(BioTorch's model in `mode`, the plain ResNet-20 with the same weights)."""
+    import biotorch.models.dfa as dfa  # type: ignore
     import biotorch.models.fa as fa  # type: ignore
     import biotorch.models.frsf as frsf  # type: ignore
     import biotorch.models.usf as usf  # type: ignore
     from biotorch.models.small_resnet import resnet20  # type: ignore
 
     torch.manual_seed(seed)
-    bio = {"fa": fa, "usf": usf, "frsf": frsf}[mode].resnet20(num_classes=10).to(dtype)
-    plain = resnet20(num_classes=10).to(dtype)
+    family = {"fa": fa, "usf": usf, "frsf": frsf, "dfa": dfa}[mode]
+    bio = family.resnet20(num_classes=CLASSES).to(dtype)
+    plain = resnet20(num_classes=CLASSES).to(dtype)
     state = {k: v for k, v in bio.module.state_dict().items() if "_backward" not in k}
     plain.load_state_dict(state)
     return bio, plain
@@ -62,8 +71,9 @@ def give_psi(ar: torch_ar.ARBackward, bio, mode: str) -> None:
         for name, psi in ar.backward_weights().items():
             layer = layers[name.rsplit(".", 1)[0]]
             b = layer.weight_backward.detach()
-            b = b.t() if b.dim() == 2 else b  # torch_ar's linear psi is [in, out]
-            if mode == "fa":
+            # torch_ar's linear psi is [in, out] ([in, output_dim] for DFA).
+            b = b.t() if b.dim() == 2 else b
+            if mode in ("fa", "dfa"):
                 psi.copy_(b)
             elif mode == "frsf":
                 key = name.replace(".", "__")
@@ -72,9 +82,19 @@ def give_psi(ar: torch_ar.ARBackward, bio, mode: str) -> None:
         ar.refresh_sign_feedback()
 
 
+def _psi_size(mode: str) -> dict:
+    # DFA's psi projects the output error: made at once for its size.
+    return {"output_dim": CLASSES} if mode == "dfa" else {}
+
+
 def gradients(model, x, y) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    if getattr(model, "mode", None) == "dfa":
+        # BioTorch's dfa model takes the targets and loss to broadcast e.
+        out = model(x, targets=y, loss_function=F.cross_entropy)
+    else:
+        out = model(x)
+    F.cross_entropy(out, y).backward()
     return {
         n: p.grad.detach().clone()
         for n, p in model.named_parameters()
@@ -93,7 +113,7 @@ def check(mode: str, settings: dict, batch_size: int) -> dict:
     bio, plain = biotorch_models(mode, torch.float64, seed=0)
     x, y = batch(torch.float64, batch_size, seed=1)
     want = {k.removeprefix("module."): v for k, v in gradients(bio, x, y).items()}
-    ar = torch_ar.ARBackward(plain, variant=MODES[mode], **settings)
+    ar = torch_ar.ARBackward(plain, variant=MODES[mode], **_psi_size(mode), **settings)
     give_psi(ar, bio, mode)
     got = gradients(ar, x, y)
     got = {k.removeprefix("module."): v for k, v in got.items()}
@@ -119,7 +139,7 @@ def check(mode: str, settings: dict, batch_size: int) -> dict:
 def timing(mode: str, batch_size: int, repeats: int) -> dict:
     torch.set_num_threads(1)
     bio, plain = biotorch_models(mode, torch.float32, seed=0)
-    ar = torch_ar.ARBackward(plain, variant=MODES[mode])
+    ar = torch_ar.ARBackward(plain, variant=MODES[mode], **_psi_size(mode))
     give_psi(ar, bio, mode)
     x, y = batch(torch.float32, batch_size, seed=1)
     times = {"biotorch": [], "torch_ar": []}

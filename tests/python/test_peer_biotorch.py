@@ -1,8 +1,9 @@
-"""torch_ar's feedback alignment and sign-symmetry variants return BioTorch's
-own gradients on BioTorch's ResNet-20, given BioTorch's feedback weights
-(docs/variants.md): benchmarks/peer_biotorch.py's check, float64. BioTorch
-(biotorch==0.0.16) is installed by the test command without its declared
-dependencies (scripts/setup.sh); skipped with the reason when absent."""
+"""torch_ar's feedback alignment, sign-symmetry and direct feedback alignment
+variants return BioTorch's own gradients on BioTorch's ResNet-20, given
+BioTorch's feedback weights (docs/variants.md): benchmarks/peer_biotorch.py's
+check, float64. BioTorch (biotorch==0.0.16) is installed by the test command
+without its declared dependencies (scripts/setup.sh); skipped with the reason
+when absent."""
 
 from __future__ import annotations
 
