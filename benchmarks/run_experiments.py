@@ -980,7 +980,19 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
         }.get(
             group, "CIFAR-10 small CNN" + group.removeprefix("cifar10-cnn").replace("-lr", ", lr ")
         )
-        written = plots.write_training_figures(runs, figures, prefix=prefix, title=title)
+        if group == "cifar10-vit":
+            by_type = plots.cosine_by_type_table(runs)
+            if by_type:
+                lines += [
+                    "",
+                    "Cosine to autograd by layer type, mean over the type's parameters and "
+                    "over training (seed 0):",
+                    "",
+                    by_type,
+                ]
+        written = plots.write_training_figures(
+            runs, figures, prefix=prefix, title=title, by_layer_type=group == "cifar10-vit"
+        )
         lines += ["", "Figures: " + ", ".join(f"[{p.name}](figures/{p.name})" for p in written)]
         per_run = [
             f"{j.name} {walls[j.name]['wall_s']:.0f}s" for j in group_jobs if j.name in walls

@@ -486,3 +486,40 @@ def test_fa_stability_is_the_output_layers_largest_curvature_times_lr() -> None:
         expected = max(expected, 0.1 * torch.linalg.eigvalsh(2 * h1.T @ h1).max().item())
     assert got["lr_times_lambda_max"] == pytest.approx(expected, rel=1e-10)
     assert got["output_weight_norm"] == pytest.approx(net[-1].weight.norm().item())
+
+
+def test_every_vit_parameter_has_a_layer_type() -> None:
+    """The ViT table's cosines by layer type cover every parameter of the zoo's ViT."""
+    from torch_ar.experiments.models import build_model
+
+    vit = build_model("vit", "cifar10")
+    kinds = {n: plots.layer_type(n) for n, _ in vit.named_parameters()}
+    assert "other" not in kinds.values(), [n for n, k in kinds.items() if k == "other"]
+    assert kinds["blocks.0.attention.in_proj_weight"] == "attention projections"
+    assert kinds["blocks.0.attention.out_proj.weight"] == "attention projections"
+    assert kinds["blocks.0.mlp.0.weight"] == "MLP"
+    assert kinds["head.weight"] == "head"
+
+
+def test_cosines_by_layer_type_are_the_means_of_their_parameters(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    config = {"method": "ar", "eta": 1.0, "variant": "sign_symmetry", "seed": 0, "epochs": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    epoch = {"epoch": 1, "test_acc": 0.5, "train_acc": 0.5, "train_loss": 1.0, "time_s": 1.0}
+    (folder / "metrics.jsonl").write_text(json.dumps({**epoch, "train_batches": 4}) + "\n")
+    cosines = [
+        {"epoch": 1, "batch": b, "cosine_mean": 0.5, "cosine_min": 0.1, "param_cosines": p}
+        for b, p in (
+            (0, {"a.attention.w": 0.2, "a.attention.v": 0.4, "a.mlp.0.w": 0.9, "head.w": 1.0}),
+            (2, {"a.attention.w": 0.4, "a.attention.v": 0.6, "a.mlp.0.w": 0.7, "head.w": 1.0}),
+        )
+    ]
+    (folder / "cosine.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cosines))
+    run = plots.load_run(folder)
+    table = plots.cosine_by_type_table([run])
+    assert table is not None
+    row = table.splitlines()[-1]
+    assert row.endswith("| 0.400 | 0.800 | 1.000 |"), table  # attention, MLP, head
+    figure = plots.plot_cosine_by_type([run], tmp_path / "by_type.png")
+    assert figure is not None and figure.stat().st_size > 0

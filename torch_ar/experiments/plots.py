@@ -569,11 +569,108 @@ def plot_relaxation_cosine(
     return _save(fig, path)
 
 
+# A transformer's parameters by the part of the network they belong to, in
+# the order the cosine-by-type table and figure show them; the first match wins.
+LAYER_TYPES = (
+    ("attention projections", ("attention.", "attn.", "self_attn.")),
+    ("MLP", ("mlp.", "linear1.", "linear2.")),
+    ("norms", ("norm",)),
+    ("embedding", ("embed", "patch", "position", "cls_token", "class_token")),
+    ("head", ("head.",)),
+)
+
+
+def layer_type(name: str) -> str:
+    """The part of a transformer that parameter ``name`` belongs to (LAYER_TYPES), or "other"."""
+    for kind, marks in LAYER_TYPES:
+        if any(mark in name for mark in marks):
+            return kind
+    return "other"
+
+
+def _cosines_by_type(run: Run) -> tuple[list[float], dict[str, list[float]]]:
+    """x (epochs, fractional) and, per layer type, the mean cosine of its parameters."""
+    batches = run.batches_per_epoch
+    measured = [m for m in run.cosines if m.get("param_cosines")]
+    x = [m["epoch"] - 1 + m["batch"] / batches for m in measured]
+    series: dict[str, list[float]] = {}
+    for m in measured:
+        by_type: dict[str, list[float]] = {}
+        for name, value in m["param_cosines"].items():
+            by_type.setdefault(layer_type(name), []).append(value)
+        for kind in [k for k, _ in LAYER_TYPES] + ["other"]:
+            if kind in by_type:
+                series.setdefault(kind, []).append(statistics.fmean(by_type[kind]))
+    return x, series
+
+
+def cosine_by_type_table(runs: Sequence[Run]) -> str | None:
+    """Markdown: per AR label (its first seed), the cosine to autograd of each layer
+    type, mean over training (LAYER_TYPES); None when no run measured per-parameter cosines."""
+    rows = {}
+    for label, group in group_runs(runs).items():
+        _, series = _cosines_by_type(group[0])
+        if series:
+            rows[label] = {k: statistics.fmean(v) for k, v in series.items()}
+    if not rows:
+        return None
+    kinds = [
+        k for k in [k for k, _ in LAYER_TYPES] + ["other"] if any(k in r for r in rows.values())
+    ]
+    lines = ["| run | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for label, row in rows.items():
+        cells = [f"{row[k]:.3f}" if k in row else "—" for k in kinds]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_cosine_by_type(
+    runs: Sequence[Run], path: str | Path, title: str | None = None
+) -> Path | None:
+    """One panel per layer type: each AR label's mean cosine to autograd over
+    training. None when no run measured per-parameter cosines."""
+    measured = {}
+    for label, group in group_runs(runs).items():
+        x, series = _cosines_by_type(group[0])
+        if series:
+            measured[label] = (x, series)
+    if not measured:
+        return None
+    kinds = [
+        k
+        for k in [k for k, _ in LAYER_TYPES] + ["other"]
+        if any(k in series for _, series in measured.values())
+    ]
+    plt = _pyplot()
+    cols = min(3, len(kinds))
+    rows = math.ceil(len(kinds) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, kind in zip(axes.flat, kinds):
+        for label, (x, series) in measured.items():
+            if kind in series:
+                ax.plot(x, series[kind], linewidth=1.2, label=label)
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("cosine to autograd, mean over the type's parameters", fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left")
+    for ax in list(axes.flat)[len(kinds) :]:
+        ax.set_visible(False)
+    fig.suptitle(title or "cosine of AR gradients to autograd by layer type")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def write_training_figures(
-    runs: Sequence[Run], out: str | Path, prefix: str = "", title: str | None = None
+    runs: Sequence[Run],
+    out: str | Path,
+    prefix: str = "",
+    title: str | None = None,
+    by_layer_type: bool = False,
 ) -> list[Path]:
     """accuracy.png, cosine_training.png (when measured), psi_angle_training.png (runs with
-    backward weights) and final_accuracy.png in ``out``."""
+    backward weights), final_accuracy.png and, with ``by_layer_type`` (transformers),
+    cosine_by_type.png in ``out``."""
     out = Path(out)
     suffix = f" — {title}" if title else ""
     written = [
@@ -597,6 +694,14 @@ def write_training_figures(
     )
     if angles is not None:
         written.append(angles)
+    if by_layer_type:
+        by_type = plot_cosine_by_type(
+            runs,
+            out / f"{prefix}cosine_by_type.png",
+            title=f"cosine of AR gradients to autograd by layer type{suffix}",
+        )
+        if by_type is not None:
+            written.append(by_type)
     written.append(
         plot_final_accuracy(
             runs,
