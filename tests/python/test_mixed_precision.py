@@ -28,6 +28,8 @@ from conftest import needs_cuda
 from torch import nn
 from zoo import cosine
 
+import torch_ar
+
 BF16_MIN_COSINE = 0.999
 
 pytestmark = pytest.mark.skipif(
@@ -325,3 +327,37 @@ def test_cuda_autocast_gradscaler_matches_autograd_and_skips_overflow(dtype, ar_
     scaler.update()
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert scaler.get_scale() < scale_before
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [v for v, spec in torch_ar.VARIANTS.items() if spec.uses_backward_weights],
+)
+def test_every_psi_variant_runs_under_cpu_autocast(variant):
+    """Under autocast a linear/conv op reads a bfloat16 copy of W, so its VJP
+    meets psi (float32) in bfloat16: psi is cast to match (before, every psi
+    variant failed with 'expected m1 and m2 to have the same dtype'), and
+    the gradients are the float32 ones to bfloat16's precision."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 16),
+        nn.Tanh(),
+        nn.Linear(16, 5),
+    )
+    x, y = torch.randn(6, 3, 6, 6), torch.randint(0, 5, (6,))
+    size = {"output_dim": 5} if torch_ar.VARIANTS[variant].direct_feedback else {}
+    grads = {}
+    for autocast in (False, True):
+        model = copy.deepcopy(net)
+        torch.manual_seed(1)
+        ar = torch_ar.ARBackward(model, variant=variant, **size)
+        torch.manual_seed(2)  # brSF's draw at the backward
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(ar(x), y)
+        loss.backward()
+        grads[autocast] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads[True].dtype == torch.float32
+    assert cosine(grads[True], grads[False]) > BF16_MIN_COSINE, variant

@@ -51,6 +51,16 @@ bool convolution(Node& n, const variable_list& g, const EdgeMask& m, variable_li
   return true;
 }
 
+namespace {
+
+// psi in the dtype of the gradient it meets: under autocast the op read a
+// reduced-precision copy of W, and its VJP runs in that dtype.
+at::Tensor in_dtype_of(const at::Tensor& psi, const at::Tensor& grad) {
+  return psi.scalar_type() == grad.scalar_type() ? psi : psi.to(grad.scalar_type());
+}
+
+} // namespace
+
 // psi has the shape of W^T for linear layers ([in, out]): the input-VJP is
 // x psi^T, which is x W when psi = W^T.
 bool addmm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi,
@@ -59,7 +69,7 @@ bool addmm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Ten
   if (!f || !mask_within(m, {1})) return false;
   out.assign(3, at::Tensor());
   if (m[1] && g[0].defined()) {
-    at::Tensor r = g[0].mm(psi.t());
+    at::Tensor r = g[0].mm(in_dtype_of(psi, g[0]).t());
     if (!(f->alpha.equal(1))) r = r * f->alpha;
     out[1] = std::move(r);
   }
@@ -70,7 +80,7 @@ bool mm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor
             variable_list& out) {
   if (!dynamic_cast<gen::MmBackward0*>(&n) || !mask_within(m, {0})) return false;
   out.assign(2, at::Tensor());
-  if (m[0] && g[0].defined()) out[0] = g[0].mm(psi.t());
+  if (m[0] && g[0].defined()) out[0] = g[0].mm(in_dtype_of(psi, g[0]).t());
   return true;
 }
 
@@ -84,8 +94,8 @@ bool convolution_psi(Node& n, const variable_list& g, const EdgeMask& m, const a
   if (m[0] && g[0].defined()) {
     at::Tensor input = f->input_.unpack();
     auto grads = at::convolution_backward_symint(
-        g[0], input, psi, f->bias_sym_sizes_opt, f->stride, f->padding, f->dilation, f->transposed,
-        f->output_padding, f->groups, {true, false, false});
+        g[0], input, in_dtype_of(psi, g[0]), f->bias_sym_sizes_opt, f->stride, f->padding,
+        f->dilation, f->transposed, f->output_padding, f->groups, {true, false, false});
     out[0] = std::get<0>(grads);
   }
   return true;
