@@ -24,6 +24,9 @@ METHODS = [
         {"method": "ar", "variant": "learned_backward_weights", "eta": 0.5, "steps": 8},
         id="learned_backward_weights",
     ),
+    # psi made at the first backward, so the first checkpoint is the first
+    # that holds it, and a resumed wrapper makes it from the checkpoint.
+    pytest.param({"method": "ar", "variant": "direct_feedback_alignment"}, id="dfa"),
 ]
 
 
