@@ -76,7 +76,7 @@ def _without_times(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_stopped_twice_inside_epochs_equals_the_whole_run(tmp_path, method):
+def test_stopped_twice_inside_epochs_equals_the_whole_run(tmp_path, method, capsys):
     whole = Trainer(_config(tmp_path / "whole", method))
     whole.fit()
     assert whole.stopped is None
@@ -85,8 +85,11 @@ def test_stopped_twice_inside_epochs_equals_the_whole_run(tmp_path, method):
     first = _stopping(Trainer(_config(parts, method)), after=3, how="request")
     first.fit()
     assert (first.stopped.epoch, first.stopped.next_batch) == (1, 3)
+    capsys.readouterr()
     second = _stopping(Trainer(_config(parts, method, resume=True)), after=6, how="signal")
     second.fit()
+    # The log says where it went on.
+    assert "resumed in epoch 1 at batch 3" in capsys.readouterr().out
     assert second.stopped.reason == "SIGUSR1"
     assert (second.stopped.epoch, second.stopped.next_batch) == (2, 2)
     third = Trainer(_config(parts, method, resume=True))

@@ -458,7 +458,7 @@ class Trainer:
                 f"{c.method} | {c.model} on {c.dataset} | {len(self.train_batches)} train "
                 f"batches of {c.batch_size}, {c.optimizer} lr {c.resolved_lr():g}, "
                 f"{c.loss} loss, {c.normalize} inputs | device {self.device}"
-                + (f" | resumed after epoch {len(history)}" if history else "")
+                + self._resumed_at(history)
             )
             for epoch in range(len(history) + 1, c.epochs + 1):
                 try:
@@ -538,6 +538,15 @@ class Trainer:
         ):
             self.stop_reason = f"time limit of {self.config.time_limit:g} min"
         return self.stop_reason
+
+    def _resumed_at(self, history: list[dict[str, Any]]) -> str:
+        """Where a resumed run goes on, for its log: after an epoch, or inside one."""
+        if self._partial is not None:
+            return (
+                f" | resumed in epoch {self._partial['epoch']} at batch "
+                f"{self._partial['next_batch']}"
+            )
+        return f" | resumed after epoch {len(history)}" if history else ""
 
     def _train_epoch(self, epoch: int, cosine_file: TextIO | None) -> dict[str, Any]:
         c = self.config
