@@ -24,14 +24,16 @@ RESNET_ROWS = {
         "cifar10-resnet20-ar-eta1-sign_symmetry-s0",
         "cifar10-resnet20-ar-eta1-sign_symmetry-s1",
     ],
-    "AR, sign-concordant feedback, fixed random magnitudes (frSF)": [
-        "cifar10-resnet20-ar-eta1-sign_symmetry_fixed_random-s0"
+    "AR, sign-concordant feedback, fixed random magnitudes (frSF; seeds 0, 1)": [
+        "cifar10-resnet20-ar-eta1-sign_symmetry_fixed_random-s0",
+        "cifar10-resnet20-ar-eta1-sign_symmetry_fixed_random-s1",
     ],
     "AR, sign-concordant feedback, batchwise random magnitudes (brSF)": [
         "cifar10-resnet20-ar-eta1-sign_symmetry_batch_random-s0"
     ],
-    "AR, learned backward weights": [
-        "cifar10-resnet20-ar-eta1-learned_backward_weights-psi_matched-s0"
+    "AR, learned backward weights (seeds 0, 1)": [
+        "cifar10-resnet20-ar-eta1-learned_backward_weights-psi_matched-s0",
+        "cifar10-resnet20-ar-eta1-learned_backward_weights-psi_matched-s1",
     ],
     "AR, learned backward weights, Kolen-Pollack decay (seeds 0, 1)": [
         "cifar10-resnet20-ar-eta1-learned_backward_weights-kp-psi_matched-s0",
