@@ -32,6 +32,8 @@
 #   paper_cuda.md/.json    benchmarks/bench_paper.py (eta 0.1, 100 steps)
 #   exact_cuda.md/.json    benchmarks/bench_exact.py (eta 1)
 #   gpu_job.md/.json       benchmarks/gpu_job.py (one CIFAR-10 epoch per row)
+#   chunk_size_cuda.md/.json  benchmarks/chunk_size.py (the update kernels'
+#                          chunk size: 4096, 16384, 65536 elements)
 #   logs/<step>.log        every step's full log
 # When committed, the results go to benchmarks/results/ (gpu_report.md, the
 # tables and JSON).
@@ -285,6 +287,15 @@ sub_bench_paper() {
   fi
 }
 
+sub_chunk_size() {
+  if [[ "$DRY" == 1 ]]; then
+    "$PYTHON" benchmarks/chunk_size.py --device cpu --repeats 1 --scale 16 --sizes 4096,16384 \
+      --out "$OUT"
+  else
+    "$PYTHON" benchmarks/chunk_size.py --device cuda --out "$OUT"
+  fi
+}
+
 # The GPU targets, from the benchmarks' JSON: one line per target, exit 1 if
 # one is missed (a dry run on the CPU reports them without judging).
 sub_targets() {
@@ -337,6 +348,7 @@ case "${1:-}" in
   __bench_exact) sub_bench_exact; exit 0 ;;
   __bench_paper) sub_bench_paper; exit 0 ;;
   __targets) sub_targets; exit 0 ;;
+  __chunk_size) sub_chunk_size; exit 0 ;;
   "") ;;
   *) echo "unknown argument: $1" >&2; exit 2 ;;
 esac
@@ -502,8 +514,9 @@ if [[ "${ROWS[-1]}" == *"| ok |"* ]]; then
   run_step bench_exact 40 "exact-mode benchmark failed"
   run_step targets 10 "GPU target missed"
   run_step job 100 "the CIFAR-10 job failed (see gpu_job.md)"
+  run_step chunk_size 30 "the chunk-size measurement failed"
 else
-  not_run "the build failed" selftest tests bench_paper bench_exact targets job
+  not_run "the build failed" selftest tests bench_paper bench_exact targets job chunk_size
 fi
 CHECK_DONE=1
 write_report

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -27,8 +28,24 @@ namespace torch_ar::multi_tensor {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // 16 elements per thread per chunk: small enough that a single mid-sized
-// state still spreads over all SMs.
+// state still spreads over all SMs. TORCH_AR_CUDA_CHUNK_ELEMENTS sets another
+// size, for measuring it (benchmarks/chunk_size.py); read once per process.
 constexpr int64_t kChunkElements = 4096;
+
+inline int64_t chunk_elements() {
+  static const int64_t value = [] {
+    const char* text = std::getenv("TORCH_AR_CUDA_CHUNK_ELEMENTS");
+    if (text == nullptr || *text == '\0') return kChunkElements;
+    char* end = nullptr;
+    const long long v = std::strtoll(text, &end, 10);
+    TORCH_CHECK(*end == '\0' && v >= 1024 && v <= (1 << 20) && (v & (v - 1)) == 0,
+                "torch_ar: TORCH_AR_CUDA_CHUNK_ELEMENTS must be a power of two from 1024 to "
+                "1048576, got '",
+                text, "'");
+    return static_cast<int64_t>(v);
+  }();
+  return value;
+}
 // Tables this size and below cover most launches and keep their parameters
 // cheap; longer lists go in batches of a kernel's large table.
 constexpr int kSmallTable = 16;
@@ -84,6 +101,7 @@ template <typename Slot, int Capacity>
 struct Table {
   Slot tensors[Capacity];
   int64_t first_chunk[Capacity + 1];
+  int64_t chunk_elements;
   int32_t num_tensors;
 };
 
@@ -132,8 +150,8 @@ __device__ ChunkRange chunk_range(const Table<Slot, Capacity>& table, int64_t ch
       hi = mid - 1;
     }
   }
-  const int64_t begin = (chunk - table.first_chunk[lo]) * kChunkElements;
-  return {lo, begin, min(begin + kChunkElements, table.tensors[lo].numel)};
+  const int64_t begin = (chunk - table.first_chunk[lo]) * table.chunk_elements;
+  return {lo, begin, min(begin + table.chunk_elements, table.tensors[lo].numel)};
 }
 
 // The loop every multi-tensor kernel runs: blocks stride over the table's
@@ -211,10 +229,12 @@ void launch_batch(ChunkKernel<Slot, Capacity, Params...> kernel, const std::vect
                   Args&&... args) {
   Table<Slot, Capacity> table{};
   table.num_tensors = static_cast<int32_t>(count);
+  table.chunk_elements = chunk_elements();
   table.first_chunk[0] = 0;
   for (size_t k = 0; k < count; ++k) {
     table.tensors[k] = slots[first + k];
-    const int64_t chunks = (slots[first + k].numel + kChunkElements - 1) / kChunkElements;
+    const int64_t chunks =
+        (slots[first + k].numel + table.chunk_elements - 1) / table.chunk_elements;
     table.first_chunk[k + 1] = table.first_chunk[k] + chunks;
   }
   const int64_t num_chunks = table.first_chunk[count];

@@ -288,6 +288,11 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     assert rows["selftest"] == "ok", report
     assert rows["tests_test_cuda_review"] == "ok", report
     assert rows["bench_paper"].startswith("skipped"), report
+    assert rows["chunk_size"] == "ok", report
+    chunks = json.loads((out / "chunk_size_cpu.json").read_text())
+    assert chunks["sizes"] == [4096, 16384] and all(
+        r["relax_ms"] > 0 for rows_ in chunks["rows"].values() for r in rows_
+    )
     assert (out / "tests" / "test_cuda_review.xml").is_file()
     selftest = json.loads((out / "selftest.json").read_text())
     assert selftest["ok"] and len(selftest["checks"]) > 40
