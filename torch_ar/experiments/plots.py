@@ -673,43 +673,28 @@ def write_training_figures(
     cosine_by_type.png in ``out``."""
     out = Path(out)
     suffix = f" — {title}" if title else ""
-    written = [
-        plot_accuracy_curves(
-            runs,
-            out / f"{prefix}accuracy.png",
-            title=f"accuracy, mean over seeds (band: ±1 std){suffix}",
+    # (figure, file name, title): the ones a run cannot make return None.
+    figures = [
+        (plot_accuracy_curves, "accuracy", f"accuracy, mean over seeds (band: ±1 std){suffix}"),
+        (
+            plot_cosine_over_training,
+            "cosine_training",
+            f"cosine of AR gradients to autograd over training{suffix}",
         ),
+        (plot_psi_angles, "psi_angle_training", f"angle between psi and W^T over training{suffix}"),
     ]
-    cos = plot_cosine_over_training(
-        runs,
-        out / f"{prefix}cosine_training.png",
-        title=f"cosine of AR gradients to autograd over training{suffix}",
-    )
-    if cos is not None:
-        written.append(cos)
-    angles = plot_psi_angles(
-        runs,
-        out / f"{prefix}psi_angle_training.png",
-        title=f"angle between psi and W^T over training{suffix}",
-    )
-    if angles is not None:
-        written.append(angles)
     if by_layer_type:
-        by_type = plot_cosine_by_type(
-            runs,
-            out / f"{prefix}cosine_by_type.png",
-            title=f"cosine of AR gradients to autograd by layer type{suffix}",
+        figures.append(
+            (
+                plot_cosine_by_type,
+                "cosine_by_type",
+                f"cosine of AR gradients to autograd by layer type{suffix}",
+            )
         )
-        if by_type is not None:
-            written.append(by_type)
-    written.append(
-        plot_final_accuracy(
-            runs,
-            out / f"{prefix}final_accuracy.png",
-            title=f"final test accuracy, mean ± std over seeds{suffix}" if title else None,
-        )
-    )
-    return written
+    final_title = f"final test accuracy, mean ± std over seeds{suffix}" if title else None
+    figures.append((plot_final_accuracy, "final_accuracy", final_title))
+    written = [plot(runs, out / f"{prefix}{name}.png", title=t) for plot, name, t in figures]
+    return [path for path in written if path is not None]
 
 
 def format_accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
