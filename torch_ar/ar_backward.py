@@ -565,7 +565,8 @@ class ARBackward(nn.Module):
     def _direct_feedback_shape(self, name: str, output_dim: int) -> torch.Size:
         weight = self.module.get_parameter(name)
         untransposed = weight.dim() == 2 and psi_lib.reads_weight_untransposed(self.module, name)
-        return psi_lib.direct_feedback_shape(weight, output_dim, untransposed)
+        groups = getattr(psi_lib.owner_of(self.module, name), "groups", 1)
+        return psi_lib.direct_feedback_shape(weight, output_dim, untransposed, int(groups))
 
     def _create_direct_feedback_weights(self, output_dim: int) -> None:
         """Direct feedback's psi for every weight that gets one, projecting an

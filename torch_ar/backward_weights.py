@@ -126,28 +126,36 @@ def xavier_uniform(
     return draw.to(weight.device)
 
 
-def reads_weight_untransposed(module: nn.Module, name: str) -> bool:
-    """Whether the op reads the 2-D weight ``name`` as W itself (Hugging
-    Face's Conv1D: ``addmm(b, x, W)``) rather than W^T (``F.linear``)."""
+def owner_of(module: nn.Module, name: str) -> nn.Module:
+    """The submodule that holds parameter ``name`` (through a parametrisation)."""
     parts = name.split(".")
     at = (
         len(parts) - 1 - parts[::-1].index("parametrizations")
         if "parametrizations" in parts
         else len(parts) - 1
     )
-    return is_hugging_face_conv1d(module.get_submodule(".".join(parts[:at])))
+    return module.get_submodule(".".join(parts[:at]))
 
 
-def direct_feedback_shape(weight: torch.Tensor, output_dim: int, untransposed: bool) -> torch.Size:
+def reads_weight_untransposed(module: nn.Module, name: str) -> bool:
+    """Whether the op reads the 2-D weight ``name`` as W itself (Hugging
+    Face's Conv1D: ``addmm(b, x, W)``) rather than W^T (``F.linear``)."""
+    return is_hugging_face_conv1d(owner_of(module, name))
+
+
+def direct_feedback_shape(
+    weight: torch.Tensor, output_dim: int, untransposed: bool, groups: int = 1
+) -> torch.Size:
     """The shape of direct feedback alignment's psi for ``weight``: the
     operand the op reads, with the output's size in place of the op's outputs:
     [in, output_dim] for a 2-D weight (B^T, where BioTorch's dfa layers keep
-    B as [output_dim, in]), [output_dim, in, *kernel] for a convolution
-    kernel (BioTorch's own layout)."""
+    B as [output_dim, in]), [output_dim, C_in, *kernel] for a convolution
+    kernel (BioTorch's own layout; a grouped convolution's psi reads all
+    C_in = groups x weight.shape[1] input channels)."""
     if weight.dim() == 2:
         fan = weight.shape[0] if untransposed else weight.shape[1]
         return torch.Size([fan, output_dim])
-    return torch.Size([output_dim, *weight.shape[1:]])
+    return torch.Size([output_dim, weight.shape[1] * groups, *weight.shape[2:]])
 
 
 def initial_direct_feedback_weight(

@@ -53,9 +53,6 @@ at::Tensor error_at(const CapturedGraph& graph, Node& node, const at::Tensor& e)
   };
   if (auto* conv = dynamic_cast<gen::ConvolutionBackward0*>(&node)) {
     if (conv->transposed) refuse("a transposed convolution has no direct feedback weight");
-    if (conv->groups != 1)
-      refuse("a grouped convolution (groups=" + std::to_string(conv->groups.expect_int()) +
-             ") has no direct feedback weight of BioTorch's form");
     if (out.size() < 3 || out[0] != N) refuse("its first dimension is not the batch");
     std::vector<int64_t> view(out.size(), 1), expanded = out;
     view[0] = N;
@@ -74,7 +71,11 @@ at::Tensor error_at(const CapturedGraph& graph, Node& node, const at::Tensor& e)
   std::vector<int64_t> batch_dims;
   for (size_t d = 0; d + 1 < full.size(); ++d)
     if (full[d] == N) batch_dims.push_back(static_cast<int64_t>(d));
-  if (batch_dims.size() != 1)
+  if (batch_dims.empty())
+    refuse("no dimension of its un-flattened shape " + shape_text(full) +
+           " has the batch's size: the model folds the samples into another dimension (as "
+           "window or patch attention does), so which rows belong to which sample is unknown");
+  if (batch_dims.size() > 1)
     refuse("in its un-flattened shape " + shape_text(full) + ", " +
            std::to_string(batch_dims.size()) +
            " dimensions have the batch's size, so the samples cannot be told apart from the "
@@ -139,6 +140,14 @@ void bind_direct_feedback(Plan& plan, Router& router, const std::vector<at::Tens
                   node.name(), "' reads (shape ", psi.sizes(), ") projects an error of size ",
                   psi.size(out_dim), " per sample, but the module's output has ", D,
                   " per sample (pass ARBackward(..., output_dim=", D, "))");
+      if (auto* conv = dynamic_cast<gen::ConvolutionBackward0*>(&node)) {
+        const at::Tensor input = conv->input_.unpack();
+        TORCH_CHECK(input.defined() && input.dim() == psi.dim() && psi.size(1) == input.size(1),
+                    "torch_ar: the direct feedback weight that node '", node.name(),
+                    "' reads (shape ", psi.sizes(),
+                    ") must read every channel of the convolution's input: [output_dim, ",
+                    input.defined() && input.dim() > 1 ? input.size(1) : -1, ", *kernel]");
+      }
       VjpRule rule;
       rule.backward_weight = &psi;
       variable_list out = node_vjp(node, op, {error_at(graph, node, e)}, mask, rule);

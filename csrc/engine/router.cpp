@@ -128,10 +128,13 @@ const at::Tensor& Router::backward_weight_for(const Layer& layer, size_t q) cons
   if (config_.direct_feedback) {
     // psi is kept as the operand the op reads, with the error's size in
     // place of the op's outputs (dim 1 of a linear op's [in, out] operand,
-    // dim 0 of a kernel): the same whichever way the op reads W.
+    // dim 0 of a kernel): the same whichever way the op reads W. A kernel's
+    // dim 1 is every input channel, which a grouped convolution's weight
+    // splits (checked against the op's input in direct_feedback.cpp).
     const int64_t out_dim = psi.dim() == 2 ? 1 : 0;
     bool fits = psi.dim() == static_cast<int64_t>(shape.size());
-    for (int64_t d = 0; fits && d < psi.dim(); ++d) fits = d == out_dim || psi.size(d) == shape[d];
+    for (int64_t d = 0; fits && d < psi.dim(); ++d)
+      fits = d == out_dim || (psi.dim() > 2 && d == 1) || psi.size(d) == shape[d];
     TORCH_CHECK(fits, "torch_ar: the direct feedback weight of ", leaf_name(leaf), " (shape ",
                 psi.sizes(), ") cannot stand for the weight that node '", node.name(),
                 "' reads (shape ", c10::IntArrayRef(shape),

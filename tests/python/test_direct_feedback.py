@@ -46,10 +46,11 @@ class _DirectFeedback(torch.autograd.Function):
             gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias else None
             gx = e @ ctx.psi.t()  # psi: [in, D]
         else:
-            stride, padding = ctx.op["stride"], ctx.op["padding"]
-            gw = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding)
+            stride, padding, dilation, groups = ctx.op["geometry"]
+            gw = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
             gb = g.sum((0, 2, 3)) if ctx.has_bias else None
-            gx = torch.nn.grad.conv2d_input(x.shape, ctx.psi, e, stride, padding)
+            # psi [D, C_in, k, k] reads every input channel, grouped op or not.
+            gx = torch.nn.grad.conv2d_input(x.shape, ctx.psi, e, stride, padding, dilation)
         return gx, gw, gb, None, None, None
 
 
@@ -79,9 +80,9 @@ def oracle(net, psis, args, loss_fn, batch_dim_of=None):
         op = {"kind": "linear", "forward": linear}
         return _DirectFeedback.apply(x, w, b, op, psi, error_at)
 
-    def patched_conv2d(x, w, b=None, stride=1, padding=0, *rest):
+    def patched_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
         if id(w) not in by_id:
-            return conv2d(x, w, b, stride, padding, *rest)
+            return conv2d(x, w, b, stride, padding, dilation, groups)
         _, psi = by_id[id(w)]
 
         def error_at(g):
@@ -90,9 +91,8 @@ def oracle(net, psis, args, loss_fn, batch_dim_of=None):
 
         op = {
             "kind": "conv",
-            "stride": stride,
-            "padding": padding,
-            "forward": lambda x, w, b: conv2d(x, w, b, stride, padding),
+            "geometry": (stride, padding, dilation, groups),
+            "forward": lambda x, w, b: conv2d(x, w, b, stride, padding, dilation, groups),
         }
         return _DirectFeedback.apply(x, w, b, op, psi, error_at)
 
@@ -159,6 +159,22 @@ def _vit() -> nn.Module:
     return VisionTransformer(image_size=8, patch_size=4, width=12, depth=2, heads=2)
 
 
+def _depthwise() -> nn.Module:
+    """MobileNet's pattern: a depthwise (grouped) conv between pointwise ones."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 7),
+    )
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
 
@@ -167,6 +183,7 @@ CASES = {
     # name: (model, input shape, output size, batch dim of linear inputs)
     "mlp": (_mlp, (5, 6), 4, None),
     "residual_cnn": (ResidualCNN, (6, 3, 8, 8), 10, None),
+    "depthwise_cnn": (_depthwise, (5, 3, 6, 6), 7, None),
     "encoder": (Encoder, (3, 7, 4), 5, _mha_batch_dim),
     # The experiment zoo's ViT: patch-embedding conv, class token, positions.
     "vit": (_vit, (4, 3, 8, 8), 10, _mha_batch_dim),
@@ -236,7 +253,8 @@ def test_it_is_not_backprop():
         net, x, y, _ = _setup(case, torch.float64)
         F.cross_entropy(net(x), y).backward()
         exact = {n: p.grad for n, p in net.named_parameters()}
-        head = [n for n in exact if n.startswith(("fc.", "head.", "4."))]
+        last = {"mlp": "4.", "depthwise_cnn": "10."}.get(case, "fc.")
+        head = [n for n in exact if n.startswith((last, "head."))]
         for n in head:
             assert torch.allclose(got[n], exact[n], rtol=1e-12, atol=1e-14), (case, n)
         cosines = [
@@ -321,12 +339,27 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="one output"):
         (h.sum() + out.sum()).backward()
 
-    grouped = nn.Sequential(
-        nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 3)
+    transposed = nn.Sequential(
+        nn.Conv2d(4, 4, 1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 3), nn.Flatten(), nn.Linear(144, 3)
     )
-    ar = torch_ar.ARBackward(grouped.double(), variant=DFA)
-    with pytest.raises(RuntimeError, match="grouped convolution"):
+    ar = torch_ar.ARBackward(transposed.double(), variant=DFA, backward_weight_params=["2.weight"])
+    with pytest.raises(RuntimeError, match="transposed convolution"):
         ar(torch.randn(2, 4, 4, 4, dtype=torch.float64)).sum().backward()
+
+    class Folded(nn.Module):
+        """Samples folded into windows (as window attention does)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.window, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(24, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.first(x)).reshape(-1, 2, 4)  # [N * 3, 2, 4]
+            return self.head(torch.tanh(self.window(h)).reshape(x.shape[0], -1))
+
+    ar = torch_ar.ARBackward(Folded().double(), variant=DFA)
+    with pytest.raises(RuntimeError, match="folds the samples into another dimension"):
+        ar(torch.randn(4, 6, 4, dtype=torch.float64)).sum().backward()
 
     # Tokens as many as samples: which dimension holds the samples is unknown.
     encoder = Encoder().double()

@@ -85,7 +85,9 @@ bool mm_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor
 }
 
 // psi has the conv weight's own layout; the input-VJP is the transposed
-// convolution with psi, which is the exact one when psi = W.
+// convolution with psi, which is the exact one when psi = W. A psi that
+// reads every input channel of a grouped convolution (direct feedback's
+// projection of the output error) is applied ungrouped.
 bool convolution_psi(Node& n, const variable_list& g, const EdgeMask& m, const at::Tensor& psi,
                      variable_list& out) {
   auto* f = dynamic_cast<gen::ConvolutionBackward0*>(&n);
@@ -93,9 +95,12 @@ bool convolution_psi(Node& n, const variable_list& g, const EdgeMask& m, const a
   out.assign(3, at::Tensor());
   if (m[0] && g[0].defined()) {
     at::Tensor input = f->input_.unpack();
+    const bool ungrouped = f->groups != 1 && !f->transposed && input.dim() == psi.dim() &&
+                           psi.size(1) == input.size(1);
     auto grads = at::convolution_backward_symint(
         g[0], input, in_dtype_of(psi, g[0]), f->bias_sym_sizes_opt, f->stride, f->padding,
-        f->dilation, f->transposed, f->output_padding, f->groups, {true, false, false});
+        f->dilation, f->transposed, f->output_padding, ungrouped ? c10::SymInt(1) : f->groups,
+        {true, false, false});
     out[0] = std::get<0>(grads);
   }
   return true;
