@@ -57,7 +57,9 @@ at `granularity="block"` (the default) and `"layer"`, and the checks
 - **psi = W**: learned backward weights started at `"transpose"` (psi
   equal to the weight as the op reads it) equal autograd to {exact:g};
 - **variants**: {variants} give finite gradients to every parameter that
-  autograd reaches.
+  autograd reaches, or refuse with a message naming the cause
+  (`direct_feedback_alignment` on models that fold the samples into
+  windows or patches).
 
 Written by `python benchmarks/supported_models.py`; the test fails when a
 row's depth or states differ from what the engine measures.
@@ -90,7 +92,8 @@ def row_text(case, row: dict) -> str:
         str(row["backward_weights"]),
         "all"
         if row["variants_finite"] == list(PSI_VARIANTS)
-        else ", ".join(row["variants_finite"]),
+        else ", ".join(f"`{v}`" for v in row["variants_finite"])
+        + "".join(f"; `{v}` refused" for v in row["variants_refused"]),
     ]
     return "| " + " | ".join(cells) + " |"
 
