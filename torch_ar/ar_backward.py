@@ -75,10 +75,13 @@ def _describe(t: torch.Tensor) -> str:
     return f"{what} values, shape {tuple(t.shape)}, {t.dtype} on {t.device}"
 
 
-def _nonfinite_from_outside(run: _ForwardRun, grads: tuple) -> list[tuple[str, str]]:
+def _nonfinite_from_outside(
+    run: _ForwardRun, grads: tuple, psis: list[torch.Tensor | None]
+) -> list[tuple[str, str]]:
     """(node, what it is) of the tensors that bring NaN/Inf into the
     relaxation from outside it, nodes named as the engine names them ("input
-    0", "output 0", a parameter's name); asked only after the engine raised."""
+    0", "output 0", a parameter's name); psis: the backward weights the
+    relaxation used; asked only after the engine raised."""
     found = []
 
     def check(node: str, label: str, t: Any) -> None:
@@ -89,7 +92,7 @@ def _nonfinite_from_outside(run: _ForwardRun, grads: tuple) -> list[tuple[str, s
         check(f"input {i}", f"input {i}", t)
     for name, p in zip(run.param_names, run.params):
         check(name, f"parameter '{name}'", p)
-    for name, psi in zip(run.param_names, run.psis):
+    for name, psi in zip(run.param_names, psis):
         check(name, f"backward weight (psi) of '{name}'", psi)
     for k, pos in enumerate(run.tensor_positions):
         check(f"output {k}", f"output {k} of the module's forward", run.out_flat[pos])
@@ -332,7 +335,7 @@ class _ARFunction(torch.autograd.Function):
                     "sweep (eta=1, exact variant, no steps/tol/trace)."
                 ) from err
             if isinstance(err, RelaxationDivergedError):
-                found = _nonfinite_from_outside(run, grads)
+                found = _nonfinite_from_outside(run, grads, psis)
                 if found:
                     raise NonFiniteValueError(
                         "torch_ar: NaN or infinite values reached the relaxation from outside "

@@ -386,3 +386,17 @@ def test_sweep_equals_the_oracle_on_cuda(case):
     for dtype in (torch.float64, torch.float32):
         _, got, want, _ = _engine(case, dtype, device="cuda")
         assert _worst(got, want) <= TOL[dtype]
+
+
+def test_a_nan_in_psi_is_named():
+    """psi made at the first backward is no input of the forward: a NaN put
+    in it is still named as where the NaN comes from."""
+    torch_ar = load_torch_ar()
+    net, x, y, _ = _setup("mlp", torch.float64)
+    ar = torch_ar.ARBackward(net, variant=DFA, output_dim=4)
+    with torch.no_grad():
+        ar.backward_weights()["2.weight"][0, 0] = float("nan")
+    with pytest.raises(
+        torch_ar.NonFiniteValueError, match=r"backward weight \(psi\) of '2.weight'"
+    ):
+        F.cross_entropy(ar(x), y).backward()
