@@ -140,3 +140,23 @@ def test_a_checkpoint_from_before_newer_settings_resumes(tmp_path):
     assert len(resumed.fit()) == 2
     with pytest.raises(ConfigError, match="granularity"):
         Trainer(_config(tmp_path, method, resume=True)).fit()
+
+
+def test_stop_after_epochs_keeps_the_whole_runs_schedule(tmp_path):
+    """A run asked to stop after epoch 1 of 2 follows the 2-epoch run to the
+    bit there (the learning-rate schedule is the whole run's), stops with a
+    checkpoint, and --resume without the stop finishes it as the whole run."""
+    method = {"method": "backprop", "lr_schedule": "cosine"}
+    whole = Trainer(_config(tmp_path / "whole", method))
+    whole.fit()
+    parts = tmp_path / "parts"
+    first = Trainer(_config(parts, method, stop_after_epochs=1))
+    first.fit()
+    assert (first.stopped.epoch, first.stopped.next_batch) == (2, 0)
+    assert "asked to stop after epoch 1" in first.stopped.reason
+    Trainer(_config(parts, method, resume=True)).fit()
+    assert _without_times(parts / "metrics.jsonl") == _without_times(
+        tmp_path / "whole" / "metrics.jsonl"
+    )
+    with pytest.raises(ConfigError, match="stop_after_epochs"):
+        Trainer(_config(tmp_path / "bad", method, stop_after_epochs=3))

@@ -354,6 +354,14 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "SIGUSR1 (what SLURM sends before a job's limit), leaving a checkpoint in --out that "
         "--resume continues exactly (default: no limit; the signals stop a run always)",
     )
+    g.add_argument(
+        "--stop-after-epochs",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="stop after epoch K of --epochs, with the whole run's schedule and a checkpoint "
+        "that --resume continues (default: run every epoch)",
+    )
     t.set_defaults(handler=_train, subparser=t)
 
 

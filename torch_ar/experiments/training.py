@@ -155,6 +155,10 @@ class TrainConfig:
     # checkpoint to resume from (as on SIGTERM or SIGUSR1, which SLURM sends
     # before it ends a job). None: no limit.
     time_limit: float | None = None
+    # Stop after this epoch of the `epochs` planned (the schedule is the whole
+    # run's), with a checkpoint, as a time limit stops: a few epochs of a run
+    # that another, full run is compared with. None: run them all.
+    stop_after_epochs: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def ar_options(self) -> dict[str, Any]:
@@ -399,6 +403,10 @@ class Trainer:
             raise ConfigError("resume needs out: the folder whose checkpoint to continue")
         if c.time_limit is not None and not c.time_limit > 0:
             raise ConfigError(f"time_limit must be > 0 minutes, got {c.time_limit}")
+        if c.stop_after_epochs is not None and not 1 <= c.stop_after_epochs <= c.epochs:
+            raise ConfigError(
+                f"stop_after_epochs must be from 1 to epochs ({c.epochs}), got {c.stop_after_epochs}"
+            )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c, lr = self.config, self.config.resolved_lr()
@@ -490,6 +498,10 @@ class Trainer:
                     for f in files.values():
                         f.flush()
                     self._save_checkpoint(epoch)
+                if c.stop_after_epochs is not None and epoch >= c.stop_after_epochs:
+                    self.stop_reason = self.stop_reason or (
+                        f"asked to stop after epoch {c.stop_after_epochs}"
+                    )
                 reason = self._should_stop()
                 if reason is not None and epoch < c.epochs:
                     self.stopped = TrainingStopped(reason, epoch + 1, 0)
@@ -792,7 +804,7 @@ class Trainer:
             return []  # nothing to resume: start from scratch
         state = torch.load(path, map_location=self.device, weights_only=False)
         # Settings that do not change the trajectory may differ on resuming.
-        free = ("resume", "progress", "epochs", "tensorboard", "time_limit")
+        free = ("resume", "progress", "epochs", "tensorboard", "time_limit", "stop_after_epochs")
         saved = {k: v for k, v in state["config"].items() if k not in free}
         now = {k: v for k, v in asdict(self.config).items() if k not in free}
         if self.config.method == "ar":
