@@ -937,6 +937,23 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
                 "seed), full 50,000/10,000 split, on the CPU with one thread per run. The "
                 "variants relax at the eta and steps of the AR eta 0.1 row."
             )
+
+        # A row that sets its own learning rate (its last --lr wins) says so.
+        def last_lr(command: list[str]) -> str | None:
+            rates = [command[i + 1] for i, a in enumerate(command[:-1]) if a == "--lr"]
+            return rates[-1] if rates else None
+
+        own_rates = [
+            f"{j.name} at lr {last_lr(j.command)}"
+            for j in group_jobs
+            if last_lr(j.command) != last_lr(cmd)
+        ]
+        if own_rates:
+            lines.append(
+                f"Rows at a learning rate of their own (the rest at {last_lr(cmd)}): "
+                + ", ".join(own_rates)
+                + "."
+            )
         if missing:
             lines.append(f"Not finished yet: {', '.join(missing)}.")
         lines += ["", plots.format_accuracy_table(plots.accuracy_table(runs))]

@@ -28,8 +28,9 @@ RESNET_ROWS = {
         "cifar10-resnet20-ar-eta1-sign_symmetry_fixed_random-s0",
         "cifar10-resnet20-ar-eta1-sign_symmetry_fixed_random-s1",
     ],
-    "AR, sign-concordant feedback, batchwise random magnitudes (brSF)": [
-        "cifar10-resnet20-ar-eta1-sign_symmetry_batch_random-s0"
+    "AR, sign-concordant feedback, batchwise random magnitudes (brSF; seeds 0, 1)": [
+        "cifar10-resnet20-ar-eta1-sign_symmetry_batch_random-s0",
+        "cifar10-resnet20-ar-eta1-sign_symmetry_batch_random-s1",
     ],
     "AR, learned backward weights (seeds 0, 1)": [
         "cifar10-resnet20-ar-eta1-learned_backward_weights-psi_matched-s0",
@@ -41,6 +42,9 @@ RESNET_ROWS = {
     ],
     "AR, no nonlinear derivative": ["cifar10-resnet20-ar-eta1-no_nonlinear_derivative-s0"],
     "AR, feedback alignment": ["cifar10-resnet20-ar-eta1-feedback_alignment-psi_matched-s0"],
+    "AR, direct feedback alignment (at BioTorch's lr for it, 0.001)": [
+        "cifar10-resnet20-ar-eta1-direct_feedback_alignment-psi_xavier-lr0.001-s0"
+    ],
     "BioTorch's own `fa` ResNet-20, this recipe": ["cifar10-resnet20-biotorch-fa-s0"],
 }
 

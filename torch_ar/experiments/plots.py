@@ -272,8 +272,13 @@ def _save(fig: Any, path: str | Path) -> Path:
 def plot_accuracy_curves(runs: Sequence[Run], path: str | Path, title: str | None = None) -> Path:
     """Train and test accuracy against epoch per label: mean over seeds, band of +-1 std."""
     plt = _pyplot()
+    groups = group_runs(runs)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
-    for label, group in group_runs(runs).items():
+    # More labels than tab10 has colours: tab20, and a marker per ten labels,
+    # so that no two lines look alike.
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
+    markers = ("o", "^", "D")
+    for index, (label, group) in enumerate(groups.items()):
         finished = [r for r in group if r.diverged is None]
         shown = finished or group  # all diverged: their epochs before the divergence
         epochs = min(len(r.epochs) for r in shown)
@@ -290,7 +295,11 @@ def plot_accuracy_curves(runs: Sequence[Run], path: str | Path, title: str | Non
                 "zorder": 3,
             }
             if backprop
-            else {"marker": "o" if finished else "x", "markersize": 4}
+            else {
+                "marker": markers[index // 10 % len(markers)] if finished else "x",
+                "markersize": 4,
+                "color": colors[index % len(colors)],
+            }
         )
         note = f" (n={len(shown)})" if len(shown) > 1 else ""
         if len(finished) < len(group):
@@ -310,8 +319,16 @@ def plot_accuracy_curves(runs: Sequence[Run], path: str | Path, title: str | Non
         ax.set_ylabel(f"{name} accuracy (%)")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "AR vs backprop: accuracy (mean over seeds, band: +-1 std)")
+    if len(groups) <= 6:
+        axes[1].legend(fontsize=8, loc="lower right")
+    else:  # below both panels, where it hides no line
+        handles, labels = axes[1].get_legend_handles_labels()
+        columns = 2 if len(groups) <= 16 else 3
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=columns)
+        rows = math.ceil(len(groups) / columns)
+        fig.set_size_inches(12, 4.5 + 0.22 * rows)
+        fig.subplots_adjust(bottom=(0.22 * rows + 0.5) / (4.5 + 0.22 * rows), top=0.9)
     return _save(fig, path)
 
 
