@@ -1,6 +1,7 @@
 """The README's numbers are those of the committed runs they cite: the
-ResNet-20 table (final test accuracy, cosine to autograd over training), the
-Fashion-MNIST and CIFAR-10 CNN seed statistics. A rerun or a hand edit that
+ResNet-20 and ViT tables (final test accuracy, cosine to autograd over
+training, by layer type on the ViT), the Fashion-MNIST and CIFAR-10 CNN seed
+statistics. A rerun or a hand edit that
 moves one apart fails here."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import statistics
 from pathlib import Path
 
 import pytest
+
+from torch_ar.experiments import plots
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -49,6 +52,45 @@ RESNET_ROWS = {
 }
 
 
+VIT_HEADING = "### Beyond CNNs: a Vision Transformer"
+
+# README ViT row label -> (its run folder, epochs run, the ResNet-20 row of the same rule).
+VIT_ROWS = {
+    "backprop": ("cifar10-vit-backprop-s0", 10, "backprop (seeds 0, 1)"),
+    "AR, exact (eta 1), first 2 epochs": ("cifar10-vit-ar-eta1-s0", 2, "AR, exact (eta 1)"),
+    "AR, eta 0.1, 499 steps, first 2 epochs": (
+        "cifar10-vit-ar-block-eta0.1-steps499-s0",
+        2,
+        None,
+    ),
+    "AR, uSF": (
+        "cifar10-vit-ar-eta1-sign_symmetry-s0",
+        10,
+        "AR, sign-concordant feedback (uSF; seeds 0, 1)",
+    ),
+    "AR, learned backward weights": (
+        "cifar10-vit-ar-eta1-learned_backward_weights-psi_matched-s0",
+        10,
+        "AR, learned backward weights (seeds 0, 1)",
+    ),
+    "AR, feedback alignment": (
+        "cifar10-vit-ar-eta1-feedback_alignment-psi_matched-s0",
+        10,
+        "AR, feedback alignment",
+    ),
+    "AR, direct feedback alignment": (
+        "cifar10-vit-ar-eta1-direct_feedback_alignment-psi_xavier-s0",
+        10,
+        "AR, direct feedback alignment (at BioTorch's lr for it, 0.001)",
+    ),
+    "AR, no nonlinear derivative": (
+        "cifar10-vit-ar-eta1-no_nonlinear_derivative-s0",
+        10,
+        "AR, no nonlinear derivative",
+    ),
+}
+
+
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -57,9 +99,11 @@ def _final_accuracy(folder: str) -> float:
     return 100 * _jsonl(RESULTS / folder / "metrics.jsonl")[-1]["test_acc"]
 
 
-def _table_rows() -> dict[str, list[str]]:
+def _table_rows(part: str = "resnet20") -> dict[str, list[str]]:
     section = README.split("## What it gives\n", 1)[1].split("\n## ", 1)[0]
+    resnet20, _, vit = section.partition(VIT_HEADING)
     rows = {}
+    section = vit if part == "vit" else resnet20
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("method", "---"):
@@ -67,11 +111,12 @@ def _table_rows() -> dict[str, list[str]]:
     return rows
 
 
-def test_every_resnet20_row_is_a_known_run():
-    rows = _table_rows()
-    assert rows, "the README's ResNet-20 table was not found"
-    unknown = sorted(set(rows) - set(RESNET_ROWS))
-    assert not unknown, f"README rows without their run folders here: {unknown}"
+@pytest.mark.parametrize(("part", "known"), [("resnet20", RESNET_ROWS), ("vit", VIT_ROWS)])
+def test_every_row_is_a_known_run(part, known):
+    rows = _table_rows(part)
+    assert rows, f"the README's {part} table was not found"
+    unknown = sorted(set(rows) - set(known))
+    assert not unknown, f"README {part} rows without their run folders here: {unknown}"
 
 
 @pytest.mark.parametrize("label", list(RESNET_ROWS))
@@ -97,6 +142,36 @@ def test_resnet20_row_matches_its_runs(label):
     if lowest:
         gap = 1 - min(r["cosine_min"] for r in measured)
         assert f"{gap:.2e}" == f"{lowest.group(1)}e-{lowest.group(2)}", (label, gap)
+
+
+@pytest.mark.parametrize("label", list(VIT_ROWS))
+def test_vit_row_matches_its_run(label):
+    rows = _table_rows("vit")
+    if label not in rows:
+        pytest.skip(f"'{label}' is not in the README's ViT table")
+    accuracy, cosine, on_resnet20 = rows[label]
+    folder, epochs, resnet20_label = VIT_ROWS[label]
+    records = _jsonl(RESULTS / folder / "metrics.jsonl")
+    assert len(records) == epochs, f"{folder}: {len(records)} epochs, the table says {epochs}"
+    written = float(re.match(r"(\d+\.\d+)%", accuracy).group(1))
+    assert written == round(_final_accuracy(folder), 2), (label, accuracy)
+    if resnet20_label is None:
+        assert on_resnet20 == "—", label
+    else:
+        resnet20 = float(re.match(r"(\d+\.\d+)%", on_resnet20).group(1))
+        assert resnet20 == round(_final_accuracy(RESNET_ROWS[resnet20_label][0]), 2), label
+    if cosine == "—":
+        return
+    run = plots.load_run(RESULTS / folder)
+    mean = statistics.fmean(r["cosine_mean"] for r in run.cosines)
+    shown = re.findall(r"(-?\d\.\d+)", cosine)
+    decimals = len(shown[0].split(".")[1])
+    assert float(shown[0]) == round(mean, decimals), (label, cosine, mean)
+    by_type = re.search(r"attention (-?\d\.\d+), MLP (-?\d\.\d+)", cosine)
+    if by_type:
+        measured = plots.mean_cosine_by_type(run)
+        for kind, value in zip(("attention projections", "MLP"), by_type.groups(), strict=True):
+            assert float(value) == round(measured[kind], len(value.split(".")[1])), (label, kind)
 
 
 def _seed_statistic(prefix: str, seeds: range) -> str:

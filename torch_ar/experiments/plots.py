@@ -621,14 +621,21 @@ def _cosines_by_type(run: Run) -> tuple[list[float], dict[str, list[float]]]:
     return x, series
 
 
+def mean_cosine_by_type(run: Run) -> dict[str, float]:
+    """Per layer type (LAYER_TYPES), the cosine to autograd of its parameters,
+    mean over the type and over training; empty when no per-parameter cosines."""
+    _, series = _cosines_by_type(run)
+    return {kind: statistics.fmean(values) for kind, values in series.items()}
+
+
 def cosine_by_type_table(runs: Sequence[Run]) -> str | None:
     """Markdown: per AR label (its first seed), the cosine to autograd of each layer
     type, mean over training (LAYER_TYPES); None when no run measured per-parameter cosines."""
     rows = {}
     for label, group in group_runs(runs).items():
-        _, series = _cosines_by_type(group[0])
-        if series:
-            rows[label] = {k: statistics.fmean(v) for k, v in series.items()}
+        by_type = mean_cosine_by_type(group[0])
+        if by_type:
+            rows[label] = by_type
     if not rows:
         return None
     kinds = [
