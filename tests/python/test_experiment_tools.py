@@ -523,3 +523,51 @@ def test_cosines_by_layer_type_are_the_means_of_their_parameters(tmp_path: Path)
     assert row.endswith("| 0.400 | 0.800 | 1.000 |"), table  # attention, MLP, head
     figure = plots.plot_cosine_by_type([run], tmp_path / "by_type.png")
     assert figure is not None and figure.stat().st_size > 0
+
+
+@needs_fashion
+@pytest.mark.parametrize("method", [{"method": "backprop"}, {"method": "ar", "eta": 1.0}])
+def test_compare_relaxes_on_a_checkpoints_weights(
+    tmp_path: Path, method: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A trained network's weights, from a backprop run and from an AR run
+    # (whose checkpoint holds the wrapper, "module." before every name).
+    small = {"dataset": "fashion-mnist", "model": "mlp", "batch_size": 32, "device": "cpu"}
+    run = tmp_path / "run"
+    trained = training.Trainer(
+        training.TrainConfig(
+            **small,
+            **method,
+            epochs=1,
+            limit_train_batches=20,
+            limit_test_batches=1,
+            cosine_every=0,
+            seed=1,
+            out=str(run),
+        )
+    )
+    trained.fit()
+    fresh = training.Trainer(training.TrainConfig(**small, seed=2))
+    before = [p.detach().clone() for p in fresh.model.parameters()]
+    assert fresh.load_forward_weights(run) == 1
+    for got, want, init in zip(
+        fresh.model.parameters(), trained.model.parameters(), before, strict=True
+    ):
+        assert torch.equal(got, want) and not torch.equal(got, init)
+
+    result = run_cli(
+        "compare", "--dataset", "fashion-mnist", "--model", "mlp", "--etas", "0.5",
+        "--steps", "40", "--at", "10,40", "--checkpoint", str(run), "--out", str(tmp_path / "c"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "weights after epoch 1" in result.stdout
+    summary = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert summary["settings"]["checkpoint_epoch"] == 1
+
+    with pytest.raises(training.ConfigError, match="does not fit --model cnn"):
+        training.Trainer(training.TrainConfig(**{**small, "model": "cnn"})).load_forward_weights(
+            run
+        )
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fresh.load_forward_weights(tmp_path / "nowhere")

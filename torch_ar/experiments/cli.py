@@ -412,6 +412,13 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     _relax_config_arguments(g, COMPARE_AR_OPTIONS)
     g = c.add_argument_group("run")
     _run_arguments(g, d)
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="RUN_DIR",
+        help="relax on the forward weights of a train --out folder (or its checkpoint.pt) "
+        "instead of the initialisation: the step count a trained network needs",
+    )
     g.add_argument("--out", default=None, help="folder for compare.png, compare.csv, compare.json")
     c.set_defaults(handler=_compare, subparser=c)
 
@@ -490,6 +497,9 @@ def _compare(args: argparse.Namespace) -> int:
     )
     try:
         trainer = training.Trainer(config)
+        trained_epochs = (
+            None if args.checkpoint is None else trainer.load_forward_weights(args.checkpoint)
+        )
     except (training.ConfigError, FileNotFoundError) as e:
         args.subparser.error(str(e))
     x, y = next(iter(trainer.train_batches))
@@ -520,6 +530,7 @@ def _compare(args: argparse.Namespace) -> int:
         "loss": args.loss,
         "normalize": args.normalize,
         "seed": args.seed,
+        **({} if args.checkpoint is None else {"checkpoint_epoch": trained_epochs}),
         **options,
     }
     print(
@@ -529,6 +540,7 @@ def _compare(args: argparse.Namespace) -> int:
                 f"one batch of {len(y)}",
                 f"{args.loss} loss",
                 f"device {trainer.device}",
+                *([] if args.checkpoint is None else [f"weights after epoch {trained_epochs}"]),
                 *(f"{k} {v}" for k, v in options.items()),
             ]
         )

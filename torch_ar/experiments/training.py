@@ -795,6 +795,30 @@ class Trainer:
         )
         tmp.replace(self.out / self.CHECKPOINT)
 
+    def load_forward_weights(self, source: str | Path) -> int:
+        """Put the forward weights of a ``train --out`` folder (or its checkpoint
+        file) into this trainer's model, whichever method made them (an AR run
+        saves its wrapper, whose backward weights are left out); returns the
+        epoch the checkpoint was made after. ``compare --checkpoint`` relaxes on
+        a trained network with it."""
+        path = Path(source)
+        if path.is_dir():
+            path = path / self.CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        weights = state["net"]
+        wrapped = {k: v for k, v in weights.items() if k.startswith("module.")}
+        if wrapped:  # ARBackward's state: the network is its submodule "module"
+            weights = {k.removeprefix("module."): v for k, v in wrapped.items()}
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"the checkpoint {path} does not fit --model {self.config.model}: {e}"
+            ) from None
+        return int(state["epoch"])
+
     def _resume(self) -> list[dict[str, Any]]:
         """Load the checkpoint in ``out``; returns the epochs' metrics recorded so far."""
         assert self.out is not None
