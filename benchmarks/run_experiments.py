@@ -546,6 +546,34 @@ def _plan(args: argparse.Namespace) -> list[Job]:
                         5.0 if model == "cnn" else 30.0,
                     )
                 )
+        # The steps a trained ViT needs (block granularity, eta 0.1), on two ViT
+        # rows' checkpoints: AR eta 0.1 after its 2 epochs, backprop after 10.
+        for name, run in (
+            ("ar-eta0.1-epoch2", f"cifar10-vit-ar-block-eta0.1-steps{args.vit_steps}-s0"),
+            ("backprop-epoch10", "cifar10-vit-backprop-s0"),
+        ):
+            command = [
+                "compare",
+                *CIFAR_PROBLEM[:-1],
+                "128",
+                "--model",
+                "vit",
+                "--granularity",
+                "block",
+                "--etas",
+                "0.1",
+                "--steps",
+                "2000",
+                "--at",
+                f"{args.vit_steps},1000,2000",
+                "--recommend",
+                "0.999",
+                "--checkpoint",
+                run,
+                "--seed",
+                "0",
+            ]
+            jobs.append(Job(f"compare-cifar10-vit-block-{name}", "compare", command, 0, 20.0))
     return jobs
 
 
@@ -1036,13 +1064,22 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
             "mlp": "paper MLP, one Fashion-MNIST batch of 64 ([0, 1] inputs)",
             "cnn": "small CIFAR-10 CNN (3 conv-ReLU-maxpool stages, 1 linear layer), one standardised batch",
             "resnet18": "ResNet-18 for CIFAR-10 (train-mode BatchNorm), one standardised batch",
+            "vit": "CIFAR-10 ViT at block granularity, one standardised batch of 128",
         }.get(model, model)
+        weights = "at initialisation"
+        if "--checkpoint" in cmd:
+            settings = json.loads((folder / "compare.json").read_text())["settings"]
+            weights = (
+                f"on the weights of `{cmd[cmd.index('--checkpoint') + 1]}` after epoch "
+                f"{settings['checkpoint_epoch']}"
+            )
         lines += [
             "",
-            f"### {what}: {init} initial states",
+            f"### {what}: {init} initial states"
+            + ("" if "--checkpoint" not in cmd else ", trained weights"),
             "",
             (
-                f"`python -m torch_ar {' '.join(cmd)}`: at initialisation, Jacobi schedule, "
+                f"`python -m torch_ar {' '.join(cmd)}`: {weights}, Jacobi schedule, "
                 f"closed-form evaluation at each step shown. Per-step values for every "
                 f"parameter: `results/{job.name}/compare.csv`."
             ),

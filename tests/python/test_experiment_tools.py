@@ -412,6 +412,7 @@ def _plan_args():
         cifar_lower_lrs=[0.01],
         cifar_lower_lr_seeds=[0, 1],
         cifar_fa_lr=[0.001],
+        vit_steps=499,
     )
 
 

@@ -92,6 +92,8 @@ class RelaxationTraces:
         return [angle_from_cosine(c) for c in self.cosine[eta][name]]
 
     def table_steps(self) -> list[int]:
+        if len(self._index) <= len(TABLE_STEPS):  # a few chosen counts (--at): all of them
+            return sorted(self._index)
         shown = [s for s in TABLE_STEPS if s in self._index]
         return shown if shown and shown[-1] == self.steps else [*shown, self.steps]
 
