@@ -1066,17 +1066,17 @@ def summarize(jobs: list[Job], args: argparse.Namespace) -> Path:
             "resnet18": "ResNet-18 for CIFAR-10 (train-mode BatchNorm), one standardised batch",
             "vit": "CIFAR-10 ViT at block granularity, one standardised batch of 128",
         }.get(model, model)
-        weights = "at initialisation"
+        heading, weights = f"{init} initial states", "at initialisation"
         if "--checkpoint" in cmd:
             settings = json.loads((folder / "compare.json").read_text())["settings"]
+            heading += ", trained weights"
             weights = (
                 f"on the weights of `{cmd[cmd.index('--checkpoint') + 1]}` after epoch "
                 f"{settings['checkpoint_epoch']}"
             )
         lines += [
             "",
-            f"### {what}: {init} initial states"
-            + ("" if "--checkpoint" not in cmd else ", trained weights"),
+            f"### {what}: {heading}",
             "",
             (
                 f"`python -m torch_ar {' '.join(cmd)}`: {weights}, Jacobi schedule, "

@@ -528,9 +528,7 @@ def test_cosines_by_layer_type_are_the_means_of_their_parameters(tmp_path: Path)
 
 @needs_fashion
 @pytest.mark.parametrize("method", [{"method": "backprop"}, {"method": "ar", "eta": 1.0}])
-def test_compare_relaxes_on_a_checkpoints_weights(
-    tmp_path: Path, method: dict, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_compare_relaxes_on_a_checkpoints_weights(tmp_path: Path, method: dict) -> None:
     # A trained network's weights, from a backprop run and from an AR run
     # (whose checkpoint holds the wrapper, "module." before every name).
     small = {"dataset": "fashion-mnist", "model": "mlp", "batch_size": 32, "device": "cpu"}

@@ -1,8 +1,7 @@
 """The README's numbers are those of the committed runs they cite: the
 ResNet-20 and ViT tables (final test accuracy, cosine to autograd over
 training, by layer type on the ViT), the Fashion-MNIST and CIFAR-10 CNN seed
-statistics. A rerun or a hand edit that
-moves one apart fails here."""
+statistics. A rerun or a hand edit that moves one apart fails here."""
 
 from __future__ import annotations
 

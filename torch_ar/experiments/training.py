@@ -808,9 +808,10 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=False)
         weights = state["net"]
-        wrapped = {k: v for k, v in weights.items() if k.startswith("module.")}
-        if wrapped:  # ARBackward's state: the network is its submodule "module"
-            weights = {k.removeprefix("module."): v for k, v in wrapped.items()}
+        if state["config"].get("method") == "ar":  # ARBackward's: the network is its "module"
+            weights = {
+                k.removeprefix("module."): v for k, v in weights.items() if k.startswith("module.")
+            }
         try:
             self.model.load_state_dict(weights)
         except RuntimeError as e:
